@@ -1,0 +1,143 @@
+"""Lightning callbacks used by `main.py`: run directory set-up, image grids, checkpoint on interrupt.
+
+Every file written here is written by global rank 0 only, so multi-process runs do not race.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+
+from ldm.visualization import make_grid, save_image_grid, to_uint8
+
+log = logging.getLogger("ldm")
+
+
+class SetupCallback(Callback):
+    """Creates ``logdir/{checkpoints,configs,images}`` and saves the merged configs there (rank 0)."""
+
+    def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str,
+                 config: DictConfig, lightning_config: DictConfig) -> None:
+        super().__init__()
+        self.resume = resume
+        self.now = now
+        self.logdir = Path(logdir)
+        self.ckptdir = Path(ckptdir)
+        self.cfgdir = Path(cfgdir)
+        self.config = config
+        self.lightning_config = lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
+            d.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
+                       self.cfgdir / f"{self.now}-lightning.yaml")
+        log.info("Run directory: %s", self.logdir)
+
+
+class CheckpointOnInterrupt(Callback):
+    """Saves ``last.ckpt`` when training stops on Ctrl-C, SIGTERM or an exception.
+
+    Lightning routes KeyboardInterrupt and its SIGTERM handling (``SIGTERMException``) through
+    ``on_exception``; the checkpoint is written by rank 0 without a collective barrier, because other
+    ranks may already be gone.
+    """
+
+    def __init__(self, ckptdir: str) -> None:
+        super().__init__()
+        self.path = Path(ckptdir) / "last.ckpt"
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
+            print(f"\n[ldm] training interrupted ({exception.__class__.__name__}) at global step "
+                  f"{trainer.global_step}; saved {self.path}. Resume with: python main.py -r {self.path.parent.parent}",
+                  flush=True)
+
+
+class ImageLogger(Callback):
+    """Writes PNG grids of whatever ``pl_module.log_images(batch, split=...)`` returns.
+
+    Grids go to ``<trainer.default_root_dir>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png`` and to TensorBoard
+    when it is among the loggers. With ``increase_log_steps`` the first grids come at steps 1, 2, 4, ...
+    (as the reference does) so a new run shows something early.
+    """
+
+    def __init__(self, batch_frequency: int = 1000, max_images: int = 8, clamp: bool = True,
+                 increase_log_steps: bool = True, rescale: bool = True, disabled: bool = False,
+                 log_on_batch_idx: bool = False, log_first_step: bool = False,
+                 log_images_kwargs: Optional[dict] = None, nrow: int = 4) -> None:
+        super().__init__()
+        self.batch_freq = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        self.rescale = rescale
+        self.disabled = disabled
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.nrow = nrow
+        self.log_steps = [2 ** n for n in range(int(torch.log2(torch.tensor(float(batch_frequency)))) + 1)]
+        if not increase_log_steps:
+            self.log_steps = [self.batch_freq]
+
+    def _due(self, step: int) -> bool:
+        if (step % self.batch_freq == 0 or step in self.log_steps) and (step > 0 or self.log_first_step):
+            if step in self.log_steps:
+                self.log_steps.remove(step)
+            return True
+        return False
+
+    @torch.no_grad()
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                split: str = "train") -> list[Path]:
+        """Ask the module for images and write one grid per key; returns the files written."""
+        if self.disabled or not hasattr(pl_module, "log_images") or self.max_images <= 0:
+            return []
+        if not trainer.is_global_zero:  # sampling is for the pictures only: one rank makes them
+            return []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        finally:
+            pl_module.train(was_training)
+        root = Path(trainer.default_root_dir)  # main.py sets it to the run's log directory
+        written = []
+        for key, value in images.items():
+            if not isinstance(value, torch.Tensor) or value.ndim != 4:
+                continue
+            value = value[: self.max_images].detach().float().cpu()
+            if self.clamp:
+                value = value.clamp(-1.0, 1.0)
+            name = f"{key}_gs-{trainer.global_step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
+            written.append(save_image_grid(value, root / "images" / split / name, nrow=self.nrow))
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_image"):
+                    grid = to_uint8(make_grid(value, nrow=self.nrow))
+                    experiment.add_image(f"{split}/{key}", grid, trainer.global_step, dataformats="HWC")
+        return written
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = batch_idx if self.log_on_batch_idx else trainer.global_step
+        if self._due(step):
+            self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking and trainer.global_step > 0:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")

@@ -1,0 +1,44 @@
+"""Image grids and PNG writing without torchvision (which has no CPU build for our torch here)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
+    """Tile a batch NCHW into one CHW image, `nrow` images per row (torchvision's layout)."""
+    if images.ndim != 4:
+        raise ValueError(f"make_grid expects a batch NCHW, got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    if c == 1:
+        images = images.expand(n, 3, h, w)
+        c = 3
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = images.new_full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        top, left = r * (h + padding) + padding, k * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def to_uint8(image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """CHW float in `value_range` to HWC uint8 (clamped)."""
+    lo, hi = value_range
+    x = ((image.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | Path, nrow: int = 8, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> Path:
+    """Write a batch NCHW as one PNG grid; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(make_grid(images, nrow=nrow), value_range)).save(path)
+    return path

@@ -1,0 +1,259 @@
+"""Train or evaluate any model of the toolkit from OmegaConf YAML configs (the CompVis `main.py` CLI).
+
+    python main.py --base configs/autoencoder/autoencoder_kl_shapes_f4.yaml -t
+    python main.py -r logs/<run>                # resume: optimizer, step and EMA state continue exactly
+    python main.py --base a.yaml b.yaml -t model.params.base_learning_rate=1e-4 --max_steps 500
+
+Configs are merged left to right, then `key.path=value` overrides. Trainer options come from the
+config's `lightning.trainer` block and from `--<Trainer argument>` flags (flags win). A run writes
+`logs/<date>_<name>/{configs,checkpoints,images,csv,tensorboard}`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+# Reference configs name `main.DataModuleFromConfig`, `main.ImageLogger`, ...: keep them resolvable.
+from ldm.callbacks import CheckpointOnInterrupt, ImageLogger, SetupCallback  # noqa: F401
+from ldm.config import ConfigError, load_configs
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger("ldm")
+
+# Our own flags; every other `--name value` that names a `pytorch_lightning.Trainer` argument is a
+# trainer option, and bare `a.b=c` words are config overrides.
+OWN_FLAGS = {"name", "resume", "base", "train", "no_test", "project", "debug", "seed", "postfix", "logdir",
+             "scale_lr", "gpus"}
+
+
+def _parse_value(text: str) -> Any:
+    """`--devices 2` -> 2, `--precision bf16-mixed` -> 'bf16-mixed', `--devices [0,1]` -> [0, 1]."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _str2bool(text: str) -> bool:
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {text!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    import pytorch_lightning as pl
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--name", type=str, default="", help="postfix for the log directory")
+    parser.add_argument("-r", "--resume", type=str, default="",
+                        help="resume from a log directory or a checkpoint inside one")
+    parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                        help="config files, merged left to right; later ones override earlier ones")
+    parser.add_argument("-t", "--train", type=_str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("--no-test", dest="no_test", type=_str2bool, const=True, default=False, nargs="?",
+                        help="skip testing after training")
+    parser.add_argument("-p", "--project", help="name of a new or existing project")
+    parser.add_argument("-d", "--debug", type=_str2bool, nargs="?", const=True, default=False,
+                        help="debug run: verbose logging, anomaly detection, logs moved to <logdir>/debug_runs")
+    parser.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    parser.add_argument("-f", "--postfix", type=str, default="", help="post-postfix for the run name")
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
+    parser.add_argument("--scale_lr", type=_str2bool, nargs="?", const=True, default=False,
+                        help="scale base-lr by ngpu * batch_size * n_accumulate (off by default)")
+    parser.add_argument("--gpus", type=str, default=None,
+                        help="legacy: '0,1' means --accelerator gpu --devices [0,1]")
+    trainer_group = parser.add_argument_group("trainer", "any pytorch_lightning.Trainer argument")
+    for name, param in inspect.signature(pl.Trainer.__init__).parameters.items():
+        if name in ("self", "logger", "callbacks", "plugins", "profiler") or name in OWN_FLAGS:
+            continue
+        trainer_group.add_argument(f"--{name}", type=_parse_value, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_trainer_options(lightning_config: DictConfig, opt: argparse.Namespace) -> dict[str, Any]:
+    """Merge `lightning.trainer` with command-line trainer flags (flags win); map legacy `--gpus`."""
+    options = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    import pytorch_lightning as pl
+
+    names = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - names - {"gpus"})
+    if unknown:
+        raise ConfigError(f"'lightning.trainer' has unknown Trainer option(s) {unknown}; "
+                          f"see `python main.py --help` and the pytorch_lightning.Trainer docs")
+    for name in names:
+        value = getattr(opt, name, None)
+        if value is not None and name not in OWN_FLAGS:
+            options[name] = value
+    gpus = opt.gpus if opt.gpus is not None else options.pop("gpus", None)
+    options.pop("gpus", None)
+    if gpus not in (None, "", -1):
+        ids = [int(g) for g in str(gpus).strip(",").split(",") if g.strip() != ""]
+        options["accelerator"] = "gpu"
+        options["devices"] = ids
+        log.info("legacy --gpus %s -> accelerator=gpu, devices=%s", gpus, ids)
+    options.setdefault("accelerator", "auto")
+    return options
+
+
+def _resolve_resume(resume: str) -> tuple[Path, Path]:
+    """(logdir, checkpoint) for `-r logs/<run>` or `-r logs/<run>/checkpoints/x.ckpt`."""
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (give a run directory or a .ckpt in it)")
+    if path.is_file():
+        logdir = path.parent.parent
+        return logdir, path
+    ckpt = path / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"cannot resume from {path}: no checkpoints/last.ckpt in it")
+    return path, ckpt
+
+
+def learning_rate(model: Any, config: DictConfig, trainer: Any, scale_lr: bool) -> float:
+    """Set `model.learning_rate` from `model.base_learning_rate`, printing the arithmetic."""
+    base_lr = float(config.model.get("base_learning_rate", 1e-4))
+    batch_size = int(OmegaConf.select(config, "data.params.batch_size", default=1))
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    accumulate = trainer.accumulate_grad_batches
+    effective_batch = accumulate * nodes * devices * batch_size
+    if scale_lr:
+        model.learning_rate = effective_batch * base_lr
+        print(f"[ldm] learning rate = {model.learning_rate:.2e} (--scale_lr: {accumulate} (accumulate_grad_batches)"
+              f" * {nodes} (num_nodes) * {devices} (devices) * {batch_size} (batch size) * {base_lr:.2e} (base_lr))")
+    else:
+        model.learning_rate = base_lr
+        print(f"[ldm] learning rate = {model.learning_rate:.2e} (base_learning_rate; not scaled, --scale_lr is off)."
+              f" Effective batch size = {effective_batch} = {accumulate} (accumulate) * {nodes} (nodes) *"
+              f" {devices} (devices) * {batch_size} (batch size)")
+    return model.learning_rate
+
+
+def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Namespace, now: str, logdir: Path,
+                    ckptdir: Path, cfgdir: Path, config: DictConfig) -> list:
+    """The reference's default callbacks, overridable by `lightning.callbacks` / `lightning.modelcheckpoint`."""
+    checkpoint_cfg = {
+        "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "params": {"dirpath": str(ckptdir), "filename": "{epoch:06}-{step:09}", "verbose": True,
+                   "save_last": True},
+    }
+    monitor = getattr(model, "monitor", None)
+    if monitor:
+        print(f"[ldm] monitoring {monitor} as checkpoint metric")
+        checkpoint_cfg["params"].update(monitor=monitor, save_top_k=3)
+    checkpoint_cfg = OmegaConf.merge(checkpoint_cfg, lightning_config.get("modelcheckpoint", OmegaConf.create()))
+    defaults = {
+        "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": {
+            "resume": bool(opt.resume), "now": now, "logdir": str(logdir), "ckptdir": str(ckptdir),
+            "cfgdir": str(cfgdir)}},
+        "image_logger": {"target": "ldm.callbacks.ImageLogger",
+                         "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
+        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                                 "params": {"logging_interval": "step"}},
+        "checkpoint_on_interrupt": {"target": "ldm.callbacks.CheckpointOnInterrupt",
+                                    "params": {"ckptdir": str(ckptdir)}},
+    }
+    callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
+    callbacks = [instantiate_from_config(checkpoint_cfg)]
+    for key, cfg in callbacks_cfg.items():
+        if key == "setup_callback":
+            callbacks.append(instantiate_from_config(cfg, config=config, lightning_config=lightning_config))
+        else:
+            callbacks.append(instantiate_from_config(cfg))
+    return callbacks
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, os.getcwd())
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    stray = [u for u in unknown if "=" not in u]
+    if stray:
+        parser.error(f"unrecognised argument(s) {stray}: config overrides look like key.path=value")
+    if opt.name and opt.resume:
+        parser.error("-n/--name and -r/--resume cannot both be given: a resumed run keeps its name")
+    logging.basicConfig(level=logging.DEBUG if opt.debug else logging.INFO, format="[%(name)s] %(message)s")
+
+    # Child processes of a DDP launch re-run this script: they must reuse the parent's run directory.
+    now = os.environ.setdefault("LDM_RUN_NOW", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
+    ckpt_path = None
+    if opt.resume:
+        logdir, ckpt_path = _resolve_resume(opt.resume)
+        opt.base = sorted(str(p) for p in (logdir / "configs").glob("*-project.yaml"))[-1:] + list(opt.base)
+        nowname = logdir.name
+    else:
+        if opt.name:
+            name = "_" + opt.name
+        elif opt.base:
+            name = "_" + Path(opt.base[0]).stem
+        else:
+            name = ""
+        nowname = now + name + opt.postfix
+        logdir = Path(opt.logdir) / nowname
+    if not opt.base:
+        parser.error("no config given: use --base configs/<...>.yaml (or -r a previous run)")
+    ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    if opt.debug:
+        torch.autograd.set_detect_anomaly(True)
+    pl.seed_everything(opt.seed, workers=True)
+    config = load_configs(opt.base, overrides=unknown)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer_options = resolve_trainer_options(lightning_config, opt)
+    lightning_config.trainer = trainer_options
+    for section in ("model", "data"):
+        if section not in config:
+            raise ConfigError(f"the merged config from {opt.base} has no '{section}:' section")
+
+    model = instantiate_from_config(config.model)
+    loggers = [CSVLogger(str(logdir), name="", version="csv"),
+               TensorBoardLogger(str(logdir), name="", version="tensorboard")]
+    callbacks = build_callbacks(lightning_config, model, opt, now, logdir, ckptdir, cfgdir, config)
+    trainer = pl.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(logdir))
+
+    data = instantiate_from_config(config.data)
+    learning_rate(model, config, trainer, opt.scale_lr)
+
+    try:
+        if opt.train:
+            trainer.fit(model, data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        if not opt.no_test and not trainer.interrupted and data_has_split(data, "test") \
+                and pl.LightningModule.test_step is not type(model).test_step:
+            trainer.test(model, data)
+    finally:
+        if opt.debug and not opt.resume and trainer.global_rank == 0 and logdir.exists():
+            dst = logdir.parent / "debug_runs" / logdir.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(logdir), str(dst))
+            print(f"[ldm] debug run moved to {dst}")
+    if trainer.global_rank == 0:
+        print(f"[ldm] done: {logdir}")
+    return 0
+
+
+def data_has_split(data: Any, split: str) -> bool:
+    return split in getattr(data, "dataset_configs", {})
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)

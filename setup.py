@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm",
+    version="0.1.0",
+    description="Latent diffusion toolkit: CompVis-compatible, CPU-first, offline",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Pinned: a newer or unpinned torch pulls gigabytes of CUDA wheels on CPU machines.
+        "torch==2.13.0",
+        "pytorch-lightning>=2.2,<3",
+        "omegaconf>=2.3",
+        "transformers>=4.40",
+        "einops>=0.7",
+        "torchmetrics>=1.3",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
