@@ -162,6 +162,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                                  "params": {"logging_interval": "step"}},
+        "export_safetensors": {"target": "ldm.callbacks.ExportSafetensors", "params": {"ckptdir": str(ckptdir)}},
         "checkpoint_on_interrupt": {"target": "ldm.callbacks.CheckpointOnInterrupt",
                                     "params": {"ckptdir": str(ckptdir)}},
     }

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
+from ldm.checkpoint import save_safetensors
 from ldm.visualization import make_grid, save_image_grid, to_uint8
 
 log = logging.getLogger("ldm")
@@ -141,3 +142,23 @@ class ImageLogger(Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking and trainer.global_step > 0:
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+def inference_state_dict(module: torch.nn.Module, keep_loss: bool = False) -> dict[str, torch.Tensor]:
+    """The weights a user needs to run a model: training-only `loss.*` (LPIPS, discriminator) dropped."""
+    return {k: v for k, v in module.state_dict().items() if keep_loss or not k.startswith("loss.")}
+
+
+class ExportSafetensors(Callback):
+    """Writes ``checkpoints/last.safetensors`` (weights only, no pickle) when training ends (rank 0)."""
+
+    def __init__(self, ckptdir: str) -> None:
+        super().__init__()
+        self.path = Path(ckptdir) / "last.safetensors"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_safetensors(inference_state_dict(pl_module), self.path, metadata={
+                "class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                "global_step": trainer.global_step})
+            print(f"[ldm] wrote weights-only {self.path}")

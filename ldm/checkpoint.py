@@ -102,3 +102,23 @@ def save_safetensors(
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     save_file(tensors, str(path), metadata=meta)
     return path
+
+
+def load_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
+               strict: bool = True, ignore_prefixes: Iterable[str] = ("loss.",)) -> torch.nn.Module:
+    """Build `model:` from a config file and load weights (.ckpt or .safetensors) into it, in eval mode.
+
+    Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training
+    checkpoints both load.
+    """
+    from ldm.config import load_configs
+    from ldm.util import instantiate_from_config
+
+    config = load_configs([config_path])
+    if "model" not in config:
+        raise CheckpointError(f"{config_path} has no 'model:' section")
+    model = instantiate_from_config(config.model)
+    if ckpt_path is not None:
+        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore_prefixes,
+                     source=str(ckpt_path))
+    return model.to(device).eval()

@@ -1,0 +1,59 @@
+"""Safe checkpoint reading, clear key errors, safetensors export."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.checkpoint import CheckpointError, load_state_dict, load_weights, save_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_ckpt_with_state_dict_entry_and_safetensors_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    torch.save({"state_dict": model.state_dict(), "global_step": 5}, tmp_path / "a.ckpt")
+    sd = load_state_dict(tmp_path / "a.ckpt")
+    assert torch.equal(sd["weight"], model.weight)
+    save_safetensors(sd, tmp_path / "a.safetensors", metadata={"global_step": 5})
+    back = load_state_dict(tmp_path / "a.safetensors")
+    assert set(back) == {"weight", "bias"} and torch.equal(back["bias"], model.bias)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_state_dict(tmp_path / "evil.ckpt")
+
+
+def test_missing_unexpected_and_shape_errors_list_keys():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    sd = model.state_dict()
+    partial = {k: v for k, v in sd.items() if not k.startswith("1.")}
+    partial["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        load_weights(model, partial)
+    assert "missing keys (2): 1.weight, 1.bias" in str(e.value) and "unexpected keys (1): extra.weight" in str(e.value)
+    wrong = dict(sd, **{"0.weight": torch.zeros(5, 5)})
+    with pytest.raises(CheckpointError, match=r"0.weight: checkpoint \(5, 5\) vs model \(2, 3\)"):
+        load_weights(model, wrong)
+    missing, unexpected = load_weights(model, {**sd, "loss.disc": torch.zeros(1)}, ignore_prefixes=("loss.",))
+    assert missing == [] and unexpected == []
+
+
+def test_missing_file():
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict("/nonexistent/x.ckpt")
+
+
+def test_export_script_drops_loss_weights(tmp_path):
+    torch.save({"state_dict": {"encoder.w": torch.ones(2), "loss.discriminator.w": torch.ones(3)}},
+               tmp_path / "last.ckpt")
+    subprocess.run([sys.executable, "scripts/export_weights.py", str(tmp_path / "last.ckpt")], cwd=REPO, check=True)
+    assert set(load_state_dict(tmp_path / "last.safetensors")) == {"encoder.w"}

@@ -1,0 +1,120 @@
+"""End-to-end runs of main.py: train, write checkpoints/grids/logs, resume exactly, DDP, interrupts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import optimizer_fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = {
+    "kl": "configs/autoencoder/autoencoder_kl_shapes_f4.yaml",
+    "vq": "configs/autoencoder/autoencoder_vq_shapes_f4.yaml",
+}
+# Keep runs short: tiny batches, no workers, a handful of steps, grids at steps 1, 2, 4.
+FAST = ["data.params.batch_size=4", "data.params.num_workers=0", "data.params.train.params.num_samples=64",
+        "data.params.validation.params.num_samples=8", "lightning.callbacks.image_logger.params.batch_frequency=4",
+        "--limit_val_batches", "1", "--log_every_n_steps", "1", "--enable_model_summary", "false"]
+
+
+def run_main(args, tmp_path, timeout=300, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LDM_RUN_NOW", None)
+    proc = subprocess.run([sys.executable, "main.py", *args, "-l", str(tmp_path / "logs")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def only_run(tmp_path) -> Path:
+    runs = [p for p in (tmp_path / "logs").iterdir() if p.is_dir() and p.name != "debug_runs"]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_train_writes_run_directory_then_resume_continues_exactly(kind, tmp_path):
+    recorder = ["lightning.callbacks.recorder.target=tests.helpers.StateRecorder",
+                f"lightning.callbacks.recorder.params.path={tmp_path / 'start.json'}"]
+    proc = run_main(["--base", BUILTIN[kind], "-t", "--no-test", "--max_steps", "8", *FAST, *recorder], tmp_path)
+    assert "learning rate" in proc.stdout and "not scaled" in proc.stdout
+    logdir = only_run(tmp_path)
+    assert logdir.name.endswith(Path(BUILTIN[kind]).stem)
+    assert len(list((logdir / "configs").glob("*-project.yaml"))) == 1
+    assert len(list((logdir / "configs").glob("*-lightning.yaml"))) == 1
+    last = logdir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    grids = {p.name.split("_gs-")[0] for p in (logdir / "images" / "train").glob("*.png")}
+    assert {"inputs", "reconstructions", "samples"} <= grids, grids
+    metrics = (logdir / "csv" / "metrics.csv").read_text()
+    assert "train/rec_loss" in metrics
+    assert list((logdir / "tensorboard").glob("events.out.tfevents.*"))
+
+    saved = load_ckpt(last)
+    assert saved["global_step"] == 8
+    # Resume: starts from the saved step and optimizer moments, then trains on.
+    run_main(["-r", str(logdir), "--max_steps", "12", *FAST, *recorder], tmp_path)
+    start = json.loads((tmp_path / "start.json").read_text())
+    assert start["global_step"] == 8
+    assert start["optimizers"] == pytest.approx(optimizer_fingerprint(saved["optimizer_states"]), rel=1e-12)
+    assert load_ckpt(last)["global_step"] == 12
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    proc = run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "4", "--accelerator", "cpu",
+                     "--devices", "2", "--strategy", "ddp", *FAST], tmp_path, timeout=400)
+    logdir = only_run(tmp_path)  # both ranks used the same run directory
+    assert (logdir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((logdir / "configs").glob("*-project.yaml"))) == 1
+    assert "Effective batch size = 8" in proc.stdout
+    assert load_ckpt(logdir / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_scale_lr_prints_arithmetic(tmp_path):
+    proc = run_main(["--base", BUILTIN["kl"], "--scale_lr", "--no-test", *FAST], tmp_path)
+    assert "--scale_lr: 1 (accumulate_grad_batches) * 1 (num_nodes) * 1 (devices) * 4 (batch size)" in proc.stdout
+
+
+def test_sigterm_saves_last_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LDM_RUN_NOW", None)
+    args = [sys.executable, "main.py", "--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "100000",
+            *FAST, "--val_check_interval", "100000", "-l", str(tmp_path / "logs")]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    # Wait until training has taken a few steps (the grid for step 4 is written).
+    while time.time() < deadline and proc.poll() is None:
+        logs = tmp_path / "logs"
+        if logs.exists() and list(logs.glob("*/images/train/inputs_gs-000004*")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    logdir = only_run(tmp_path)
+    last = logdir / "checkpoints" / "last.ckpt"
+    assert last.is_file(), out[-3000:]
+    assert "saved" in out and "Resume with" in out
+    assert load_ckpt(last)["global_step"] >= 4
+
+
+def test_bad_config_key_exits_with_clear_message(tmp_path):
+    proc = run_main(["--base", BUILTIN["kl"], "model.params.embed_dimm=3"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "model.params.embed_dimm" in proc.stderr and "command line" in proc.stderr
+
+
+def test_debug_run_moves_to_debug_runs(tmp_path):
+    run_main(["--base", BUILTIN["kl"], "-d", "-t", "--no-test", "--max_steps", "1", *FAST], tmp_path)
+    assert len(list((tmp_path / "logs" / "debug_runs").iterdir())) == 1
