@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"the merged config from {opt.base} has no '{section}:' section")
 
     model = instantiate_from_config(config.model)
+    if trainer_options.get("strategy") == "ddp" and getattr(model, "ddp_find_unused_parameters", False):
+        trainer_options["strategy"] = "ddp_find_unused_parameters_true"
+        print(f"[ldm] {type(model).__name__} leaves some parameters without gradients in each backward pass: "
+              "using strategy ddp_find_unused_parameters_true")
     loggers = [CSVLogger(str(logdir), name="", version="csv"),
                TensorBoardLogger(str(logdir), name="", version="tensorboard")]
     callbacks = build_callbacks(lightning_config, model, opt, now, logdir, ckptdir, cfgdir, config)

@@ -172,7 +172,7 @@ def _hint_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def instantiate_from_config(config: Any, **extra: Any) -> Any:
+def instantiate_from_config(config: Any, /, **extra: Any) -> Any:
     """Build ``config.target(**config.params, **extra)``, as the reference's helper does.
 
     The reference's sentinels keep working: ``__is_first_stage__`` and ``__is_unconditional__`` return

@@ -20,7 +20,7 @@ BUILTIN = {
 # Keep runs short: tiny batches, no workers, a handful of steps, grids at steps 1, 2, 4.
 FAST = ["data.params.batch_size=4", "data.params.num_workers=0", "data.params.train.params.num_samples=64",
         "data.params.validation.params.num_samples=8", "lightning.callbacks.image_logger.params.batch_frequency=4",
-        "--limit_val_batches", "1", "--log_every_n_steps", "1", "--enable_model_summary", "false"]
+        "--limit_val_batches", "1", "--val_check_interval", "4", "--log_every_n_steps", "1", "--enable_model_summary", "false"]
 
 
 def run_main(args, tmp_path, timeout=300, check=True):
@@ -90,7 +90,7 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LDM_RUN_NOW", None)
     args = [sys.executable, "main.py", "--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "100000",
-            *FAST, "--val_check_interval", "100000", "-l", str(tmp_path / "logs")]
+            *FAST, "-l", str(tmp_path / "logs")]
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     # Wait until training has taken a few steps (the grid for step 4 is written).
