@@ -53,6 +53,27 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected, got {text!r}")
 
 
+BOOL_FLAGS = {"-t", "--train", "--no-test", "-d", "--debug", "--scale_lr"}
+BOOL_WORDS = {"yes", "true", "t", "y", "1", "no", "false", "f", "n", "0"}
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `key.path=value` overrides from flags, wherever they stand.
+
+    Left in place, `--base a.yaml x=1` would read `x=1` as a config file, and `-t x=1` would read it as
+    `-t`'s optional boolean; boolean flags given alone are made explicit (`-t true`).
+    """
+    overrides = [t for t in argv if "=" in t and not t.startswith("-")]
+    flags = [t for t in argv if t not in overrides]
+    out = []
+    for i, token in enumerate(flags):
+        out.append(token)
+        following = flags[i + 1] if i + 1 < len(flags) else None
+        if token in BOOL_FLAGS and (following is None or following.lower() not in BOOL_WORDS):
+            out.append("true")
+    return out, overrides
+
+
 def get_parser() -> argparse.ArgumentParser:
     import pytorch_lightning as pl
 
@@ -179,10 +200,11 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     parser = get_parser()
-    opt, unknown = parser.parse_known_args(argv)
-    stray = [u for u in unknown if "=" not in u]
+    flags, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    opt, stray = parser.parse_known_args(flags)
     if stray:
-        parser.error(f"unrecognised argument(s) {stray}: config overrides look like key.path=value")
+        parser.error(f"unrecognised argument(s) {stray}: flags are listed by --help; "
+                     "config overrides look like key.path=value")
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot both be given: a resumed run keeps its name")
     logging.basicConfig(level=logging.DEBUG if opt.debug else logging.INFO, format="[%(name)s] %(message)s")
@@ -214,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if opt.debug:
         torch.autograd.set_detect_anomaly(True)
     pl.seed_everything(opt.seed, workers=True)
-    config = load_configs(opt.base, overrides=unknown)
+    config = load_configs(opt.base, overrides=overrides)
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_options = resolve_trainer_options(lightning_config, opt)
     lightning_config.trainer = trainer_options

@@ -64,7 +64,7 @@ def test_train_writes_run_directory_then_resume_continues_exactly(kind, tmp_path
     saved = load_ckpt(last)
     assert saved["global_step"] == 8
     # Resume: starts from the saved step and optimizer moments, then trains on.
-    run_main(["-r", str(logdir), "--max_steps", "12", *FAST, *recorder], tmp_path)
+    run_main(["-r", str(logdir), "-t", "--no-test", "--max_steps", "12", *FAST, *recorder], tmp_path)
     start = json.loads((tmp_path / "start.json").read_text())
     assert start["global_step"] == 8
     assert start["optimizers"] == pytest.approx(optimizer_fingerprint(saved["optimizer_states"]), rel=1e-12)
