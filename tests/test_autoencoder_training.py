@@ -95,7 +95,7 @@ def test_kl_training_steps_both_optimizers_and_learns_logvar():
 
 def test_kl_fixed_logvar_stays_out_of_the_optimizer():
     torch.manual_seed(0)
-    model = kl_model()
+    model = kl_model(learn_logvar=False)
     fit = trainer(1)
     fit.fit(model, loader(2))
     assert not model.loss.logvar.requires_grad and model.loss.logvar.item() == 0.0

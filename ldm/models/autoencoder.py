@@ -6,8 +6,8 @@ state-dict names equal the CompVis code, so its configs and checkpoints work. Di
 
 - Lightning 2.x manual optimisation with the reference's two Adam optimisers (see `batch_step`).
 - The discriminator is neither run nor stepped before `disc_start`.
-- With `learn_logvar`, the loss's output log-variance is optimised (the reference built it as a
-  parameter but never gave it to an optimiser).
+- The loss's output log-variance is optimised (`learn_logvar`, on by default: the reference built it as
+  a parameter but never gave it to an optimiser; `learn_logvar: false` keeps it fixed as there).
 - A non-finite loss stops training with a message naming the step and the loss terms.
 - `VQModel.decode_code` works (the reference called a method that does not exist).
 """
@@ -315,12 +315,12 @@ class AutoencoderKL(FirstStageModule):
     `ddconfig` builds `Encoder`/`Decoder` (needs `double_z: true`), `lossconfig` the loss
     (`LPIPSWithDiscriminator`, or `torch.nn.Identity` for inference only). Latents have `embed_dim`
     channels. `ema_decay` keeps an EMA of the weights (`model_ema.*`), used for the `val_ema/*` metrics
-    and `plot_ema` images. `learn_logvar` optimises the loss's output log-variance.
+    and `plot_ema` images. `learn_logvar` (default on) optimises the loss's output log-variance.
     """
 
     def __init__(self, ddconfig: dict, lossconfig: dict, embed_dim: int, ckpt_path: Optional[str] = None,
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: Optional[int] = None,
-                 monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = False) -> None:
+                 monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = True) -> None:
         super().__init__(image_key=image_key, colorize_nlabels=colorize_nlabels, monitor=monitor)
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder emits mean and log-variance)")
@@ -330,11 +330,9 @@ class AutoencoderKL(FirstStageModule):
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
-        self.learn_logvar = learn_logvar
         logvar = getattr(self.loss, "logvar", None)
-        if learn_logvar and not isinstance(logvar, nn.Parameter):
-            raise ValueError(f"learn_logvar: true needs a loss with a `logvar` parameter "
-                             f"(LPIPSWithDiscriminator); {type(self.loss).__name__} has none")
+        # Inference-only configs use `torch.nn.Identity` as the loss: nothing to learn there.
+        self.learn_logvar = learn_logvar and isinstance(logvar, nn.Parameter)
         if isinstance(logvar, nn.Parameter):
             logvar.requires_grad_(learn_logvar)  # a fixed logvar stays out of the optimiser and the EMA
         self._finish_setup(ema_decay, ckpt_path, ignore_keys)
