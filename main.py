@@ -33,7 +33,7 @@ log = logging.getLogger("ldm")
 
 # Our own flags; every other `--name value` that names a `pytorch_lightning.Trainer` argument is a
 # trainer option, and bare `a.b=c` words are config overrides.
-OWN_FLAGS = {"name", "resume", "base", "train", "no_test", "project", "debug", "seed", "postfix", "logdir",
+OWN_FLAGS = {"name", "resume", "base", "train", "no_test", "debug", "seed", "postfix", "logdir",
              "scale_lr", "gpus"}
 
 
@@ -86,7 +86,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-t", "--train", type=_str2bool, const=True, default=False, nargs="?", help="train")
     parser.add_argument("--no-test", dest="no_test", type=_str2bool, const=True, default=False, nargs="?",
                         help="skip testing after training")
-    parser.add_argument("-p", "--project", help="name of a new or existing project")
     parser.add_argument("-d", "--debug", type=_str2bool, nargs="?", const=True, default=False,
                         help="debug run: verbose logging, anomaly detection, logs moved to <logdir>/debug_runs")
     parser.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")

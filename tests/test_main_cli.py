@@ -1,0 +1,58 @@
+"""main.py's argument handling, without training."""
+import pytest
+from omegaconf import OmegaConf
+
+import main
+from ldm.config import ConfigError
+from ldm.util import instantiate_from_config
+
+
+def parse(argv):
+    flags, overrides = main.split_argv(argv)
+    return main.get_parser().parse_known_args(flags)[0], overrides
+
+
+def test_overrides_anywhere_and_bare_boolean_flags():
+    opt, overrides = parse(["--base", "a.yaml", "x.y=1", "b.yaml", "-t", "model.lr=2", "--no-test"])
+    assert opt.base == ["a.yaml", "b.yaml"] and opt.train is True and opt.no_test is True
+    assert overrides == ["x.y=1", "model.lr=2"]
+    opt, _ = parse(["-t", "false", "--scale_lr"])
+    assert opt.train is False and opt.scale_lr is True
+
+
+def test_scale_lr_is_off_by_default():
+    assert parse([])[0].scale_lr is False
+
+
+def test_trainer_flags_override_config_and_legacy_gpus_maps():
+    lightning = OmegaConf.create({"trainer": {"max_steps": 10, "precision": 32}})
+    opt, _ = parse(["--max_steps", "20", "--precision", "bf16-mixed", "--gpus", "0,1"])
+    options = main.resolve_trainer_options(lightning, opt)
+    assert options["max_steps"] == 20 and options["precision"] == "bf16-mixed"
+    assert options["accelerator"] == "gpu" and options["devices"] == [0, 1]
+    opt, _ = parse(["--devices", "2", "--accelerator", "cpu", "--strategy", "ddp"])
+    options = main.resolve_trainer_options(OmegaConf.create({}), opt)
+    assert options == {"devices": 2, "accelerator": "cpu", "strategy": "ddp"}
+
+
+def test_unknown_trainer_option_in_config_is_named():
+    with pytest.raises(ConfigError, match=r"unknown Trainer option\(s\) \['max_stepz'\]"):
+        main.resolve_trainer_options(OmegaConf.create({"trainer": {"max_stepz": 1}}), parse([])[0])
+
+
+def test_reference_style_targets_resolve_through_main():
+    data = instantiate_from_config({"target": "main.DataModuleFromConfig", "params": {
+        "batch_size": 2, "num_workers": 0,
+        "train": {"target": "ldm.data.shapes.ShapesTrain", "params": {"num_samples": 4}}}})
+    data.setup("fit")
+    assert next(iter(data.train_dataloader()))["image"].shape == (2, 32, 32, 3)
+    assert isinstance(instantiate_from_config({"target": "main.ImageLogger", "params": {"batch_frequency": 5}}),
+                      main.ImageLogger)
+
+
+def test_resume_needs_an_existing_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main._resolve_resume(str(tmp_path / "nope"))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
+        main._resolve_resume(str(tmp_path / "run"))
