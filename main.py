@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Reference configs name `main.DataModuleFromConfig`, `main.ImageLogger`, ...: keep them resolvable.
 from ldm.callbacks import CheckpointOnInterrupt, ImageLogger, SetupCallback  # noqa: F401
+from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_configs
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.util import instantiate_from_config
@@ -282,4 +283,10 @@ if __name__ == "__main__":
         sys.exit(main())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (CheckpointError, FileNotFoundError) as e:
+        # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
+        if "-d" in sys.argv or "--debug" in sys.argv:
+            raise
+        print(f"error: {e}\n(run with -d for the traceback)", file=sys.stderr)
         sys.exit(2)

@@ -52,11 +52,17 @@ def try_lpips():
         return None
 
 
+def _duration(minutes: float) -> str:
+    """Lightning's DD:HH:MM:SS."""
+    seconds = int(round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def train(kind: str, minutes: float, logroot: Path) -> tuple[Path, float, int]:
     name = f"bench_{kind}"
     t0 = time.time()
     cmd = [sys.executable, "main.py", "--base", CONFIGS[kind], "-t", "--no-test", "-n", name, "-l", str(logroot),
-           "--max_time", f"00:00:{int(minutes)}:{int(round((minutes % 1) * 60)):02d}", "--max_steps", "-1"]
+           "--max_time", _duration(minutes), "--max_steps", "-1"]
     env = {**os.environ}
     env.pop("LDM_RUN_NOW", None)
     subprocess.run(cmd, cwd=REPO, check=True, env=env)
@@ -83,7 +89,7 @@ def main() -> None:
         config = sorted((run / "configs").glob("*-project.yaml"))[-1]
         model = load_model(config, run / "checkpoints" / "last.ckpt")
         metrics = reconstruction_metrics(model, held_out_batches(opt.eval_images), lpips=lpips)
-        results["runs"][kind] = {"config": CONFIGS[kind], "run_dir": str(run.relative_to(REPO)),
+        results["runs"][kind] = {"config": CONFIGS[kind], "run_dir": str(run),
                                  "wall_seconds": round(seconds, 1), "global_step": steps,
                                  "batches": steps // 2, **{k: round(v, 4) for k, v in metrics.items()}}
         print(json.dumps(results["runs"][kind], indent=1))

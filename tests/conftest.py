@@ -1,4 +1,5 @@
 import os
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,24 @@ def _deterministic_threads():
     # 2-core CI machine when a test also runs subprocesses or DataLoader workers.
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No downloads, an empty torch hub cache, no LDM_VGG16_WEIGHTS: what a fresh offline machine has."""
+    def no_download(*args, **kwargs):
+        raise urllib.error.URLError("downloads are disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv("LDM_VGG16_WEIGHTS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def random_vgg16_file(tmp_path_factory) -> Path:
+    """torchvision-format VGG16 weights with random values (the real file is not shipped)."""
+    from tests.helpers import random_vgg16_state_dict
+
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
+    torch.save(random_vgg16_state_dict(seed=0), path)
+    return path

@@ -34,3 +34,24 @@ class StateRecorder(pl.Callback):
         self.path.write_text(json.dumps({"global_step": trainer.global_step,
                                          "optimizers": optimizer_fingerprint(states),
                                          "ema_sum": sum(ema.values())}))
+
+
+# torchvision's vgg16().features written out by hand: (index, layer) for every conv, ReLU and max-pool.
+VGG16_CONV_CHANNELS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
+                 14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512),
+                 26: (512, 512), 28: (512, 512)}
+POOLS = {4, 9, 16, 23, 30}
+# LPIPS reads relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+TAPS = (3, 8, 15, 22, 29)
+
+
+
+def random_vgg16_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A torchvision-format VGG16 checkpoint with random (He-initialised) features and a dummy classifier."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for i, (c_in, c_out) in VGG16_CONV_CHANNELS.items():
+        state[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) * (2.0 / (9 * c_in)) ** 0.5
+        state[f"features.{i}.bias"] = 0.1 * torch.randn(c_out, generator=gen)
+    state["classifier.0.weight"] = torch.randn(4, 3, generator=gen)  # ignored by the loader
+    return state

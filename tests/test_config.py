@@ -107,23 +107,6 @@ def _targets(node, path=""):
 
 
 SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml")) + sorted((REPO / "models").rglob("config.yaml"))
-VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
-
-
-@pytest.fixture(scope="module")
-def random_vgg16(tmp_path_factory) -> Path:
-    """A torchvision-format VGG16 `features.*` file with random weights (the real one is not shipped)."""
-    sd, c_in = {}, 3
-    for idx, c_out in zip(VGG16_CONV_INDICES, VGG16_CHANNELS):
-        sd[f"features.{idx}.weight"] = torch.randn(c_out, c_in, 3, 3) * 0.05
-        sd[f"features.{idx}.bias"] = torch.zeros(c_out)
-        c_in = c_out
-    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
-    torch.save(sd, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     import numpy as np
@@ -148,14 +131,14 @@ def _dataset_roots(node, path=""):
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, random_vgg16, image_folder):
+def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, random_vgg16_file, image_folder):
     """Every `target` resolves and the model, data and callbacks build as main.py builds them.
 
     Real-data configs point at `data/images/...`; they are built on a small folder made here, and LPIPS
     on a random-weights VGG16 file, since the real weights are not shipped.
     """
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("LDM_VGG16_WEIGHTS", str(random_vgg16))
+    monkeypatch.setenv("LDM_VGG16_WEIGHTS", str(random_vgg16_file))
     raw = OmegaConf.to_container(load_configs([path]))
     overrides = [f"{key}={image_folder / Path(root).name}" for key, root in _dataset_roots(raw)]
     cfg = load_configs([path], overrides=overrides)

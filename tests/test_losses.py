@@ -1,7 +1,6 @@
 """First-stage losses: GAN pieces, the KL loss (LPIPSWithDiscriminator) and the VQ loss, against values
 computed by hand on small tensors."""
 import math
-import urllib.error
 
 import pytest
 import torch
@@ -16,14 +15,7 @@ from ldm.modules.losses.vqperceptual import DummyLoss, measure_perplexity
 from ldm.util import instantiate_from_config
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    def no_download(*args, **kwargs):
-        raise urllib.error.URLError("downloads are disabled in tests")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv("LDM_VGG16_WEIGHTS", raising=False)
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 class TinyDecoder(nn.Module):

@@ -4,7 +4,6 @@ VGG16 weights are random, written to tmp in torchvision's format (`features.N.*`
 are the real ones that torchmetrics ships. Nothing here touches the network: every test runs with
 TORCH_HOME in tmp, LDM_VGG16_WEIGHTS unset and `torch.hub.load_state_dict_from_url` raising.
 """
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,9 @@ from ldm.modules.losses.lpips import (
     torchmetrics_lpips_heads_path,
     vgg16,
 )
+from tests.helpers import POOLS, TAPS, VGG16_CONV_CHANNELS as CONV_CHANNELS, random_vgg16_state_dict
 
-# torchvision's vgg16().features written out by hand: (index, layer) for every conv, ReLU and max-pool.
-CONV_CHANNELS = {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128), 10: (128, 256), 12: (256, 256),
-                 14: (256, 256), 17: (256, 512), 19: (512, 512), 21: (512, 512), 24: (512, 512),
-                 26: (512, 512), 28: (512, 512)}
-POOLS = {4, 9, 16, 23, 30}
-# LPIPS reads relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
-TAPS = (3, 8, 15, 22, 29)
-
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 def torchvision_features(state: dict[str, torch.Tensor]) -> nn.Sequential:
     """torchvision's `vgg16().features` (a flat Sequential) holding the `features.*` weights of `state`."""
@@ -48,17 +41,6 @@ def torchvision_features(state: dict[str, torch.Tensor]) -> nn.Sequential:
     return features
 
 
-def random_vgg16_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """A torchvision-format VGG16 checkpoint with random (He-initialised) features and a dummy classifier."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for i, (c_in, c_out) in CONV_CHANNELS.items():
-        state[f"features.{i}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) * (2.0 / (9 * c_in)) ** 0.5
-        state[f"features.{i}.bias"] = 0.1 * torch.randn(c_out, generator=gen)
-    state["classifier.0.weight"] = torch.randn(4, 3, generator=gen)  # ignored by the loader
-    return state
-
-
 @pytest.fixture(scope="module")
 def vgg_state() -> dict[str, torch.Tensor]:
     return random_vgg16_state_dict(seed=0)
@@ -69,17 +51,6 @@ def vgg_file(tmp_path_factory, vgg_state) -> Path:
     path = tmp_path_factory.mktemp("vgg") / VGG16_FILENAME
     torch.save(vgg_state, path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """No downloads, an empty hub cache, no env var."""
-    def no_download(*args, **kwargs):
-        raise urllib.error.URLError("downloads are disabled in tests")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv("LDM_VGG16_WEIGHTS", raising=False)
 
 
 @pytest.fixture(scope="module")

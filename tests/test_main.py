@@ -118,3 +118,11 @@ def test_bad_config_key_exits_with_clear_message(tmp_path):
 def test_debug_run_moves_to_debug_runs(tmp_path):
     run_main(["--base", BUILTIN["kl"], "-d", "-t", "--no-test", "--max_steps", "1", *FAST], tmp_path)
     assert len(list((tmp_path / "logs" / "debug_runs").iterdir())) == 1
+
+
+def test_real_data_config_without_data_says_what_to_provide(tmp_path, random_vgg16_file):
+    env_vgg = f"model.params.lossconfig.params.vgg_weights_path={random_vgg16_file}"
+    proc = run_main(["--base", "configs/autoencoder/autoencoder_kl_32x32x4.yaml", "-t", env_vgg,
+                     f"data.params.train.params.root={tmp_path / 'missing'}"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "image folder not found" in proc.stderr and "missing" in proc.stderr and "Traceback" not in proc.stderr
