@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("ldm")
+# Lightning 2.6 trips over its own deprecation on every fit; it says nothing about the user's run.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # Our own flags; every other `--name value` that names a `pytorch_lightning.Trainer` argument is a
 # trainer option, and bare `a.b=c` words are config overrides.
