@@ -180,7 +180,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
     checkpoint_cfg = OmegaConf.merge(checkpoint_cfg, lightning_config.get("modelcheckpoint", OmegaConf.create()))
     defaults = {
         "setup_callback": {"target": "ldm.callbacks.SetupCallback", "params": {
-            "resume": bool(opt.resume), "now": now, "logdir": str(logdir), "ckptdir": str(ckptdir),
+            "now": now, "logdir": str(logdir), "ckptdir": str(ckptdir),
             "cfgdir": str(cfgdir)}},
         "image_logger": {"target": "ldm.callbacks.ImageLogger",
                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},

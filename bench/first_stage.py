@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.checkpoint import load_model  # noqa: E402
-from ldm.evaluation.reconstruction import reconstruction_metrics  # noqa: E402
+from ldm.evaluation.reconstruction import dataset_images, reconstruction_metrics  # noqa: E402
 
 CONFIGS = {
     "kl": "configs/autoencoder/autoencoder_kl_shapes_f4.yaml",
@@ -38,8 +38,7 @@ def held_out_batches(n: int, batch_size: int = 64, seed: int = 1234):
 
     data = ShapesValidation(size=32, num_samples=n, seed=seed)
     for start in range(0, n, batch_size):
-        items = [data[i]["image"] for i in range(start, min(n, start + batch_size))]
-        yield torch.stack([torch.as_tensor(x) for x in items]).permute(0, 3, 1, 2).float()
+        yield dataset_images(data, start, min(n, start + batch_size))
 
 
 def try_lpips():

@@ -5,6 +5,7 @@ Every file written here is written by global rank 0 only, so multi-process runs 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,8 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from ldm.checkpoint import save_safetensors
-from ldm.visualization import make_grid, save_image_grid, to_uint8
+from ldm.checkpoint import inference_state_dict, save_safetensors
+from ldm.visualization import make_grid, save_png, to_uint8
 
 log = logging.getLogger("ldm")
 
@@ -22,10 +23,9 @@ log = logging.getLogger("ldm")
 class SetupCallback(Callback):
     """Creates ``logdir/{checkpoints,configs,images}`` and saves the merged configs there (rank 0)."""
 
-    def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str,
+    def __init__(self, now: str, logdir: str, ckptdir: str, cfgdir: str,
                  config: DictConfig, lightning_config: DictConfig) -> None:
         super().__init__()
-        self.resume = resume
         self.now = now
         self.logdir = Path(logdir)
         self.ckptdir = Path(ckptdir)
@@ -84,13 +84,14 @@ class ImageLogger(Callback):
         self.batch_freq = batch_frequency
         self.max_images = max_images
         self.clamp = clamp
-        self.rescale = rescale
+        # As the reference: `rescale` means the module returns images in [-1, 1]; without it, in [0, 1].
+        self.value_range = (-1.0, 1.0) if rescale else (0.0, 1.0)
         self.disabled = disabled
         self.log_on_batch_idx = log_on_batch_idx
         self.log_first_step = log_first_step
         self.log_images_kwargs = dict(log_images_kwargs or {})
         self.nrow = nrow
-        self.log_steps = [2 ** n for n in range(int(torch.log2(torch.tensor(float(batch_frequency)))) + 1)]
+        self.log_steps = [2 ** n for n in range(int(math.log2(batch_frequency)) + 1)]
         if not increase_log_steps:
             self.log_steps = [self.batch_freq]
 
@@ -122,13 +123,13 @@ class ImageLogger(Callback):
                 continue
             value = value[: self.max_images].detach().float().cpu()
             if self.clamp:
-                value = value.clamp(-1.0, 1.0)
+                value = value.clamp(*self.value_range)
             name = f"{key}_gs-{trainer.global_step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
-            written.append(save_image_grid(value, root / "images" / split / name, nrow=self.nrow))
+            grid = to_uint8(make_grid(value, nrow=self.nrow), self.value_range)
+            written.append(save_png(grid, root / "images" / split / name))
             for logger in trainer.loggers:
                 experiment = getattr(logger, "experiment", None)
                 if hasattr(experiment, "add_image"):
-                    grid = to_uint8(make_grid(value, nrow=self.nrow))
                     experiment.add_image(f"{split}/{key}", grid, trainer.global_step, dataformats="HWC")
         return written
 
@@ -144,11 +145,6 @@ class ImageLogger(Callback):
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
 
 
-def inference_state_dict(module: torch.nn.Module, keep_loss: bool = False) -> dict[str, torch.Tensor]:
-    """The weights a user needs to run a model: training-only `loss.*` (LPIPS, discriminator) dropped."""
-    return {k: v for k, v in module.state_dict().items() if keep_loss or not k.startswith("loss.")}
-
-
 class ExportSafetensors(Callback):
     """Writes ``checkpoints/last.safetensors`` (weights only, no pickle) when training ends (rank 0)."""
 
@@ -158,7 +154,7 @@ class ExportSafetensors(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_safetensors(inference_state_dict(pl_module), self.path, metadata={
+            save_safetensors(inference_state_dict(pl_module.state_dict()), self.path, metadata={
                 "class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                 "global_step": trainer.global_step})
             print(f"[ldm] wrote weights-only {self.path}")

@@ -15,6 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+# Weights only training needs: the first stage's LPIPS network and discriminator live under `loss.`.
+TRAINING_ONLY_PREFIXES = ("loss.",)
+
+
+def inference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the training-only weights (`TRAINING_ONLY_PREFIXES`)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
@@ -105,7 +114,7 @@ def save_safetensors(
 
 
 def load_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
-               strict: bool = True, ignore_prefixes: Iterable[str] = ("loss.",)) -> torch.nn.Module:
+               strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES) -> torch.nn.Module:
     """Build `model:` from a config file and load weights (.ckpt or .safetensors) into it, in eval mode.
 
     Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training

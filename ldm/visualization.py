@@ -34,11 +34,16 @@ def to_uint8(image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write an HWC uint8 array as PNG (creating the folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
 def save_image_grid(
     images: torch.Tensor, path: str | Path, nrow: int = 8, value_range: tuple[float, float] = (-1.0, 1.0)
 ) -> Path:
     """Write a batch NCHW as one PNG grid; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(make_grid(images, nrow=nrow), value_range)).save(path)
-    return path
+    return save_png(to_uint8(make_grid(images, nrow=nrow), value_range), path)

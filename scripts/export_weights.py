@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoint import load_state_dict, save_safetensors  # noqa: E402
+from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors  # noqa: E402
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     opt = parser.parse_args()
     state = load_state_dict(opt.ckpt)
     if not opt.keep_loss:
-        state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+        state = inference_state_dict(state)
     out = opt.out or opt.ckpt.with_suffix(".safetensors")
     save_safetensors(state, out, metadata={"source": str(opt.ckpt)})
     print(f"wrote {out} ({len(state)} tensors)")

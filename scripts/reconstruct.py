@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import load_model  # noqa: E402
-from ldm.evaluation.reconstruction import reconstruct, reconstruction_metrics  # noqa: E402
+from ldm.evaluation.reconstruction import dataset_images, reconstruct, reconstruction_metrics  # noqa: E402
 from ldm.visualization import save_image_grid  # noqa: E402
 
 
@@ -31,8 +31,7 @@ def load_images(opt: argparse.Namespace, size: int) -> torch.Tensor:
         from ldm.data.shapes import ShapesValidation
 
         data = ShapesValidation(size=size, num_samples=opt.n, seed=opt.seed)
-    n = min(opt.n, len(data))
-    return torch.stack([torch.as_tensor(data[i]["image"]) for i in range(n)]).permute(0, 3, 1, 2).float()
+    return dataset_images(data, 0, min(opt.n, len(data)))
 
 
 def resolve(opt: argparse.Namespace) -> tuple[Path, Path]:

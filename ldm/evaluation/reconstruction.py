@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
+
+
+def dataset_images(dataset: Sequence[Mapping], start: int, stop: int) -> torch.Tensor:
+    """Items ``start:stop`` of a dataset of reference-style dicts as one NCHW float batch in [-1, 1]."""
+    return torch.stack([torch.as_tensor(dataset[i]["image"]) for i in range(start, stop)]).permute(0, 3, 1, 2).float()
 
 
 @torch.no_grad()
