@@ -126,25 +126,46 @@ def _accepts(value: Any, hint: Any) -> bool:
     return True
 
 
+def _constructor_fields(cls: Any) -> tuple[dict[str, inspect.Parameter], set[str], dict[str, Any], bool]:
+    """Accepted parameters, the required ones, type hints and open-endedness of a constructor.
+
+    A subclass whose ``__init__`` passes ``**kwargs`` up (``LatentDiffusion(DDPM)``, as the reference)
+    also accepts its bases' parameters, so those are followed along the MRO until a constructor that
+    takes no ``**kwargs``; only then is an unknown name known to be wrong. Only the class's own
+    required parameters are required: a subclass may supply its bases' itself.
+    """
+    functions = [c.__init__ for c in cls.__mro__ if "__init__" in vars(c)] if inspect.isclass(cls) else [cls]
+    fields: dict[str, inspect.Parameter] = {}
+    required: set[str] = set()
+    hints: dict[str, Any] = {}
+    for depth, function in enumerate(functions):
+        parameters = inspect.signature(function).parameters
+        try:
+            hints = {**typing.get_type_hints(function), **hints}
+        except Exception:  # unresolvable forward references: skip type checks, keep the other checks
+            pass
+        for name, field in parameters.items():
+            if name == "self" or field.kind in (field.VAR_POSITIONAL, field.VAR_KEYWORD):
+                continue
+            fields.setdefault(name, field)
+            if depth == 0 and field.default is field.empty:
+                required.add(name)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return fields, required, hints, False
+    return fields, required, hints, True
+
+
 def _check_params(cls: Any, params: Mapping, node: Any) -> None:
     """Missing required params, unknown params and wrong types, each named by key path and file."""
     try:
-        signature = inspect.signature(cls)
+        fields, required, hints, takes_kwargs = _constructor_fields(cls)
     except (TypeError, ValueError):  # builtins without a signature: let the call itself decide
         return
-    try:
-        hints = typing.get_type_hints(cls.__init__ if inspect.isclass(cls) else cls)
-    except Exception:  # unresolvable forward references: skip type checks, keep the other checks
-        hints = {}
-    fields = signature.parameters
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in fields.values())
     params_node = node.get("params") if isinstance(node, DictConfig) else None
     where = params_node if isinstance(params_node, DictConfig) else node
     sub = None if where is params_node else "params"
-    for name, field in fields.items():
-        if field.kind in (field.VAR_POSITIONAL, field.VAR_KEYWORD):
-            continue
-        if field.default is field.empty and name not in params:
+    for name in fields:
+        if name in required and name not in params:
             raise ConfigError(
                 f"{describe_key(where, f'{sub}.{name}' if sub else name)}: missing required parameter "
                 f"'{name}' of {cls.__module__}.{cls.__qualname__}; add it under 'params:'"
@@ -153,7 +174,7 @@ def _check_params(cls: Any, params: Mapping, node: Any) -> None:
         if name not in fields:
             if takes_kwargs:
                 continue
-            allowed = ", ".join(n for n, f in fields.items() if f.kind not in (f.VAR_POSITIONAL,))
+            allowed = ", ".join(fields)
             raise ConfigError(
                 f"{describe_key(where, f'{sub}.{name}' if sub else name)}: unknown parameter '{name}' for "
                 f"{cls.__module__}.{cls.__qualname__}; it accepts: {allowed}"

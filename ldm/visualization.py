@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
@@ -47,3 +47,32 @@ def save_image_grid(
 ) -> Path:
     """Write a batch NCHW as one PNG grid; returns the path."""
     return save_png(to_uint8(make_grid(images, nrow=nrow), value_range), path)
+
+
+def render_captions(captions: list[str], size: int = 64, chars_per_line: int | None = None) -> torch.Tensor:
+    """Each caption written black on white in a `size`×`size` square, as NCHW in [-1, 1] (the conditioning
+    shown beside samples in image logs). Long captions wrap; what does not fit is cut with an ellipsis."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox("Mg")
+    char_w, line_h = max(1, (right - left) // 2), bottom - top + 2
+    chars_per_line = chars_per_line or max(1, (size - 4) // char_w)
+    max_lines = max(1, (size - 4) // line_h)
+    images = []
+    for caption in captions:
+        words, lines, line = str(caption).split(), [], ""
+        for word in words:
+            candidate = f"{line} {word}".strip()
+            if len(candidate) > chars_per_line and line:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            lines[-1] = lines[-1][: max(0, chars_per_line - 3)] + "..."
+        canvas = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(lines):
+            draw.text((2, 2 + i * line_h), text, fill="black", font=font)
+        images.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
+    return torch.stack(images).float() / 127.5 - 1.0

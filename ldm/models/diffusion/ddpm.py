@@ -1,0 +1,634 @@
+"""`DDPM` (pixel space) and `LatentDiffusion` Lightning modules, with the reference's parameters and API.
+
+The modules orchestrate; the math lives in small parts shared with the samplers:
+`ldm.modules.diffusionmodules.schedule` (β schedules, q and the posterior), `.parameterization` (ε/x_0/v),
+`.objectives` (L_simple, VLB weights), `.likelihood` (bits/dim), `ldm.models.diffusion.guidance`
+(condition dropout, guided outputs) and `ldm.models.diffusion.ancestral` (sampling for `log_images`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from ldm.checkpoint import load_state_dict, load_weights
+from ldm.config import instantiate_from_config
+from ldm.models.diffusion.ancestral import ancestral_sample
+from ldm.models.diffusion.guidance import drop_conditions, guided_output
+from ldm.modules.diffusionmodules.likelihood import variational_bound
+from ldm.modules.diffusionmodules.objectives import elementwise_loss, reweight_by_logvar, vlb_weights
+from ldm.modules.diffusionmodules.parameterization import check_parameterization, training_target
+from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.visualization import make_grid, render_captions
+
+CONDITIONING_KEYS = ("concat", "crossattn", "hybrid", "adm")
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for `train()` on frozen parts, so Lightning's `model.train()` leaves them in eval mode."""
+    return self
+
+
+class DiffusionWrapper(nn.Module):
+    """The denoising network (`diffusion_model`) and how conditions reach it (the `conditioning_key`):
+    ``concat`` stacks them with x on channels, ``crossattn`` feeds them as the U-Net's context (token axis
+    concatenation), ``hybrid`` does both, ``adm`` passes a class vector as the U-Net's `y`."""
+
+    def __init__(self, diff_model_config: Mapping, conditioning_key: Optional[str]) -> None:
+        super().__init__()
+        if conditioning_key not in (None, *CONDITIONING_KEYS):
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; choose one of "
+                             f"{', '.join(CONDITIONING_KEYS)} (or leave it unset for an unconditional model)")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
+                c_crossattn: Optional[list] = None) -> torch.Tensor:
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)
+        if key == "concat":
+            return self.diffusion_model(x, t)
+        if key == "adm":
+            return self.diffusion_model(x, t, y=c_crossattn[0])
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, dim=1))
+
+
+class DDPM(pl.LightningModule):
+    """Denoising diffusion on data x (images in [-1, 1] here; latents in `LatentDiffusion`).
+
+    Training minimises L_simple (DDPM eq. 14, in the chosen parameterization), optionally reweighted by a
+    learned per-timestep log-variance, plus `original_elbo_weight` times the VLB term L_{t−1} (eq. 5) with
+    the correct weight for the parameterization. `ucg_training` drops conditions for classifier-free
+    guidance. `validation_bpd_timesteps` adds the variational bound in bits/dim to validation (Table 1).
+    """
+
+    def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
+                 loss_type: str = "l2", ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (),
+                 load_only_unet: bool = False, monitor: Optional[str] = "val/loss", use_ema: bool = True,
+                 first_stage_key: str = "image", image_size: int = 256, channels: int = 3, log_every_t: int = 100,
+                 clip_denoised: bool = True, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                 cosine_s: float = 8e-3, given_betas: Optional[Sequence[float]] = None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: Optional[str] = None, parameterization: str = "eps",
+                 scheduler_config: Optional[Mapping] = None, use_positional_encodings: bool = False,
+                 learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
+                 ucg_training: Optional[Mapping] = None, validation_bpd_timesteps: int = 0) -> None:
+        super().__init__()
+        if use_positional_encodings:
+            raise ValueError("use_positional_encodings needs the reference's coordinate conditioning, which is "
+                             "not part of ldm; set it to false")
+        self.parameterization = check_parameterization(parameterization)
+        self.cond_stage_model: Optional[nn.Module] = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+            print(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
+        self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        self.ucg_training = dict(ucg_training) if ucg_training else None
+        self.validation_bpd_timesteps = validation_bpd_timesteps
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        # Learned: a parameter saved as `logvar`; fixed: a plain tensor, absent from the state_dict (reference).
+        self.logvar = nn.Parameter(logvar) if learn_logvar else logvar
+        # The reference's own schedule keys sit at the top level of its checkpoints (`betas`, ...).
+        self.register_state_dict_post_hook(_schedule_keys_to_top_level)
+        self.register_load_state_dict_pre_hook(_schedule_keys_from_top_level)
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.restarted_from_ckpt = True
+
+    # ------------------------------------------------------------------------------------ schedule
+
+    def register_schedule(self, given_betas: Optional[Sequence[float]] = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3) -> None:
+        """Build the noise schedule (`self.schedule`) and the VLB weights of this parameterization."""
+        self.schedule = NoiseSchedule.from_config(given_betas=given_betas, beta_schedule=beta_schedule,
+                                                  timesteps=timesteps, linear_start=linear_start,
+                                                  linear_end=linear_end, cosine_s=cosine_s,
+                                                  v_posterior=self.v_posterior)
+        self.num_timesteps = self.schedule.num_timesteps
+        self.linear_start, self.linear_end = linear_start, linear_end
+        self.register_buffer("lvlb_weights", vlb_weights(self.schedule, self.parameterization), persistent=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # `model.alphas_cumprod` and friends, as users' scripts written for the reference read them.
+        if name in NoiseSchedule.BUFFER_NAMES:
+            return getattr(self.schedule, name)
+        return super().__getattr__(name)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (DDPM eq. 4)."""
+        return self.schedule.q_sample(x_start, t, torch.randn_like(x_start) if noise is None else noise)
+
+    # ------------------------------------------------------------------------------------ weights
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        """Initialise from a `.ckpt` (weights only) or `.safetensors`; missing or unexpected keys are errors.
+
+        `loss.*` (a first stage's training loss) is never needed; `model_ema.*` is used only when this model
+        keeps an EMA. With `only_model`, the checkpoint holds the DiffusionWrapper alone (`diffusion_model.*`).
+        """
+        state_dict = load_state_dict(path)
+        ignore = tuple(ignore_keys) + ("loss.", "first_stage_model.loss.")
+        if not self.use_ema:
+            ignore += ("model_ema.",)
+        target = self.model if only_model else self
+        load_weights(target, state_dict, strict=True, ignore_prefixes=ignore, source=str(path))
+        print(f"Restored from {path}")
+
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None) -> Iterator[None]:
+        """Run the body with the EMA weights in the model (no-op without EMA); the trained weights come back after."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                print(f"{context}: Switched to EMA weights")
+        try:
+            yield
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    print(f"{context}: Restored training weights")
+
+    # ------------------------------------------------------------------------------------ model calls
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The network's output at (x_t, t). `cond` is a tensor, a list, or a dict with `c_concat`/`c_crossattn`."""
+        if cond is None or isinstance(cond, dict):
+            return self.model(x_noisy, t, **(cond or {}))
+        key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+        return self.model(x_noisy, t, **{key: cond if isinstance(cond, list) else [cond]})
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss at timesteps t and its parts, logged under `train/` or `val/`."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_noisy = self.schedule.q_sample(x_start, t, noise)
+        model_output = self.apply_model(x_noisy, t, cond)
+        target = training_target(self.parameterization, self.schedule, x_start, noise, t)
+        prefix = "train" if self.training else "val"
+        loss_simple = elementwise_loss(model_output, target, self.loss_type).flatten(1).mean(1)
+        log = {f"{prefix}/loss_simple": loss_simple.mean()}
+        logvar_t = self.logvar.to(x_start.device)[t]
+        loss = self.l_simple_weight * reweight_by_logvar(loss_simple, logvar_t).mean()
+        if self.learn_logvar:
+            log[f"{prefix}/loss_gamma"] = loss
+            log["logvar"] = self.logvar.data.mean()
+        if self.original_elbo_weight > 0:
+            # The VLB term is a KL between Gaussians: always the squared error, whatever loss_type is.
+            squared_error = elementwise_loss(model_output, target, "l2").flatten(1).mean(1)
+            loss_vlb = (self.lvlb_weights[t] * squared_error).mean()
+            log[f"{prefix}/loss_vlb"] = loss_vlb
+            loss = loss + self.original_elbo_weight * loss_vlb
+        log[f"{prefix}/loss"] = loss
+        return loss, log
+
+    def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        return self.p_losses(x, c, t)
+
+    def denoiser(self, cond: Any = None, uncond: Any = None,
+                 guidance_scale: float = 1.0) -> Any:
+        """`f(x_t, t) -> model output` for the samplers, with classifier-free guidance when `uncond` is given."""
+        return lambda x, t: guided_output(self.apply_model, x, t, cond, uncond, guidance_scale)
+
+    # ------------------------------------------------------------------------------------ likelihood
+
+    @property
+    def data_is_pixels(self) -> bool:
+        """Whether x is 8-bit image data in [-1, 1] (so the bound's L_0 uses the discretized decoder)."""
+        return True
+
+    @torch.no_grad()
+    def bits_per_dim(self, x_start: torch.Tensor, cond: Any = None, timesteps: Optional[Sequence[int]] = None,
+                     ) -> dict[str, torch.Tensor]:
+        """The variational bound on −log p(x) in bits/dim for each example of a batch (DDPM Table 1).
+
+        All T terms by default (T network calls); a subset of `timesteps` in 1..T−1 gives an unbiased estimate
+        of the sum of the middle terms. Pixel data uses the discretized Gaussian decoder for L_0 (DDPM
+        sec. 3.3); latents use a continuous Gaussian, so their figure is a bound on the latents' density.
+        """
+        return variational_bound(lambda x, t: self.apply_model(x, t, cond), self.schedule, x_start,
+                                 self.parameterization, discretized=self.data_is_pixels, timesteps=timesteps)
+
+    def _bpd_timesteps(self) -> list[int]:
+        """`validation_bpd_timesteps` evenly spread over 1..T−1 (a stratified estimate of the middle terms)."""
+        k = min(self.validation_bpd_timesteps, self.num_timesteps - 1)
+        return torch.linspace(1, self.num_timesteps - 1, k).round().long().tolist()
+
+    # ------------------------------------------------------------------------------------ Lightning
+
+    def get_input(self, batch: Mapping, k: str) -> torch.Tensor:
+        """`batch[k]` as a float NCHW tensor (datasets give NHWC images, as the reference's)."""
+        x = batch[k]
+        if x.dim() == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def prepare_batch(self, batch: Mapping) -> Mapping:
+        """The batch with conditions dropped for classifier-free guidance (training only)."""
+        if self.ucg_training and self.training:
+            batch = drop_conditions(dict(batch), self.ucg_training)
+        return batch
+
+    def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.get_input(self.prepare_batch(batch), self.first_stage_key)
+        return self(x)
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        loss, log = self.shared_step(batch)
+        self.log_dict(log, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=_batch_size(batch))
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        if self.scheduler_config is not None:
+            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True,
+                     on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        batch_size = _batch_size(batch)
+        _, log = self.shared_step(batch)
+        with self.ema_scope():
+            _, log_ema = self.shared_step(batch)
+        log.update({f"{k}_ema": v for k, v in log_ema.items()})
+        if self.validation_bpd_timesteps > 0:
+            with self.ema_scope():
+                log["val/bpd"] = self.validation_bits_per_dim(batch).mean()
+        self.log_dict(log, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def validation_bits_per_dim(self, batch: Mapping) -> torch.Tensor:
+        x = self.get_input(batch, self.first_stage_key)
+        return self.bits_per_dim(x, timesteps=self._bpd_timesteps())["total_bpd"]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        if self.scheduler_config is None:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        print("Setting up LambdaLR scheduler...")
+        return [opt], [{"scheduler": LambdaLR(opt, lr_lambda=scheduler.schedule), "interval": "step", "frequency": 1}]
+
+    # ------------------------------------------------------------------------------------ images
+
+    def decode_for_display(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from model-space samples (identity here; decoded latents in `LatentDiffusion`)."""
+        return x
+
+    @torch.no_grad()
+    def sample(self, cond: Any = None, batch_size: int = 16, return_intermediates: bool = False,
+               x_T: Optional[torch.Tensor] = None, uncond: Any = None, guidance_scale: float = 1.0,
+               progress: bool = False) -> Any:
+        """Ancestral samples (DDPM Algorithm 2) in model space, with guidance when `uncond` is given."""
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        x_T = torch.randn(shape, device=self.device) if x_T is None else x_T
+        samples, intermediates = ancestral_sample(self.denoiser(cond, uncond, guidance_scale), self.schedule,
+                                                  self.parameterization, x_T, clip_denoised=self.clip_denoised,
+                                                  log_every_t=self.log_every_t, progress=progress)
+        return (samples, intermediates["pred_x0"]) if return_intermediates else samples
+
+    def diffusion_row(self, x_start: torch.Tensor, n_steps: int = 5) -> torch.Tensor:
+        """One grid: each row an input noised at increasing t (the forward process q), shown as images."""
+        rows = []
+        for t in torch.linspace(0, self.num_timesteps - 1, n_steps).long().tolist():
+            t_batch = torch.full((x_start.shape[0],), t, device=self.device, dtype=torch.long)
+            rows.append(self.decode_for_display(self.q_sample(x_start, t_batch)))
+        return _rows_to_grid(rows)
+
+    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
+        """The "no condition" input matching `cond` (empty captions, null classes), or None if not trained for it."""
+        return None
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping, N: int = 8, n_row: int = 2, sample: bool = True,
+                   return_keys: Optional[Sequence[str]] = None, guidance_scale: float = 3.0,
+                   **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Images for the ImageLogger (NCHW in [-1, 1]): inputs, reconstructions, the conditioning, a diffusion
+        row, samples (EMA weights), a denoise row (the x_0 prediction along the reverse process) and, for a
+        model trained with condition dropout, guided samples."""
+        log: dict[str, torch.Tensor] = {}
+        x, cond, shown = self.log_inputs(batch, N)
+        log.update(shown)
+        log["diffusion_row"] = self.diffusion_row(x[:n_row])
+        if sample:
+            with self.ema_scope():
+                samples, denoise = self.sample(cond, batch_size=x.shape[0], return_intermediates=True)
+                log["samples"] = self.decode_for_display(samples)
+                log["denoise_row"] = _rows_to_grid([self.decode_for_display(z[:n_row]) for z in denoise])
+                uncond = self.unconditional_guidance_inputs(cond, x.shape[0])
+                if uncond is not None:
+                    guided = self.sample(cond, batch_size=x.shape[0], uncond=uncond, guidance_scale=guidance_scale)
+                    log[f"samples_cfg_scale_{guidance_scale:.2f}"] = self.decode_for_display(guided)
+        if return_keys:
+            log = {k: v for k, v in log.items() if k in return_keys}
+        return log
+
+    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """(model-space inputs, their conditioning, images to show for them)."""
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        return x, None, {"inputs": x}
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen first stage (Rombach et al. 2022), conditioned through a
+    condition encoder τθ (`cond_stage_model`), trained jointly when `cond_stage_trainable`.
+
+    Latents are z = scale_factor · E(x). With `scale_by_std`, scale_factor = 1/std(z) is measured on the
+    first training batch (the latents then have unit variance, as the schedule assumes: LDM paper, appendix
+    G), printed, and stored in the checkpoint as a buffer.
+    """
+
+    def __init__(self, first_stage_config: Mapping, cond_stage_config: Union[Mapping, str],
+                 num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
+                 cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
+                 conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 **kwargs: Any) -> None:
+        if num_timesteps_cond not in (None, 1):
+            raise ValueError(f"num_timesteps_cond={num_timesteps_cond}: the reference's noisy-condition schedule "
+                             "is not supported; use 1")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_forward = cond_stage_forward
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+    # ------------------------------------------------------------------------------------ parts
+
+    def instantiate_first_stage(self, config: Mapping) -> None:
+        try:
+            model = instantiate_from_config(config)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(_missing_first_stage_message(config, e)) from e
+        self.first_stage_model = model.eval()
+        self.first_stage_model.train = disabled_train
+        for param in self.first_stage_model.parameters():
+            param.requires_grad = False
+
+    def instantiate_cond_stage(self, config: Union[Mapping, str]) -> None:
+        if config == "__is_first_stage__":
+            if self.cond_stage_trainable:
+                raise ValueError("cond_stage_config '__is_first_stage__' uses the frozen first stage; "
+                                 "set cond_stage_trainable: false")
+            print("Using first stage also as cond stage.")
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            print(f"Training {self.__class__.__name__} as an unconditional model.")
+            self.cond_stage_model = None
+        else:
+            model = instantiate_from_config(config)
+            if not self.cond_stage_trainable:
+                model = model.eval()
+                model.train = disabled_train
+                for param in model.parameters():
+                    param.requires_grad = False
+            self.cond_stage_model = model
+
+    @property
+    def data_is_pixels(self) -> bool:
+        from ldm.models.autoencoder import IdentityFirstStage
+
+        return isinstance(self.first_stage_model, IdentityFirstStage) and float(self.scale_factor) == 1.0
+
+    # ------------------------------------------------------------------------------------ first stage
+
+    def get_first_stage_encoding(self, encoder_posterior: Union[DiagonalGaussianDistribution, torch.Tensor]) -> torch.Tensor:
+        """z = scale_factor · (a posterior sample, or the encoder's tensor output)."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder output of type {type(encoder_posterior).__name__} is not supported; "
+                            "expected DiagonalGaussianDistribution or Tensor")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        if predict_cids:
+            raise ValueError("predict_cids needs a codebook-predicting U-Net, which no released LDM uses")
+        # A multiplication by the reciprocal, as the reference: decoding then matches its outputs bit for bit.
+        z = 1.0 / self.scale_factor * z
+        from ldm.models.autoencoder import VQModelInterface
+
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
+        return self.first_stage_model.decode(z)
+
+    def decode_for_display(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_first_stage(z).clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------------------------ conditioning
+
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """τθ(c): the condition encoder's output for raw conditions (captions, class labels, images)."""
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
+            c = self.cond_stage_model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return self.cond_stage_model(c)
+
+    def get_raw_condition(self, batch: Mapping, key: Optional[str] = None) -> Any:
+        """The raw condition of a batch: captions as a list, labels as a tensor, images as NCHW."""
+        key = key or self.cond_stage_key
+        if key not in batch:
+            raise KeyError(f"cond_stage_key {key!r} is not in the batch (it has {sorted(batch)}); set "
+                           "model.params.cond_stage_key to one of them")
+        value = batch[key]
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            return self.get_input(batch, key)
+        return value
+
+    def get_input(self, batch: Mapping, k: str, return_first_stage_outputs: bool = False,
+                  force_c_encode: bool = False, cond_key: Optional[str] = None, return_original_cond: bool = False,
+                  bs: Optional[int] = None) -> Any:
+        """As the reference: ``[z, c]`` for the first-stage key `k`, then ``x, xrec`` with
+        `return_first_stage_outputs` and the raw condition ``xc`` with `return_original_cond`.
+
+        c is encoded by τθ here unless the encoder is trained jointly (then `forward` encodes it, inside
+        the graph), or when `force_c_encode`. `bs` keeps the first `bs` examples.
+        """
+        x = DDPM.get_input(self, batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            xc = c = self.get_raw_condition(batch, cond_key)
+            if bs is not None:
+                xc = c = c[:bs]
+            if isinstance(c, torch.Tensor):
+                c = c.to(self.device)
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(c)
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(self.prepare_batch(batch), self.first_stage_key)
+        return self(z, c)
+
+    def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, t)
+
+    def validation_bits_per_dim(self, batch: Mapping) -> torch.Tensor:
+        z, c = self.get_input(batch, self.first_stage_key, force_c_encode=True)
+        return self.bits_per_dim(z, c, timesteps=self._bpd_timesteps())["total_bpd"]
+
+    # ------------------------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        # scale_by_std: measure the latents' std on the very first batch of a fresh run (LDM paper, app. G).
+        if (self.scale_by_std and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
+                and not self.restarted_from_ckpt):
+            if float(self.scale_factor) != 1.0:
+                raise ValueError("scale_by_std measures scale_factor itself; remove the custom scale_factor "
+                                 f"({float(self.scale_factor)}) from the config")
+            x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+            self.scale_factor.copy_(1.0 / z.flatten().std())
+            print(f"scale_by_std: latent std {z.flatten().std():.4f} on the first batch -> "
+                  f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint)")
+
+    def on_fit_start(self) -> None:
+        print(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"
+              + (" (scale_by_std: measured on the first batch of a fresh run)" if self.scale_by_std else ""))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable and self.cond_stage_model is not None:
+            print(f"{self.__class__.__name__}: also optimizing the parameters of {type(self.cond_stage_model).__name__}")
+            params.extend(self.cond_stage_model.parameters())
+        return params
+
+    # ------------------------------------------------------------------------------------ images
+
+    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
+        if not self.ucg_training or self.cond_stage_key not in self.ucg_training:
+            return None
+        value = self.ucg_training[self.cond_stage_key].get("val", "")
+        raw = [value] * n if isinstance(value, str) else torch.full((n,), value, device=self.device, dtype=torch.long)
+        return self.get_learned_conditioning(raw)
+
+    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        shown = {"inputs": x, "reconstruction": xrec.clamp(-1.0, 1.0)}
+        if self.model.conditioning_key is not None:
+            shown["conditioning"] = self.render_condition(xc, x.shape[-1])
+        return z, c, shown
+
+    def render_condition(self, xc: Any, size: int) -> torch.Tensor:
+        """The raw condition as images: captions (or class names) written out, images as they are."""
+        if isinstance(xc, torch.Tensor) and xc.dim() == 4:
+            return xc[:, :3] if xc.shape[1] >= 3 else xc[:, :1].expand(-1, 3, -1, -1)
+        if isinstance(xc, torch.Tensor):
+            from ldm.data.shapes import CLASS_NAMES
+
+            xc = [CLASS_NAMES[i] if 0 <= i < len(CLASS_NAMES) else f"class {i}" for i in xc.tolist()]
+        return render_captions(list(xc), size=max(size, 64)).to(self.device)
+
+
+def _batch_size(batch: Mapping) -> int:
+    for value in batch.values():
+        if hasattr(value, "__len__"):
+            return len(value)
+    raise ValueError("cannot tell the batch size: the batch has no sized values")
+
+
+def _rows_to_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows of images (each (n, C, H, W)) as one image, the i-th row holding example i across the row list."""
+    stacked = torch.stack(list(rows), dim=1)  # (n, steps, C, H, W)
+    grid = make_grid(stacked.flatten(0, 1), nrow=stacked.shape[1])
+    return grid[None]
+
+
+def _missing_first_stage_message(config: Mapping, error: Exception) -> str:
+    """Which file is missing, and the commands that make it (from the recipe beside it, when present)."""
+    ckpt = Path(str(config.get("params", {}).get("ckpt_path", "")))
+    recipe = ckpt.parent / "config.yaml"
+    train_config = recipe if recipe.is_file() else Path("configs/autoencoder/<your first-stage config>.yaml")
+    return (f"first-stage checkpoint missing: {error}. Make it by training the first stage and exporting its "
+            f"weights:\n  python main.py --base {train_config} -t\n"
+            f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt -o {ckpt}\n"
+            "or point first_stage_config.params.ckpt_path at an existing first-stage checkpoint.")
+
+
+def _schedule_keys_to_top_level(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name in NoiseSchedule.BUFFER_NAMES:
+        key = f"{prefix}schedule.{name}"
+        if key in state_dict:
+            state_dict[prefix + name] = state_dict.pop(key)
+
+
+def _schedule_keys_from_top_level(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for name in NoiseSchedule.BUFFER_NAMES:
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}schedule.{name}"] = state_dict.pop(prefix + name)
