@@ -20,5 +20,9 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.14",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # Benchmarks draw their plots with matplotlib; never needed to train or sample.
+        "bench": ["matplotlib>=3.7"],
+    },
 )

@@ -118,7 +118,8 @@ def load_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, 
     """Build `model:` from a config file and load weights (.ckpt or .safetensors) into it, in eval mode.
 
     Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training
-    checkpoints both load.
+    checkpoints both load. ``model_ema.*`` is ignored too when the model keeps no EMA (``use_ema: false``
+    in an evaluation config for a checkpoint trained with one).
     """
     from ldm.config import load_configs
     from ldm.util import instantiate_from_config
@@ -128,6 +129,9 @@ def load_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, 
         raise CheckpointError(f"{config_path} has no 'model:' section")
     model = instantiate_from_config(config.model)
     if ckpt_path is not None:
-        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore_prefixes,
+        ignore = tuple(ignore_prefixes)
+        if not any(k.startswith("model_ema.") for k in model.state_dict()):
+            ignore += ("model_ema.",)
+        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore,
                      source=str(ckpt_path))
     return model.to(device).eval()

@@ -310,8 +310,8 @@ class DDPM(pl.LightningModule):
     # ------------------------------------------------------------------------------------ images
 
     def decode_for_display(self, x: torch.Tensor) -> torch.Tensor:
-        """Images from model-space samples (identity here; decoded latents in `LatentDiffusion`)."""
-        return x
+        """Images in [-1, 1] from model-space samples (clamped pixels here; `LatentDiffusion` decodes latents)."""
+        return x.clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def sample(self, cond: Any = None, batch_size: int = 16, return_intermediates: bool = False,
@@ -409,10 +409,11 @@ class LatentDiffusion(DDPM):
     # ------------------------------------------------------------------------------------ parts
 
     def instantiate_first_stage(self, config: Mapping) -> None:
-        try:
-            model = instantiate_from_config(config)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(_missing_first_stage_message(config, e)) from e
+        ckpt_path = (config.get("params") or {}).get("ckpt_path")
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            # Checked before building: the autoencoder's own loader cannot say how to make the file.
+            raise FileNotFoundError(_missing_first_stage_message(config))
+        model = instantiate_from_config(config)
         self.first_stage_model = model.eval()
         self.first_stage_model.train = disabled_train
         for param in self.first_stage_model.parameters():
@@ -610,13 +611,13 @@ def _rows_to_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return grid[None]
 
 
-def _missing_first_stage_message(config: Mapping, error: Exception) -> str:
+def _missing_first_stage_message(config: Mapping) -> str:
     """Which file is missing, and the commands that make it (from the recipe beside it, when present)."""
-    ckpt = Path(str(config.get("params", {}).get("ckpt_path", "")))
+    ckpt = Path(str(config["params"]["ckpt_path"]))
     recipe = ckpt.parent / "config.yaml"
     train_config = recipe if recipe.is_file() else Path("configs/autoencoder/<your first-stage config>.yaml")
-    return (f"first-stage checkpoint missing: {error}. Make it by training the first stage and exporting its "
-            f"weights:\n  python main.py --base {train_config} -t\n"
+    return (f"first-stage checkpoint missing: no file at {ckpt}. Make it by training the first stage and "
+            f"exporting its weights:\n  python main.py --base {train_config} -t\n"
             f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt -o {ckpt}\n"
             "or point first_stage_config.params.ckpt_path at an existing first-stage checkpoint.")
 

@@ -34,21 +34,22 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     - ``sqrt``: sqrt of a linspace from `linear_start` to `linear_end`.
 
     torch ops in float64 are used (not numpy) because they are what the reference ran, which makes the
-    float32 buffers bit-identical to its checkpoints.
+    float32 buffers bit-identical to its checkpoints. They run on the CPU explicitly, so the numbers exist
+    even while a model is built under ``with torch.device("meta")``.
     """
     if isinstance(n_timestep, bool) or not isinstance(n_timestep, (int, np.integer)) or n_timestep < 1:
         raise ValueError(f"n_timestep must be a positive int, got {n_timestep!r}")
     if schedule == "linear":
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64, device="cpu") ** 2
     elif schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas_cumprod = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
         betas = torch.clamp(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], min=0.0, max=0.999)
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
         raise ValueError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
     return betas.numpy()
