@@ -93,7 +93,8 @@ class ImageFolderDataset(Dataset):
     """Images (and captions or class labels) from a folder; see the module docstring for layouts.
 
     Item keys: ``image`` (size, size, 3) float32 in [-1, 1], ``caption`` str, ``class_label`` int (0
-    without class sub-folders), ``file_path_`` str (the image actually returned).
+    without class sub-folders), ``human_label`` (the class sub-folder's name, or ""), ``file_path_`` str
+    (the image actually returned).
     """
 
     def __init__(
@@ -247,6 +248,7 @@ class ImageFolderDataset(Dataset):
                 "image": pixels,
                 "caption": self.captions[candidate],
                 "class_label": self.labels[candidate],
+                "human_label": self.classes[self.labels[candidate]] if self.classes else "",
                 "file_path_": str(path),
             }
         raise RuntimeError(f"none of the {len(self.paths)} images under {self.root} could be read; see the warnings above")

@@ -543,6 +543,7 @@ class ShapesDataset(Dataset):
             "image": render_scene(scene, self.size),
             "caption": scene_caption(scene),
             "class_label": class_label_of(attributes),
+            "human_label": CLASS_NAMES[class_label_of(attributes)],  # the reference's key for class names
             "attributes": attributes,
             "num_objects": len(scene.objects),
         }

@@ -15,9 +15,9 @@ returned too.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
+
+from ldm.modules.attention import CrossAttention
 
 
 class AbsolutePositionalEmbedding(nn.Module):
@@ -34,28 +34,16 @@ class AbsolutePositionalEmbedding(nn.Module):
         return self.emb(positions)[None]
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention, softmax(QK^T / sqrt(dim_head)) V (Vaswani et al. 2017, eq. 1).
+class Attention(CrossAttention):
+    """Multi-head self-attention, softmax(QK^T / sqrt(dim_head)) V (Vaswani et al. 2017, eq. 1): the U-Net's
+    `CrossAttention` with no context and a plain `to_out` Linear (x-transformers' key names).
 
     The width is heads * dim_head whatever `dim` is, as in the reference (512 for the defaults).
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64):
-        super().__init__()
-        inner_dim = heads * dim_head
-        self.heads = heads
-        self.to_q = nn.Linear(dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(dim, inner_dim, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (
-            rearrange(proj(x), "b n (h d) -> b h n d", h=self.heads) for proj in (self.to_q, self.to_k, self.to_v)
-        )
-        # SDPA's default scale is dim_head ** -0.5, the reference's.
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+        super().__init__(dim, heads=heads, dim_head=dim_head)
+        self.to_out = nn.Linear(heads * dim_head, dim)
 
 
 class FeedForward(nn.Module):

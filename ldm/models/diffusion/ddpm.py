@@ -583,17 +583,17 @@ class LatentDiffusion(DDPM):
                                            force_c_encode=True, return_original_cond=True, bs=N)
         shown = {"inputs": x, "reconstruction": xrec.clamp(-1.0, 1.0)}
         if self.model.conditioning_key is not None:
-            shown["conditioning"] = self.render_condition(xc, x.shape[-1])
+            shown["conditioning"] = self.render_condition(xc, x.shape[-1], batch)
         return z, c, shown
 
-    def render_condition(self, xc: Any, size: int) -> torch.Tensor:
-        """The raw condition as images: captions (or class names) written out, images as they are."""
+    def render_condition(self, xc: Any, size: int, batch: Mapping) -> torch.Tensor:
+        """The raw condition as images: captions or class names written out, images as they are."""
         if isinstance(xc, torch.Tensor) and xc.dim() == 4:
             return xc[:, :3] if xc.shape[1] >= 3 else xc[:, :1].expand(-1, 3, -1, -1)
         if isinstance(xc, torch.Tensor):
-            from ldm.data.shapes import CLASS_NAMES
-
-            xc = [CLASS_NAMES[i] if 0 <= i < len(CLASS_NAMES) else f"class {i}" for i in xc.tolist()]
+            # Datasets name their classes under the reference's `human_label` key.
+            names = batch.get("human_label")
+            xc = [names[i] if names is not None and names[i] else f"class {label}" for i, label in enumerate(xc.tolist())]
         return render_captions(list(xc), size=max(size, 64)).to(self.device)
 
 

@@ -1,0 +1,77 @@
+"""Short `main.py -t` runs of every shipped diffusion config on the built-in data, and `-r` resume."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_main import load_ckpt, only_run, run_main
+
+DIFFUSION_CONFIGS = {
+    "txt2img": "configs/latent-diffusion/txt2img.yaml",
+    "txt2img_minilm": "configs/latent-diffusion/txt2img_minilm.yaml",
+    "class2img": "configs/latent-diffusion/class2img.yaml",
+    "unconditional": "configs/latent-diffusion/unconditional.yaml",
+    "pixel": "configs/ddpm/pixel_shapes.yaml",
+}
+# A handful of steps on tiny batches; 50 timesteps so the sampling in the image logs is quick.
+FAST = ["data.params.batch_size=4", "data.params.train.params.num_samples=64",
+        "data.params.validation.params.num_samples=8", "model.params.timesteps=50",
+        "lightning.callbacks.image_logger.params.batch_frequency=2", "lightning.callbacks.image_logger.params.max_images=2",
+        "--limit_val_batches", "1", "--val_check_interval", "2", "--log_every_n_steps", "1",
+        "--enable_model_summary", "false"]
+
+
+@pytest.mark.parametrize("name", list(DIFFUSION_CONFIGS))
+def test_shipped_diffusion_config_trains(name, tmp_path):
+    extra = ["model.params.validation_bpd_timesteps=2"] if name == "pixel" else []
+    proc = run_main(["--base", DIFFUSION_CONFIGS[name], "-t", "--no-test", "--max_steps", "2", *FAST, *extra], tmp_path)
+    logdir = only_run(tmp_path)
+    saved = load_ckpt(logdir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 2
+    state = saved["state_dict"]
+    assert "betas" in state and any(k.startswith("model_ema.") for k in state)
+    metrics = (logdir / "csv" / "metrics.csv").read_text()
+    assert "train/loss_simple" in metrics and "val/loss_simple_ema" in metrics
+    grids = {p.name.split("_gs-")[0] for p in (logdir / "images" / "train").glob("*.png")}
+    assert {"inputs", "diffusion_row", "samples", "denoise_row"} <= grids, grids
+    if name == "pixel":
+        assert "val/bpd" in metrics
+    else:
+        assert "reconstruction" in grids
+        # scale_by_std: measured on the first batch, printed, stored as a buffer.
+        assert "scale_by_std" in proc.stdout
+        assert float(state["scale_factor"]) != 1.0
+        assert not any(k.startswith("first_stage_model.loss.") for k in state)
+    if name in ("txt2img", "txt2img_minilm", "class2img"):
+        assert {"conditioning", "samples_cfg_scale_3.00"} <= grids, grids
+
+
+def test_txt2img_resume_continues_and_keeps_scale_factor(tmp_path):
+    args = ["-t", "--no-test", *FAST, "lightning.callbacks.image_logger.params.disabled=true"]
+    run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "--max_steps", "3", *args], tmp_path)
+    logdir = only_run(tmp_path)
+    first = load_ckpt(logdir / "checkpoints" / "last.ckpt")
+    proc = run_main(["-r", str(logdir), "--max_steps", "5", *args], tmp_path)
+    assert "scale_by_std: latent std" not in proc.stdout  # not measured again on resume
+    second = load_ckpt(logdir / "checkpoints" / "last.ckpt")
+    assert second["global_step"] == 5
+    assert torch.equal(second["state_dict"]["scale_factor"], first["state_dict"]["scale_factor"])
+    assert second["state_dict"]["model_ema.num_updates"] == 5
+    # Lightning's LR scheduler state continues too (the warm-up is counted in optimizer steps).
+    assert second["lr_schedulers"][0]["last_epoch"] == 5
+
+
+def test_missing_first_stage_says_how_to_make_it(tmp_path):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    proc = run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "-t", "--max_steps", "1", *FAST,
+                     f"model.params.first_stage_config.params.ckpt_path={missing}"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert str(missing) in out and "main.py --base" in out and "export_weights.py" in out
+    assert "Traceback" not in out
+
+
+def test_shipped_first_stage_recipe_is_there():
+    """The built-in first stage ships with the config that made it, which the error message names."""
+    root = Path(__file__).resolve().parents[1] / "models" / "first_stage_models" / "kl-f4-shapes"
+    assert (root / "model.safetensors").is_file() and (root / "config.yaml").is_file()
