@@ -5,10 +5,9 @@ Configs name them under `model.params.scheduler_config`; the module builds
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-
-import numpy as np
 
 
 class LambdaWarmUpCosineScheduler:
@@ -54,7 +53,9 @@ class LambdaWarmUpCosineScheduler2:
         self.f_min = list(f_min)
         self.f_max = list(f_max)
         self.cycle_lengths = list(cycle_lengths)
-        self.cum_cycles = np.cumsum([0] + list(cycle_lengths))
+        # Python ints: a numpy scalar would reach the optimizer's lr and make checkpoints unloadable with
+        # torch.load(weights_only=True).
+        self.cum_cycles = [0, *itertools.accumulate(int(n) for n in cycle_lengths)]
         self.verbosity_interval = verbosity_interval
 
     def find_in_interval(self, n: int) -> int:

@@ -102,3 +102,18 @@ def test_bad_arguments_are_named():
         LambdaWarmUpCosineScheduler(warm_up_steps=10, lr_min=0.1, lr_max=1.0, lr_start=0.0, max_decay_steps=10)
     with pytest.raises(ValueError, match="one entry per cycle"):
         LambdaLinearScheduler(warm_up_steps=[10, 10], f_min=[1.0], f_max=[1.0], f_start=[0.0], cycle_lengths=[100])
+
+
+def test_factors_are_python_floats_so_checkpoints_stay_weights_only_loadable(tmp_path):
+    """A numpy scalar factor would become the optimizer's lr and break torch.load(weights_only=True)."""
+    scheduler = LambdaLinearScheduler(warm_up_steps=[3], f_min=[1.0], f_max=[1.0], f_start=[1e-6], cycle_lengths=[10**13])
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=scheduler.schedule)
+    for _ in range(5):
+        parameter.grad = torch.ones(2)
+        optimizer.step()
+        lr_scheduler.step()
+    assert all(type(scheduler(n)) is float for n in (0, 2, 5, 10**6))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict()}, tmp_path / "state.pt")
+    torch.load(tmp_path / "state.pt", weights_only=True)
