@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 # Reference configs name `main.DataModuleFromConfig`, `main.ImageLogger`, ...: keep them resolvable.
-from ldm.callbacks import CheckpointOnInterrupt, ImageLogger, SetupCallback  # noqa: F401
+from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_configs
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
@@ -187,8 +187,8 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
                                  "params": {"logging_interval": "step"}},
         "export_safetensors": {"target": "ldm.callbacks.ExportSafetensors", "params": {"ckptdir": str(ckptdir)}},
-        "checkpoint_on_interrupt": {"target": "ldm.callbacks.CheckpointOnInterrupt",
-                                    "params": {"ckptdir": str(ckptdir)}},
+        "last_checkpoint": {"target": "ldm.callbacks.LastCheckpoint",
+                            "params": {"ckptdir": str(ckptdir)}},
     }
     callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
     callbacks = [instantiate_from_config(checkpoint_cfg)]

@@ -44,17 +44,23 @@ class SetupCallback(Callback):
         log.info("Run directory: %s", self.logdir)
 
 
-class CheckpointOnInterrupt(Callback):
-    """Saves ``last.ckpt`` when training stops on Ctrl-C, SIGTERM or an exception.
+class LastCheckpoint(Callback):
+    """Makes ``last.ckpt`` the state training stopped in: at the end of training, and on Ctrl-C, SIGTERM or
+    an exception.
 
-    Lightning routes KeyboardInterrupt and its SIGTERM handling (``SIGTERMException``) through
-    ``on_exception``; the checkpoint is written by rank 0 without a collective barrier, because other
-    ranks may already be gone.
+    ModelCheckpoint's ``save_last`` only writes when it saves a monitored checkpoint (at validation), so
+    the steps after the last validation would otherwise be lost. Lightning routes KeyboardInterrupt and its
+    SIGTERM handling (``SIGTERMException``) through ``on_exception``; there the checkpoint is written by
+    rank 0 without a collective barrier, because other ranks may already be gone.
     """
 
     def __init__(self, ckptdir: str) -> None:
         super().__init__()
         self.path = Path(ckptdir) / "last.ckpt"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and not trainer.interrupted:
+            trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.global_step == 0:
