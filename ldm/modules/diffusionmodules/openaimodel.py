@@ -163,34 +163,26 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention on a fused (B, H·3·C, T) qkv tensor laid out per head as [q, k, v].
+class QKVAttention(nn.Module):
+    """Multi-head attention on a fused (B, 3·H·C, T) qkv tensor.
 
-    The layout of the reference's ``QKVAttentionLegacy`` (and of guided-diffusion's older checkpoints).
+    Two channel layouts exist in the reference's checkpoints: per head [q, k, v] (``QKVAttentionLegacy``,
+    guided-diffusion's older one; `legacy_order`) or [q of all heads, k, v] (``QKVAttention``, the
+    `use_new_attention_order` one). Neither has weights, so one class serves both.
     """
 
-    def __init__(self, n_heads: int) -> None:
+    def __init__(self, n_heads: int, legacy_order: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.legacy_order = legacy_order
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         b, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.view(b, self.n_heads, 3 * ch, length).split(ch, dim=2)
-        return _attend(q, k, v)
-
-
-class QKVAttention(nn.Module):
-    """Multi-head attention on a fused (B, 3·H·C, T) qkv tensor laid out as [q of all heads, k, v]."""
-
-    def __init__(self, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        b, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.view(b, 3, self.n_heads, ch, length).unbind(1)
+        if self.legacy_order:
+            q, k, v = qkv.view(b, self.n_heads, 3 * ch, length).split(ch, dim=2)
+        else:
+            q, k, v = qkv.view(b, 3, self.n_heads, ch, length).unbind(1)
         return _attend(q, k, v)
 
 
@@ -226,7 +218,7 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
-        self.attention = QKVAttention(num_heads) if use_new_attention_order else QKVAttentionLegacy(num_heads)
+        self.attention = QKVAttention(num_heads, legacy_order=not use_new_attention_order)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
