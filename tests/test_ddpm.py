@@ -500,6 +500,21 @@ def test_latents_are_not_pixels():
     assert not load_tiny_txt2img().data_is_pixels
 
 
+def test_latent_diffusion_on_identity_first_stage_is_pixel_space():
+    """LatentDiffusion with IdentityFirstStage (scale 1) is a pixel model: images in, discretized L_0."""
+    model = LatentDiffusion(
+        first_stage_config={"target": "ldm.models.autoencoder.IdentityFirstStage"},
+        cond_stage_config="__is_unconditional__", unet_config=tiny_unet(), timesteps=TIMESTEPS,
+        image_size=8, channels=3, use_ema=False)
+    x = pixel_batch(2)
+    z, c = model.get_input({"image": x.permute(0, 2, 3, 1)}, "image")
+    assert c is None and torch.equal(z, x)
+    assert model.data_is_pixels
+    torch.manual_seed(0)
+    bpd = model.bits_per_dim(x, timesteps=[1, 5, 10])
+    assert torch.isfinite(bpd["total_bpd"]).all() and (bpd["decoder_bpd"] > 0).all()
+
+
 # ------------------------------------------------------------------------------------ first stage
 
 
