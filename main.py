@@ -34,6 +34,8 @@ from ldm.util import instantiate_from_config
 log = logging.getLogger("ldm")
 # Lightning 2.6 trips over its own deprecation on every fit; it says nothing about the user's run.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# Latent diffusion keeps its frozen first stage (and a frozen condition encoder) in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 # Our own flags; every other `--name value` that names a `pytorch_lightning.Trainer` argument is a
 # trainer option, and bare `a.b=c` words are config overrides.
