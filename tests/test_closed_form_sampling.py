@@ -1,0 +1,340 @@
+"""Every sampler, run with the exact denoiser of known 2-D data, must reproduce that data's distribution.
+
+With a Bayes-optimal model (tests/exact_models.py) the only error left is the sampler's: its
+discretisation, and any mistake in its coefficients. Samples are compared with the truth by the
+mean, the covariance (as z-scores: error / standard error at this sample size), the mixture weights
+(binomial z-scores) and the energy distance (against its noise floor). A correct sampler gives z ≈ N(0, 1),
+so |z| ≤ Z_LIMIT is a tight bound; step counts are chosen so each sampler's own discretisation bias is
+≤ ~1 standard error (first-order samplers need more steps, see STEPS). A negative control shows a 5-10 %
+error in one coefficient fails the same bounds.
+
+Samplers start from the exact marginal q(x_T) (a draw of x_0 noised to the first timestep) rather than
+N(0, I): the schedules here stop at ᾱ_T ≈ 0.005 > 0, and a deterministic sampler maps the prior mismatch to a
+bias of ≈ √ᾱ_T·(mean/sd) ≈ 7 % of the data mean (Lin et al. 2023, "Common Diffusion Noise Schedules and
+Sample Steps are Flawed"); that is a property of the schedule, not of a sampler.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pytest
+import torch
+
+from ldm.models.diffusion.ancestral import ancestral_sample
+from ldm.models.diffusion.k_diffusion import (DiscreteDenoiser, karras_sigmas, sample_dpmpp_2m,
+                                              sample_euler_ancestral, sample_heun)
+from ldm.modules.diffusionmodules.parameterization import PARAMETERIZATIONS, to_x0
+from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from tests.exact_models import (ExactDiffusionModel, ExactModel, GaussianMixture, component_fraction_z_scores,
+                                energy_distance, energy_distance_noise_floor, moment_z_scores)
+
+# The txt2img (Stable Diffusion / LDM) schedule, and DDPM's own (Ho et al. 2020: β linear 1e-4..0.02).
+SCHEDULES = {
+    "ldm_linear": NoiseSchedule.from_config(beta_schedule="linear", linear_start=0.00085, linear_end=0.012),
+    "ddpm_sqrt_linear": NoiseSchedule.from_config(beta_schedule="sqrt_linear", linear_start=1e-4, linear_end=2e-2),
+}
+DATA = {
+    "gaussian": GaussianMixture.gaussian([0.5, -0.3], [[1.0, 0.6], [0.6, 0.8]]),
+    # Components ≥ 6 standard deviations apart, so assigning a sample to its mode is exact in practice.
+    "mixture": GaussianMixture([0.5, 0.3, 0.2], [[-1.5, 0.0], [1.5, 0.5], [0.0, 2.0]],
+                               [[[0.09, 0.0], [0.0, 0.09]], [[0.16, 0.05], [0.05, 0.09]], [[0.04, 0.0], [0.0, 0.16]]]),
+}
+NUM_SAMPLES = 8000
+# Each z is ≈ N(0, 1) for a correct sampler; |z| > 4 has probability 6e-5 (≈ 1e-3 over all checks here).
+Z_LIMIT = 4.0
+# The energy distance of two independent true sets is 1 noise floor on average (n·distance has a fixed law
+# under the null); for 400 pairs of mixture sets its 99 % quantile was 3.8 floors and its largest 5.8 (the
+# V-statistic has a long right tail).
+ENERGY_SAMPLES = 4000
+ENERGY_LIMIT = 6.0
+# Steps per sampler. Measured covariance bias with 50k-100k samples on the Gaussian: DDPM (1000) < 0.3 %,
+# Heun (25, Karras σ) ~1 %, DPM-Solver++(2M) (Karras σ) 10 % at 10 steps, 2 % at 20, 0.7 % at 30, PLMS (50)
+# 0.9 %. First-order samplers converge far slower: DDIM η=0 loses 6 % of the variance at 50 steps (3.4 % at
+# 100); DDIM η=1 and Euler ancestral (the same update in σ, see test_ddim_is_euler_in_sigma) 10 % at 50 and
+# 6.5 % at 100, as each step uses E[x_0|x_t] but drops Var[x_0|x_t]. So they run longer here, and
+# test_ddim_is_euler_in_sigma checks DDIM at its usual 50 steps exactly instead.
+STEPS = {"ddpm": 1000, "euler_ancestral": 500, "heun": 25, "dpmpp_2m": 30, "ddim_eta0": 250, "ddim_eta1": 500,
+         "plms": 50}
+
+
+def noised_start(data: GaussianMixture, alpha_cumprod: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n draws of x_t from q(x_t) at ᾱ: the exact state a sampler should start from."""
+    return data.noised(alpha_cumprod).sample(n, generator).float()
+
+
+def run_ddpm(model_fn: Callable, schedule: NoiseSchedule, parameterization: str, data: GaussianMixture, n: int,
+             seed: int) -> tuple[torch.Tensor, GaussianMixture]:
+    generator = torch.Generator().manual_seed(seed)
+    x_T = noised_start(data, float(schedule.alphas_cumprod[-1]), n, generator)
+    samples, _ = ancestral_sample(model_fn, schedule, parameterization, x_T, generator=generator, progress=False)
+    return samples, data
+
+
+def k_diffusion_runner(sampler: Callable, sigmas_of: Callable, steps: int, stochastic: bool = False) -> Callable:
+    def run(model_fn: Callable, schedule: NoiseSchedule, parameterization: str, data: GaussianMixture, n: int,
+            seed: int) -> tuple[torch.Tensor, GaussianMixture]:
+        generator = torch.Generator().manual_seed(seed)
+        denoiser = DiscreteDenoiser(model_fn, schedule, parameterization)
+        sigmas = sigmas_of(denoiser, steps)
+        sigma_max = float(sigmas[0])
+        # x_σ = x_t / √ᾱ with ᾱ = 1/(1 + σ²).
+        x = noised_start(data, 1 / (1 + sigma_max ** 2), n, generator) * math.sqrt(1 + sigma_max ** 2)
+        extra = {"generator": generator} if stochastic else {}
+        return sampler(denoiser, x, sigmas, disable=True, **extra), data
+    return run
+
+
+def karras(denoiser: DiscreteDenoiser, steps: int) -> torch.Tensor:
+    return karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
+
+
+def model_timesteps(denoiser: DiscreteDenoiser, steps: int) -> torch.Tensor:
+    return denoiser.get_sigmas(steps)
+
+
+def ddim_runner(sampler_name: str, steps: int, eta: float) -> Callable:
+    def run(model_fn: Callable, schedule: NoiseSchedule, parameterization: str, data: GaussianMixture, n: int,
+            seed: int) -> tuple[torch.Tensor, GaussianMixture]:
+        module = pytest.importorskip(f"ldm.models.diffusion.{sampler_name.lower()}")
+        sampler = getattr(module, f"{sampler_name}Sampler")(ExactDiffusionModel(model_fn))
+        sampler.make_schedule(steps, verbose=False)
+        first = int(sampler.ddim_timesteps[-1])
+        x_T = noised_start(data, float(schedule.alphas_cumprod[first]), n, torch.Generator().manual_seed(seed))
+        with torch.random.fork_rng():  # the reference's samplers draw their noise from the global generator
+            torch.manual_seed(seed)
+            samples, _ = sampler.sample(steps, n, (data.dim,), eta=eta, x_T=x_T, verbose=False)
+        # The last DDIM step lands on ᾱ_prev = ᾱ_0 (the reference), i.e. on x at t = 0, not on x_0.
+        return samples, data.noised(float(schedule.alphas_cumprod[0]))
+    return run
+
+
+RUNNERS = {
+    "ddpm": run_ddpm,
+    "euler_ancestral": k_diffusion_runner(sample_euler_ancestral, model_timesteps, STEPS["euler_ancestral"],
+                                          stochastic=True),
+    "heun": k_diffusion_runner(sample_heun, karras, STEPS["heun"]),
+    "dpmpp_2m": k_diffusion_runner(sample_dpmpp_2m, karras, STEPS["dpmpp_2m"]),
+    "ddim_eta0": ddim_runner("DDIM", STEPS["ddim_eta0"], eta=0.0),
+    "ddim_eta1": ddim_runner("DDIM", STEPS["ddim_eta1"], eta=1.0),
+    "plms": ddim_runner("PLMS", STEPS["plms"], eta=0.0),
+}
+# DDPM's schedule only for ancestral sampling, the sampler it was made for.
+CASES = [(name, "ldm_linear") for name in RUNNERS] + [("ddpm", "ddpm_sqrt_linear")]
+
+
+def distribution_failures(samples: torch.Tensor, data: GaussianMixture) -> list[str]:
+    """Which of the statistics of `samples` are outside their bounds (empty for a pass)."""
+    failures = []
+    for name, z in moment_z_scores(samples, data).items():
+        if z.abs().max() > Z_LIMIT:
+            failures.append(f"{name} z-scores {z.tolist()}")
+    if len(data.weights) > 1:
+        z = component_fraction_z_scores(samples, data)
+        if z.abs().max() > Z_LIMIT:
+            failures.append(f"mixture weight z-scores {z.tolist()}")
+        truth = data.sample(ENERGY_SAMPLES, torch.Generator().manual_seed(777))
+        ratio = (energy_distance(samples.reshape(samples.shape[0], -1)[:ENERGY_SAMPLES], truth)
+                 / energy_distance_noise_floor(data, ENERGY_SAMPLES, ENERGY_SAMPLES))
+        if ratio > ENERGY_LIMIT:
+            failures.append(f"energy distance {ratio:.1f} noise floors")
+    return failures
+
+
+@pytest.mark.parametrize("data_name", list(DATA))
+@pytest.mark.parametrize("sampler_name, schedule_name", CASES)
+def test_sampler_reproduces_data(sampler_name, schedule_name, data_name):
+    schedule, data = SCHEDULES[schedule_name], DATA[data_name]
+    samples, target = RUNNERS[sampler_name](ExactModel(data, schedule, "eps"), schedule, "eps", data,
+                                            NUM_SAMPLES, seed=0)
+    assert torch.isfinite(samples).all()
+    assert not distribution_failures(samples, target), distribution_failures(samples, target)
+
+
+# DDPM ancestral once, on DDPM's schedule: its ᾱ_T ≈ 4e-5 makes ε → x_0 the most ill-conditioned conversion.
+@pytest.mark.parametrize("sampler_name, schedule_name", [case for case in CASES if case != ("ddpm", "ldm_linear")])
+def test_parameterizations_give_the_same_samples(sampler_name, schedule_name):
+    """x0 and v models make the same trajectory as the eps model that passed the distribution test: the
+    exact model's three outputs describe one denoiser, so any difference is a conversion error."""
+    schedule, data = SCHEDULES[schedule_name], DATA["mixture"]
+    runs = {p: RUNNERS[sampler_name](ExactModel(data, schedule, p), schedule, p, data, 256, seed=1)[0]
+            for p in PARAMETERIZATIONS}
+    for parameterization in ("x0", "v"):
+        torch.testing.assert_close(runs[parameterization], runs["eps"], rtol=0, atol=2e-4,
+                                   msg=f"{sampler_name}: {parameterization} vs eps")
+
+
+class ScaledEps:
+    """A model whose ε is off by a constant factor: a plausible coefficient bug (e.g. a wrong √(1 − ᾱ))."""
+
+    def __init__(self, model_fn: ExactModel, factor: float) -> None:
+        self.model_fn, self.factor = model_fn, factor
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.factor * self.model_fn(x_t, t)
+
+
+# Ancestral samplers re-inject noise every step, which partly corrects a wrong ε: measured on the mixture,
+# ε × 1.03 moves Euler ancestral's worst covariance z only to −3.3 and × 1.1 to −5.5, while the ODE
+# samplers reach −8.6 at × 1.05.
+@pytest.mark.parametrize("sampler_name, data_name, factor", [("dpmpp_2m", "gaussian", 1.05),
+                                                             ("dpmpp_2m", "mixture", 1.05),
+                                                             ("euler_ancestral", "mixture", 1.1)])
+def test_wrong_coefficient_fails_the_bounds(sampler_name, data_name, factor):
+    """Negative control: a few per cent error in ε must be caught by the bounds the samplers pass."""
+    schedule, data = SCHEDULES["ldm_linear"], DATA[data_name]
+    wrong = ScaledEps(ExactModel(data, schedule, "eps"), factor)
+    samples, target = RUNNERS[sampler_name](wrong, schedule, "eps", data, NUM_SAMPLES, seed=0)
+    assert distribution_failures(samples, target)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_is_euler_in_sigma(eta):
+    """DDIM(η) on timesteps t_i is Euler ancestral(η) on σ_{t_i} (Karras et al. 2022, sec. 4: DDIM is Euler on
+    the ODE in σ; the η-noise is the DDPM posterior's): the same noise gives the same samples, at 50 steps."""
+    ddim = pytest.importorskip("ldm.models.diffusion.ddim")
+    schedule, data = SCHEDULES["ldm_linear"], DATA["mixture"]
+    model_fn = ExactModel(data, schedule, "v")
+    sampler = ddim.DDIMSampler(ExactDiffusionModel(model_fn))
+    sampler.make_schedule(50, verbose=False)
+    timesteps = torch.as_tensor(sampler.ddim_timesteps.copy()).flip(0)
+    x_T = noised_start(data, float(schedule.alphas_cumprod[timesteps[0]]), 512, torch.Generator().manual_seed(2))
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        expected, _ = sampler.sample(50, 512, (data.dim,), eta=eta, x_T=x_T, verbose=False)
+    denoiser = DiscreteDenoiser(model_fn, schedule, "v")
+    # DDIM ends on ᾱ_0, i.e. σ_0, not on σ = 0.
+    sigmas = denoiser.sigmas[torch.cat([timesteps, timesteps.new_zeros(1)])]
+    x_sigma = x_T * (1 + sigmas[0] ** 2).sqrt()
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        x_sigma = sample_euler_ancestral(denoiser, x_sigma, sigmas, eta=eta, disable=True)
+    torch.testing.assert_close(x_sigma / (1 + sigmas[-1] ** 2).sqrt(), expected, rtol=0, atol=1e-4)
+
+
+def exact_output_law(sampler: Callable, data: GaussianMixture, sigmas: torch.Tensor,
+                     **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of a deterministic sampler's output for Gaussian `data`, with no sampling error.
+
+    The exact denoiser of Gaussian data is affine in x, so the whole sampler is an affine map x ↦ A x + b:
+    running it on 0 and the unit vectors gives b and A, and the start law N(μ, Σ + σ_0² I) maps to
+    N(A μ + b, A (Σ + σ_0² I) Aᵀ).
+    """
+    basis = torch.cat([torch.zeros(1, data.dim), torch.eye(data.dim)]).double()
+    out = sampler(data.denoise, basis, sigmas.double(), disable=True, **options)
+    offset, matrix = out[0], (out[1:] - out[0]).T
+    start_cov = data.covariance + float(sigmas[0]) ** 2 * torch.eye(data.dim, dtype=torch.float64)
+    return matrix @ data.mean + offset, matrix @ start_cov @ matrix.T
+
+
+# error_at_80: measured 1.9e-3 (Heun, DPM-Solver++(2M)) and 5.7e-2 (Euler), with margin.
+@pytest.mark.parametrize("sampler, options, order, error_at_80", [(sample_heun, {}, 2, 3e-3),
+                                                                  (sample_dpmpp_2m, {}, 2, 3e-3),
+                                                                  (sample_euler_ancestral, {"eta": 0.0}, 1, 7e-2)])
+def test_ode_samplers_converge_at_their_order(sampler, options, order, error_at_80):
+    """On Gaussian data the exact law of the output is computable, so the error can be followed to 1e-3 and
+    below: doubling the steps divides it by 2^order (Heun, DPM-Solver++(2M): 2; Euler: 1)."""
+    data = DATA["gaussian"]
+    sigma_min, sigma_max = 0.03, 15.0
+    # The true flow carries N(μ, Σ + σ_max² I) to N(μ, Σ + σ_min² I); the last step outputs D(x, σ_min),
+    # whose exact covariance is Σ (Σ + σ_min² I)⁻¹ Σ.
+    cov = data.covariance
+    target_cov = cov @ torch.linalg.solve(cov + sigma_min ** 2 * torch.eye(data.dim, dtype=torch.float64), cov)
+    errors = []
+    for steps in (20, 40, 80):
+        mean, out_cov = exact_output_law(sampler, data, karras_sigmas(steps, sigma_min, sigma_max), **options)
+        errors.append(float((mean - data.mean).norm() + (out_cov - target_cov).norm()))
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(0.8 * 2 ** order < r < 1.3 * 2 ** order for r in ratios), (errors, ratios)
+    assert errors[-1] < error_at_80, errors
+
+
+# ------------------------------------------------------------------------------------ denoiser and σ grids
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+def test_denoiser_is_to_x0_at_table_sigmas(parameterization):
+    """At σ = σ_t the σ-form preconditioning equals parameterization.to_x0 at (x_t = x_σ·√ᾱ_t, t)."""
+    schedule = SCHEDULES["ldm_linear"]
+    t = torch.tensor([0, 1, 17, 500, 998, 999])
+    x_t = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def model_fn(x, t):  # an arbitrary, non-linear output: the conversion must not depend on what it is
+        return torch.sin(3 * x) + t.reshape(-1, 1, 1, 1) / 1000
+
+    denoiser = DiscreteDenoiser(model_fn, schedule, parameterization)
+    sigma = denoiser.sigmas[t]
+    x_sigma = x_t / schedule.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    expected = to_x0(parameterization, schedule, model_fn(x_t, t), x_t, t)
+    torch.testing.assert_close(denoiser(x_sigma, sigma), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_model_is_the_posterior_mean():
+    """E[x_0 | x_t] of the mixture against brute-force Bayes on a fine grid of x_0."""
+    data, schedule = DATA["mixture"], SCHEDULES["ldm_linear"]
+    grid = torch.linspace(-4, 4, 401, dtype=torch.float64)
+    x0 = torch.cartesian_prod(grid, grid)
+    log_prior = data.posterior_component_log_probs(x0).logsumexp(dim=1)
+    alpha = schedule.alphas_cumprod[300].double()
+    x_t = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.8, 1.2]], dtype=torch.float64)
+    log_joint = log_prior - ((x_t[:, None, :] - alpha.sqrt() * x0) ** 2).sum(-1) / (2 * (1 - alpha))
+    expected = torch.softmax(log_joint, dim=1) @ x0
+    model_fn = ExactModel(data, schedule, "x0")
+    torch.testing.assert_close(model_fn(x_t, torch.full((3,), 300)), expected, rtol=0, atol=1e-6)
+    # A batch mixing timesteps gives each row what it gets alone.
+    t = torch.tensor([300, 5, 900])
+    alone = torch.cat([model_fn(x_t[i:i + 1], t[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(model_fn(x_t, t), alone, rtol=0, atol=1e-12)
+
+
+def test_sigma_to_t_inverts_the_table():
+    denoiser = DiscreteDenoiser(lambda x, t: x, SCHEDULES["ldm_linear"], "eps")
+    t = torch.arange(1000, dtype=torch.float32)
+    torch.testing.assert_close(denoiser.sigma_to_t(denoiser.sigmas), t, rtol=0, atol=1e-3)
+    fractional = torch.tensor([0.25, 10.5, 700.75])
+    torch.testing.assert_close(denoiser.sigma_to_t(denoiser.t_to_sigma(fractional)), fractional, rtol=0, atol=1e-3)
+    # Outside the table, σ is clamped to its ends.
+    assert denoiser.sigma_to_t(torch.tensor([1e-4, 1e3])).tolist() == [0.0, 999.0]
+
+
+def test_quantize_false_passes_fractional_timesteps():
+    seen = []
+
+    def model_fn(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    schedule = SCHEDULES["ldm_linear"]
+    sigma = DiscreteDenoiser(model_fn, schedule, "eps").t_to_sigma(torch.tensor([10.5, 300.25]))
+    x = torch.randn(2, 4)
+    DiscreteDenoiser(model_fn, schedule, "eps")(x, sigma)
+    DiscreteDenoiser(model_fn, schedule, "eps", quantize=False)(x, sigma)
+    assert seen[0].dtype == torch.long and seen[0].tolist() == [10, 300]  # nearest; 10.5 rounds half to even
+    torch.testing.assert_close(seen[1], torch.tensor([10.5, 300.25]), rtol=0, atol=1e-3)
+
+
+def test_sigma_grids():
+    denoiser = DiscreteDenoiser(lambda x, t: x, SCHEDULES["ldm_linear"], "eps")
+    sigmas = denoiser.get_sigmas(10)
+    assert sigmas.shape == (11,) and sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
+    torch.testing.assert_close(sigmas[[0, -2]], denoiser.sigmas[[-1, 0]])
+    rho = 7.0
+    k = karras_sigmas(10, 0.03, 14.6, rho=rho)
+    assert k.shape == (11,) and k[-1] == 0
+    torch.testing.assert_close(k[[0, -2]], torch.tensor([14.6, 0.03]))
+    # EDM eq. 5: σ^(1/ρ) is evenly spaced.
+    steps = k[:-1].double() ** (1 / rho)
+    torch.testing.assert_close(steps.diff(), steps.diff()[:1].expand(9), rtol=1e-5, atol=0)
+
+
+def test_bad_inputs_are_named():
+    denoiser = DiscreteDenoiser(lambda x, t: x, SCHEDULES["ldm_linear"], "eps")
+    with pytest.raises(ValueError, match="sigma must have shape"):
+        denoiser(torch.zeros(3, 2), torch.ones(()))
+    with pytest.raises(ValueError, match="unknown parameterization"):
+        DiscreteDenoiser(lambda x, t: x, SCHEDULES["ldm_linear"], "score")
+    with pytest.raises(ValueError, match="positive int"):
+        karras_sigmas(0, 0.1, 10.0)
+    with pytest.raises(ValueError, match="sigma_min <= sigma_max"):
+        karras_sigmas(5, 10.0, 0.1)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample_heun(denoiser, torch.zeros(2, 2), torch.tensor([1.0, 2.0, 0.0]), disable=True)
