@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
+from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.guidance import drop_conditions, guided_output
 from ldm.modules.diffusionmodules.likelihood import variational_bound
@@ -440,8 +441,6 @@ class LatentDiffusion(DDPM):
 
     @property
     def data_is_pixels(self) -> bool:
-        from ldm.models.autoencoder import IdentityFirstStage
-
         return isinstance(self.first_stage_model, IdentityFirstStage) and float(self.scale_factor) == 1.0
 
     # ------------------------------------------------------------------------------------ first stage
@@ -467,8 +466,6 @@ class LatentDiffusion(DDPM):
             raise ValueError("predict_cids needs a codebook-predicting U-Net, which no released LDM uses")
         # A multiplication by the reciprocal, as the reference: decoding then matches its outputs bit for bit.
         z = 1.0 / self.scale_factor * z
-        from ldm.models.autoencoder import VQModelInterface
-
         if isinstance(self.first_stage_model, VQModelInterface):
             return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
         return self.first_stage_model.decode(z)
@@ -533,10 +530,9 @@ class LatentDiffusion(DDPM):
         return self(z, c)
 
     def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
         if self.model.conditioning_key is not None and self.cond_stage_trainable:
-            c = self.get_learned_conditioning(c)
-        return self.p_losses(x, c, t)
+            c = self.get_learned_conditioning(c)  # inside the graph: τθ trains with the U-Net
+        return super().forward(x, c)
 
     def validation_bits_per_dim(self, batch: Mapping) -> torch.Tensor:
         z, c = self.get_input(batch, self.first_stage_key, force_c_encode=True)
