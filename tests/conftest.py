@@ -58,3 +58,27 @@ def random_vgg16_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
     torch.save(random_vgg16_state_dict(seed=0), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_txt2img_model(tmp_path_factory) -> Path:
+    """A directory with config.yaml + model.safetensors of a tiny random text-to-image model (16 steps)."""
+    from tests.tiny_models import txt2img_config, write_model_dir
+
+    return write_model_dir(tmp_path_factory.mktemp("tiny_txt2img"), txt2img_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_class_model(tmp_path_factory) -> Path:
+    """A tiny random class-conditional model directory (6 classes + null class)."""
+    from tests.tiny_models import class_config, write_model_dir
+
+    return write_model_dir(tmp_path_factory.mktemp("tiny_class"), class_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_inpainting_model(tmp_path_factory) -> Path:
+    """A tiny random inpainting model directory (LatentInpaintDiffusion, concat conditioning)."""
+    from tests.tiny_models import inpainting_config, write_model_dir
+
+    return write_model_dir(tmp_path_factory.mktemp("tiny_inpainting"), inpainting_config())

@@ -11,6 +11,7 @@ DIFFUSION_CONFIGS = {
     "txt2img_minilm": "configs/latent-diffusion/txt2img_minilm.yaml",
     "class2img": "configs/latent-diffusion/class2img.yaml",
     "unconditional": "configs/latent-diffusion/unconditional.yaml",
+    "inpainting": "configs/latent-diffusion/inpainting.yaml",
     "pixel": "configs/ddpm/pixel_shapes.yaml",
 }
 # A handful of steps on tiny batches; 50 timesteps so the sampling in the image logs is quick.
@@ -44,6 +45,8 @@ def test_shipped_diffusion_config_trains(name, tmp_path):
         assert not any(k.startswith("first_stage_model.loss.") for k in state)
     if name in ("txt2img", "txt2img_minilm", "class2img"):
         assert {"conditioning", "samples_cfg_scale_3.00"} <= grids, grids
+    if name == "inpainting":
+        assert "conditioning" in grids  # the masked image
 
 
 def test_txt2img_resume_continues_and_keeps_scale_factor(tmp_path):

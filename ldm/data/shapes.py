@@ -60,6 +60,7 @@ PLACEMENT_PHRASES = {
     "bottom": "at the bottom",
     "center": "in the center",
 }
+ARTICLES = ("a", "an", "the")  # accepted before an object's words; captions write "a"
 # Caption relation -> (position of the object named first, position of the object named second).
 RELATIONS = {
     "to the left of": ("left", "right"),
@@ -415,6 +416,26 @@ def scene_caption(scene: Scene) -> str:
     return f"{_object_phrase(first)} {relation} {_object_phrase(second)}"
 
 
+# Tokens of BERT's WordPiece vocabulary that its tokenizer needs, in bert-base-uncased's order.
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word this dataset's captions (and `caption_to_attributes`' accepted variants) can use, sorted.
+
+    Small text encoders trained on these captions need only these rows of an embedding table, not
+    bert-base-uncased's 30,522: `write_caption_vocabulary` turns them into a WordPiece vocab.txt.
+    """
+    phrases = [*SHAPES, *COLOURS, *SIZES, *ARTICLES, *_PLACEMENTS, *RELATIONS]
+    return sorted({word for phrase in phrases for word in phrase.split()})
+
+
+def write_caption_vocabulary(path: str) -> None:
+    """A BERT WordPiece vocab.txt (special tokens first) holding `caption_vocabulary()`."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join([*BERT_SPECIAL_TOKENS, *caption_vocabulary()]) + "\n")
+
+
 def scene_attributes(scene: Scene) -> np.ndarray:
     attributes = np.full((MAX_OBJECTS, len(ATTRIBUTE_NAMES)), -1, dtype=np.int64)
     for slot, obj in enumerate(scene.objects):
@@ -433,7 +454,7 @@ def _alternatives(words: Any) -> str:
 
 
 _OBJECT = (
-    rf"(?:a|an|the)\s+(?:(?P<size{{i}}>{_alternatives(SIZES)})\s+)?"
+    rf"(?:{_alternatives(ARTICLES)})\s+(?:(?P<size{{i}}>{_alternatives(SIZES)})\s+)?"
     rf"(?:(?P<colour{{i}}>{_alternatives(COLOURS)})\s+)?(?P<shape{{i}}>{_alternatives(SHAPES)})"
 )
 _PLACEMENTS = {**{phrase: name for name, phrase in PLACEMENT_PHRASES.items()}, "in the centre": "center"}

@@ -41,13 +41,19 @@ def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                      variance: str = "fixedsmall", generator: Optional[torch.Generator] = None,
                      log_every_t: Optional[int] = None, progress: bool = True,
                      callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+                     mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
                      ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """Run all T reverse steps from `x_T` with `denoiser(x_t, t) -> model output` (guidance included).
 
     Returns the sample and ``{"x_inter": [...], "pred_x0": [...]}``, the states and x_0 predictions every
     `log_every_t` steps (and at the last step). `callback(t, x_{t−1}, x̂_0)` runs after each step.
     No noise is added at the final step (t = 0), as in Algorithm 2.
+
+    Inpainting (the reference's `p_sample_loop` with `mask`, `x0`): **mask == 1 marks the known region**;
+    after each step to x_{t−1} that region is replaced by q(x_{t−1} | x0), and by x0 itself at the end.
     """
+    if (mask is None) != (x0 is None):
+        raise ValueError("inpainting needs both mask (1 = known) and x0 (the known values)")
     x = x_T
     intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": [x]}
     steps = range(schedule.num_timesteps - 1, -1, -1)
@@ -57,6 +63,10 @@ def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                                                  clip_denoised=clip_denoised, variance=variance)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else 0.0
         x = mean + (0.5 * log_variance).exp() * noise
+        if mask is not None:
+            known = x0 if i == 0 else schedule.q_sample(
+                x0, t - 1, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
+            x = mask * known + (1.0 - mask) * x
         if callback is not None:
             callback(i, x, x0)
         if log_every_t and (i % log_every_t == 0 or i == 0):

@@ -184,7 +184,8 @@ class DDIMSampler:
 
     @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond: Condition, t_start: int, unconditional_guidance_scale: float = 1.0,
-               unconditional_conditioning: Condition = None, use_original_steps: bool = False) -> torch.Tensor:
+               unconditional_conditioning: Condition = None, use_original_steps: bool = False,
+               progress: bool = True) -> torch.Tensor:
         """Denoise `x_latent` through the first `t_start` steps of the schedule, from the highest down (img2img).
 
         As the reference's img2img script, pair it with ``stochastic_encode(x0, t_enc)`` and
@@ -200,7 +201,7 @@ class DDIMSampler:
         if not 0 <= t_start <= len(timesteps):
             raise ValueError(f"t_start must lie in 0..{len(timesteps)} (the number of steps), got {t_start}")
         samples, _ = self._denoise(x_latent, cond, timesteps[:t_start], alphas_prev, sigmas, unconditional_conditioning,
-                                   unconditional_guidance_scale, progress=True, desc="Decoding image")
+                                   unconditional_guidance_scale, progress=progress, desc="Decoding image")
         return samples
 
     # ------------------------------------------------------------------------------------ internals

@@ -115,6 +115,18 @@ class DiscreteDenoiser:
         return x_sigma * c_in ** 2 - sigma * c_in * output
 
 
+def keep_known(denoiser: Denoiser, x0: torch.Tensor, mask: torch.Tensor) -> Denoiser:
+    """Inpainting for any sampler here: the denoiser's x̂_0 is x0 wherever **mask == 1 (known)**.
+
+    In x_σ space the samplers step along d = (x − D)/σ; with D = x0 on the known region, x − x0 there
+    shrinks in proportion to σ (it stays the known latents plus noise of the current level, as the
+    reference's re-noising of the known region does for DDIM), and equals x0 exactly when σ reaches 0.
+    """
+    if x0.shape[1:] != mask.shape[1:] and mask.shape[1] != 1:
+        raise ValueError(f"mask {tuple(mask.shape)} does not fit the known latents {tuple(x0.shape)}")
+    return lambda x, sigma: mask * x0 + (1.0 - mask) * denoiser(x, sigma)
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
                   device: Optional[torch.device] = None) -> torch.Tensor:
     """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ for i < n, then σ_n = 0.

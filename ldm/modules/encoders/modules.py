@@ -207,6 +207,10 @@ class BERTEmbedder(TransformerEmbedder):
         self.use_tknz_fn = use_tokenizer
         if use_tokenizer:
             self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, tokenizer_path=tokenizer_path)
+            tokens = len(self.tknz_fn.tokenizer)
+            if tokens > vocab_size:
+                raise ValueError(f"the tokenizer's vocabulary has {tokens} tokens but vocab_size is {vocab_size}: "
+                                 f"set cond_stage_config.params.vocab_size to {tokens} (or more)")
 
     def forward(self, text: Union[Text, torch.Tensor]) -> torch.Tensor:
         """`text`: a list of prompts (needs `use_tokenizer`), or token ids (B, L) with L <= max_seq_len."""

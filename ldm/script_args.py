@@ -1,0 +1,44 @@
+"""Command-line options every sampling script shares: which model, where it runs, which sampler."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ldm.inference import PRECISIONS, SAMPLERS, load_model
+from ldm.models.diffusion.ddpm import LatentDiffusion
+
+# Stable Diffusion's scripts say "full" / "autocast".
+PRECISION_ALIASES = {"full": "fp32", "autocast": "bf16"}
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "txt2img") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--config", default=default_model,
+                       help=f"a built-in model name, a model directory (config.yaml + model.safetensors) or a "
+                            f"config .yaml (default: the built-in {default_model!r} model)")
+    group.add_argument("--ckpt", default=None,
+                       help="weights (.safetensors or a training .ckpt); default: model.safetensors beside the config")
+    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    group.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *PRECISION_ALIASES],
+                       help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
+
+
+def add_sampler_args(parser: argparse.ArgumentParser, default_steps: int = 50, default_sampler: str = "ddim") -> None:
+    group = parser.add_argument_group("sampler")
+    group.add_argument("--sampler", default=default_sampler, choices=SAMPLERS,
+                       help="ddpm (ancestral, all T steps), ddim, plms, euler_a, heun or dpmpp_2m")
+    group.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=default_steps,
+                       help="number of sampling steps")
+    group.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=0.0,
+                       help="DDIM eta (0 = deterministic) / Euler ancestral noise scale")
+    group.add_argument("--plms", action="store_true", help="use the PLMS sampler (same as --sampler plms)")
+    group.add_argument("--seed", type=int, default=42, help="random seed (same seed, same images)")
+
+
+def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
+    precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
+    return load_model(opt.config, opt.ckpt, opt.device, precision)
+
+
+def sampler_kwargs(opt: argparse.Namespace) -> dict[str, Any]:
+    return {"sampler": "plms" if opt.plms else opt.sampler, "steps": opt.steps, "eta": opt.eta, "seed": opt.seed}

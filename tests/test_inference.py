@@ -1,0 +1,215 @@
+"""The sampling API (ldm/inference.py), the inpainting model and the weights export, on tiny models."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from ldm.checkpoint import save_safetensors
+from ldm.data.shapes import ShapesTrain, caption_vocabulary, write_caption_vocabulary
+from ldm.inference import (SAMPLERS, ModelNotFound, encode_images, generate, image_to_image, inpaint, latent_shape,
+                           load_model, sample_latents, text_condition, text_to_image)
+from ldm.models.diffusion.k_diffusion import (DiscreteDenoiser, karras_sigmas, keep_known, sample_dpmpp_2m,
+                                              sample_euler_ancestral, sample_heun)
+from ldm.util import instantiate_from_config
+from tests.tiny_models import txt2img_config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4  # divides the tiny models' 16 timesteps, as DDIM's uniform spacing needs
+
+
+@pytest.fixture(scope="module")
+def txt2img(tiny_txt2img_model):
+    return load_model(tiny_txt2img_model)
+
+
+@pytest.fixture(scope="module")
+def images():
+    data = ShapesTrain(size=32, num_samples=4, with_mask=True)
+    items = [data[i] for i in range(4)]
+    to_nchw = lambda key: torch.stack([torch.from_numpy(item[key]).permute(2, 0, 1) for item in items])
+    return to_nchw("image"), to_nchw("mask")
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_is_seeded_and_guidance_scale_one_is_the_conditional_model(txt2img, sampler):
+    cond, uncond = text_condition(txt2img, ["a red circle", "a blue star"], scale=3.0)
+    run = lambda **kw: sample_latents(txt2img, 2, cond, sampler=sampler, steps=STEPS, seed=3, progress=False, **kw)
+    plain = run()
+    assert plain.shape == (2, 4, 8, 8) and torch.isfinite(plain).all()
+    assert torch.equal(run(), plain)
+    assert torch.equal(run(uncond=uncond, scale=1.0), plain)
+    assert not torch.allclose(run(uncond=uncond, scale=3.0), plain)
+
+
+@pytest.mark.parametrize("sample_fn", [sample_euler_ancestral, sample_heun, sample_dpmpp_2m])
+def test_known_latents_are_kept_by_the_k_samplers_themselves(txt2img, sample_fn):
+    """No paste at the end: the known region reaches the known latents through the sampler's own steps."""
+    torch.manual_seed(0)
+    cond = txt2img.get_learned_conditioning(["a red circle"] * 2)
+    known = torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :, :4] = 1.0
+    discrete = DiscreteDenoiser(txt2img.denoiser(cond), txt2img.schedule, txt2img.parameterization)
+    sigmas = karras_sigmas(6, float(discrete.sigma_min), float(discrete.sigma_max))
+    with torch.no_grad():
+        z = sample_fn(keep_known(discrete, known, mask), torch.randn(2, 4, 8, 8) * sigmas[0], sigmas, disable=True)
+    assert torch.allclose(z[..., :4], known[..., :4], atol=1e-5)
+    assert (z[..., 4:] - known[..., 4:]).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_inpainting_with_a_text_model_keeps_the_known_pixels(txt2img, images, sampler):
+    image, mask = images
+    out = inpaint(txt2img, image, mask, ["a red circle"] * 4, scale=2.0, sampler=sampler, steps=STEPS, seed=0,
+                  progress=False)
+    assert out.shape == image.shape
+    assert torch.equal(out * (1 - mask), image * (1 - mask))
+    assert (out - image).abs().mul(mask).sum() > 0  # the hole was generated, not copied
+
+
+def test_inpainting_model_is_conditioned_on_masked_image_and_mask(tiny_inpainting_model, images):
+    model = load_model(tiny_inpainting_model)
+    image, mask = images
+    cond = model.get_learned_conditioning(torch.cat([image * (1 - mask), mask], dim=1))
+    assert cond.shape == (4, 5, 8, 8)
+    # Nearest-neighbour resize of the mask to the latent grid, as the reference's inpaint.py.
+    assert torch.equal(cond[:, 4:], torch.nn.functional.interpolate(mask, size=(8, 8)))
+    assert torch.allclose(cond[:, :4], encode_images(model, image * (1 - mask)))
+    out = inpaint(model, image, mask, steps=STEPS, seed=0, progress=False)
+    assert torch.equal(out * (1 - mask), image * (1 - mask))
+    other = image.flip(0)
+    assert not torch.allclose(out, inpaint(model, other, mask, steps=STEPS, seed=0, progress=False))
+    with pytest.raises(ValueError, match="each image needs a mask of its size"):
+        inpaint(model, image, mask[:, :, :16], steps=STEPS, progress=False)
+
+
+def test_inpainting_model_trains_from_a_masked_batch(images):
+    config = OmegaConf.to_container(OmegaConf.load(REPO / "configs/latent-diffusion/inpainting.yaml"), resolve=True)
+    params = config["model"]["params"]
+    params["first_stage_config"]["params"].pop("ckpt_path")
+    params["unet_config"]["params"]["channel_mult"] = [1, 2]
+    model = instantiate_from_config(config["model"])
+    image, mask = images
+    batch = {"image": image.permute(0, 2, 3, 1), "mask": mask.permute(0, 2, 3, 1),
+             "masked_image": (image * (1 - mask)).permute(0, 2, 3, 1)}
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.diffusion_model.out[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(KeyError, match="with_mask: true"):
+        model.shared_step({"image": batch["image"]})
+
+
+def test_text_to_image_larger_than_training_and_bad_sizes(txt2img):
+    out = text_to_image(txt2img, ["a red circle"], steps=STEPS, height=64, width=48, seed=0, progress=False)
+    assert out.shape == (1, 3, 64, 48) and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="multiple of the first stage's downsampling factor 4"):
+        latent_shape(txt2img, 30, 32)
+    with pytest.raises(ValueError, match="unknown sampler 'ddpn'"):
+        text_to_image(txt2img, ["a"], sampler="ddpn", progress=False)
+    with pytest.raises(TypeError, match="list of strings"):
+        text_to_image(txt2img, "a red circle", progress=False)
+
+
+def test_image_to_image_strength(txt2img, images):
+    image, _ = images
+    prompts = ["a red circle"] * 4
+    light = image_to_image(txt2img, image, prompts, strength=0.25, steps=8, seed=0, progress=False)
+    full = image_to_image(txt2img, image, prompts, strength=1.0, steps=8, seed=0, progress=False)
+    assert light.shape == image.shape
+    # Less strength keeps more of the input (measured against its reconstruction through the first stage).
+    recon = txt2img.decode_first_stage(encode_images(txt2img, image)).clamp(-1, 1)
+    assert (light - recon).abs().mean() < (full - recon).abs().mean()
+    with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+        image_to_image(txt2img, image, prompts, strength=0.0, progress=False)
+
+
+def test_class_conditional_generation_with_guidance(tiny_class_model):
+    model = load_model(tiny_class_model)
+    out = generate(model, 5, class_labels=[0, 1, 2, 3, 4], scale=3.0, steps=STEPS, batch_size=2, seed=0,
+                   progress=False)
+    assert out.shape == (5, 3, 32, 32)
+    with pytest.raises(ValueError, match="give class_labels"):
+        generate(model, 2, progress=False)
+
+
+def test_bf16_autocast_is_close_to_fp32_and_fp16_needs_a_gpu(tiny_txt2img_model):
+    fp32 = text_to_image(load_model(tiny_txt2img_model), ["a red circle"], steps=STEPS, seed=0, progress=False)
+    bf16 = text_to_image(load_model(tiny_txt2img_model, precision="bf16"), ["a red circle"], steps=STEPS, seed=0,
+                         progress=False)
+    assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().mean() < 0.05
+    with pytest.raises(ValueError, match="fp16 autocast needs a GPU"):
+        load_model(tiny_txt2img_model, precision="fp16", device="cpu")
+
+
+def test_missing_models_say_how_to_make_them(tmp_path, monkeypatch):
+    monkeypatch.setattr("ldm.inference.BUILTIN_MODELS", {"txt2img": tmp_path / "absent"})
+    with pytest.raises(ModelNotFound, match=r"bash scripts/demo.sh(.|\n)*main.py --base configs/latent-diffusion/txt2img.yaml"):
+        load_model("txt2img")
+    with pytest.raises(ModelNotFound, match="no model config"):
+        load_model(tmp_path / "nothing")
+
+
+def _fake_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A run directory as main.py writes it, whose first stage lives in its own file and EMA differs."""
+    config = txt2img_config()
+    torch.manual_seed(0)
+    model = instantiate_from_config(config["model"])
+    first_stage = save_safetensors(model.first_stage_model.state_dict(), tmp_path / "first_stage.safetensors")
+    config["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = str(first_stage)
+    with torch.no_grad():
+        for name, buffer in model.model_ema.named_buffers():
+            if name not in ("decay", "num_updates"):
+                buffer.add_(0.01 * torch.randn_like(buffer))
+    run = tmp_path / "logs" / "run"
+    (run / "configs").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    OmegaConf.save(OmegaConf.create(config), run / "configs" / "t-project.yaml")
+    torch.save({"state_dict": model.state_dict(), "global_step": 7}, run / "checkpoints" / "last.ckpt")
+    return run, model
+
+
+def test_export_model_dir_holds_the_ema_weights_without_the_first_stage(tmp_path):
+    run, model = _fake_run(tmp_path)
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "last.ckpt"),
+                    "--model-dir", str(out), "--dtype", "fp16"], cwd=REPO, check=True, capture_output=True)
+    state = load_file(out / "model.safetensors")
+    assert not any(k.startswith(("first_stage_model.", "model_ema.")) for k in state)
+    assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert state["alphas_cumprod"].dtype == torch.float32  # buffers keep their precision
+    # The export, the training checkpoint (EMA used) and the EMA weights all sample the same.
+    model.model_ema.copy_to(model.model)
+    model.eval()
+    from_ckpt = load_model(run / "configs" / "t-project.yaml", run / "checkpoints" / "last.ckpt")
+    exported = load_model(out)
+    for name, param in model.model.named_parameters():
+        assert torch.equal(dict(from_ckpt.model.named_parameters())[name], param)
+        assert torch.allclose(dict(exported.model.named_parameters())[name], param, atol=1e-3, rtol=1e-3)
+    a = text_to_image(from_ckpt, ["a red circle"], steps=STEPS, seed=0, progress=False)
+    b = text_to_image(exported, ["a red circle"], steps=STEPS, seed=0, progress=False)
+    assert (a - b).abs().max() < 0.02
+
+
+def test_caption_vocabulary_covers_every_caption():
+    """The built-in txt2img model's small WordPiece vocabulary reads every training caption without [UNK]."""
+    from ldm.modules.encoders.modules import BERTTokenizer
+
+    shipped = REPO / "ldm" / "data" / "shapes_vocab.txt"
+    tokenizer = BERTTokenizer(vq_interface=False, max_length=32, tokenizer_path=str(shipped))
+    data = ShapesTrain(size=8, num_samples=500)
+    ids = tokenizer([data[i]["caption"] for i in range(500)])
+    unk = tokenizer.tokenizer.convert_tokens_to_ids("[UNK]")
+    assert not (ids == unk).any()
+    assert (tokenizer(["a red unicorn"]) == unk).sum() == 1
+    assert len(tokenizer.tokenizer) == 5 + len(caption_vocabulary())
+    config = OmegaConf.load(REPO / "configs/latent-diffusion/txt2img.yaml")
+    assert config.model.params.cond_stage_config.params.vocab_size == len(tokenizer.tokenizer)
+
+
+def test_shipped_vocabulary_is_what_the_code_writes(tmp_path):
+    write_caption_vocabulary(str(tmp_path / "vocab.txt"))
+    assert (tmp_path / "vocab.txt").read_text() == (REPO / "ldm" / "data" / "shapes_vocab.txt").read_text()
