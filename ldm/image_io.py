@@ -16,7 +16,6 @@ from PIL import Image, UnidentifiedImageError
 from ldm.visualization import make_grid, save_png, to_uint8
 
 Size = Union[int, tuple[int, int], None]  # an int for square, (height, width), or None to keep the file's size
-NUMBERED_PNG = re.compile(r"^(\d+)\.png$")
 
 
 def _open(path: Union[str, Path], mode: str) -> Image.Image:
@@ -54,10 +53,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(to_uint8(image)) for image in images]
 
 
-def next_index(directory: Union[str, Path]) -> int:
-    """One past the highest NNNNN.png number in `directory` (0 for none), so new samples never overwrite."""
+def next_index(directory: Union[str, Path], prefix: str = "") -> int:
+    """One past the highest number N of the files `<prefix>N.png` in `directory` (0 for none), so new files
+    never overwrite earlier ones, even when some were deleted."""
     directory = Path(directory)
-    numbers = [int(m[1]) for p in directory.iterdir() if (m := NUMBERED_PNG.match(p.name))] if directory.is_dir() else []
+    numbered = re.compile(rf"^{re.escape(prefix)}(\d+)\.png$")
+    numbers = [int(m[1]) for p in directory.iterdir() if (m := numbered.match(p.name))] if directory.is_dir() else []
     return max(numbers, default=-1) + 1
 
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Optional
 
+from ldm.checkpoint import CheckpointError
 from ldm.inference import PRECISIONS, SAMPLERS, load_model
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
@@ -11,11 +14,12 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 PRECISION_ALIASES = {"full": "fp32", "autocast": "bf16"}
 
 
-def add_model_args(parser: argparse.ArgumentParser, default_model: str = "txt2img") -> None:
+def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str] = "txt2img") -> None:
     group = parser.add_argument_group("model")
+    default = f"the built-in {default_model!r} model" if default_model else "none"
     group.add_argument("--config", default=default_model,
                        help=f"a built-in model name, a model directory (config.yaml + model.safetensors) or a "
-                            f"config .yaml (default: the built-in {default_model!r} model)")
+                            f"config .yaml (default: {default})")
     group.add_argument("--ckpt", default=None,
                        help="weights (.safetensors or a training .ckpt); default: model.safetensors beside the config")
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -35,9 +39,20 @@ def add_sampler_args(parser: argparse.ArgumentParser, default_steps: int = 50, d
     group.add_argument("--seed", type=int, default=42, help="random seed (same seed, same images)")
 
 
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Problems with the user's input (a missing model or file, a bad size, a step count the schedule cannot
+    take) end the script with their message and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
+        raise SystemExit(f"error: {e}") from e
+
+
 def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
-    return load_model(opt.config, opt.ckpt, opt.device, precision)
+    with user_errors():
+        return load_model(opt.config, opt.ckpt, opt.device, precision)
 
 
 def sampler_kwargs(opt: argparse.Namespace) -> dict[str, Any]:

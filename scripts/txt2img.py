@@ -1,0 +1,91 @@
+"""Text-to-image sampling with a latent diffusion model (the CompVis reference's scripts/txt2img.py).
+
+    python scripts/txt2img.py --prompt "a red circle above a blue square" --n_samples 4 --n_iter 2 --steps 50
+    python scripts/txt2img.py --from-file prompts.txt --H 64 --W 96 --plms --seed 7
+
+Every sample is written to <outdir>/samples/NNNNN.png, numbered after the files already there, and each run
+adds one grid <outdir>/grid-NNNN.png with a row per prompt and iteration and --n_samples columns. --H/--W
+larger than the model's training size sample the U-Net convolutionally on the larger latent (LDM paper,
+Sec. 4.3.2). The same --seed gives the same images.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ldm.image_io import next_index, save_grid, save_images  # noqa: E402
+from ldm.inference import latent_shape, text_to_image  # noqa: E402
+from ldm.script_args import add_model_args, add_sampler_args, model_from_args, sampler_kwargs, user_errors  # noqa: E402
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
+    parser.add_argument("--from-file", type=Path, default=None,
+                        help="a text file with one prompt per line (blank lines skipped), instead of --prompt")
+    parser.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"), help="where to write")
+    parser.add_argument("--n_samples", type=int, default=4, help="samples per prompt in one batch (grid columns)")
+    parser.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    parser.add_argument("--scale", type=float, default=3.0,
+                        help="classifier-free guidance scale (1 = no guidance)")
+    parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
+    parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
+    parser.add_argument("--skip_grid", action="store_true", help="do not write the grid")
+    parser.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
+    add_model_args(parser, default_model="txt2img")
+    add_sampler_args(parser)
+    return parser
+
+
+def read_prompts(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> list[str]:
+    """[--prompt], or the non-blank lines of --from-file."""
+    if opt.from_file is None:
+        return [opt.prompt]
+    if not opt.from_file.is_file():
+        parser.error(f"--from-file {opt.from_file}: no such file (give a text file with one prompt per line)")
+    prompts = [line.strip() for line in opt.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        parser.error(f"--from-file {opt.from_file} has no prompts (write one prompt per line)")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = get_parser()
+    opt = parser.parse_args(argv)
+    if opt.n_samples < 1 or opt.n_iter < 1:
+        parser.error("--n_samples and --n_iter must be at least 1")
+    prompts = read_prompts(parser, opt)
+    model = model_from_args(opt)
+    try:
+        latent_shape(model, opt.H, opt.W)  # sizes the first stage cannot decode fail here, before sampling
+    except ValueError as e:
+        parser.error(f"--H/--W: {e}")
+    kwargs = sampler_kwargs(opt)
+
+    sample_dir = opt.outdir / "samples"
+    batches = []
+    for iteration in range(opt.n_iter):
+        for p, prompt in enumerate(prompts):
+            # One seed per batch: each batch is reproducible on its own and batches differ from each other.
+            seed = opt.seed + iteration * len(prompts) + p
+            print(f"iteration {iteration + 1}/{opt.n_iter}, prompt {p + 1}/{len(prompts)}: {prompt!r}")
+            images = text_to_image(model, [prompt] * opt.n_samples, scale=opt.scale, height=opt.H, width=opt.W,
+                                   **{**kwargs, "seed": seed})
+            if not opt.skip_save:
+                save_images(images, sample_dir)
+            batches.append(images.cpu())
+
+    if not opt.skip_save:
+        print(f"samples: {sample_dir}")
+    if not opt.skip_grid:
+        grid_path = opt.outdir / f"grid-{next_index(opt.outdir, 'grid-'):04}.png"
+        save_grid(torch.cat(batches), grid_path, nrow=opt.n_samples)
+        print(f"grid ({len(batches)} rows x {opt.n_samples}): {grid_path}")
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()
