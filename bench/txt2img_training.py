@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.checkpoint import load_model  # noqa: E402
-from ldm.data.shapes import ShapesValidation, caption_to_attributes  # noqa: E402
-from ldm.evaluation.attribute_classifier import attribute_accuracy, load_attribute_classifier  # noqa: E402
+from ldm.data.shapes import ShapesValidation  # noqa: E402
+from ldm.evaluation.attribute_classifier import load_attribute_classifier  # noqa: E402
+from ldm.evaluation.prompt_following import prompt_match  # noqa: E402
 from ldm.visualization import save_image_grid  # noqa: E402
 
 CONFIG = "configs/latent-diffusion/txt2img.yaml"
@@ -138,10 +139,7 @@ def score_samples(run: Path, n: int, scale: float, batch: int = 64, seed: int = 
             z = model.sample(cond, batch_size=len(prompts), uncond=uncond, guidance_scale=scale, progress=True)
             images.append(model.decode_first_stage(z).clamp(-1, 1))
     images = torch.cat(images)
-    targets = [caption_to_attributes(c) for c in captions]
-    target = {"attributes": torch.stack([torch.as_tensor(t["attributes"]) for t in targets]),
-              "num_objects": torch.tensor([t["num_objects"] for t in targets])}
-    accuracy = attribute_accuracy(classifier.predict(images), target)
+    accuracy = prompt_match(classifier, images, captions)
     save_image_grid(images[:64], RESULTS / "txt2img_samples" / f"heldout_captions_scale{scale:g}.png", nrow=8)
     (RESULTS / "txt2img_samples" / f"heldout_captions_scale{scale:g}.txt").write_text("\n".join(captions[:64]) + "\n")
     return {"samples": n, "guidance_scale": scale, "sampler": "ancestral DDPM, 1000 steps, EMA weights",
