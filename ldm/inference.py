@@ -30,6 +30,7 @@ from ldm.models.diffusion.k_diffusion import (DiscreteDenoiser, karras_sigmas, k
                                               sample_euler_ancestral, sample_heun)
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.encoders.modules import ClassEmbedder
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +156,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
 
 
 @contextlib.contextmanager
-def _precision(model: LatentDiffusion) -> Iterator[None]:
+def precision_scope(model: LatentDiffusion) -> Iterator[None]:
+    """Autocast to the model's `inference_precision` (nothing for fp32)."""
     dtype = PRECISIONS[getattr(model, "inference_precision", "fp32")]
     if dtype is None:
         yield
@@ -192,7 +194,7 @@ def encode_images(model: LatentDiffusion, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
     """Images in [−1, 1] (float32) from latents."""
-    with _precision(model):
+    with precision_scope(model):
         return model.decode_first_stage(z).float().clamp(-1.0, 1.0)
 
 
@@ -235,7 +237,7 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     if seed is not None:
         torch.manual_seed(seed)
     x_T = torch.randn((batch_size, *shape), device=model.device) if x_T is None else x_T.to(model.device)
-    with _precision(model):
+    with precision_scope(model):
         if sampler in ("ddim", "plms"):
             ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
             z, _ = ddim.sample(S=steps, batch_size=batch_size, shape=shape, conditioning=cond, eta=eta, x_T=x_T,
@@ -245,7 +247,8 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
         elif sampler == "ddpm":
             z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), model.schedule, model.parameterization, x_T,
                                     progress=progress, mask=known_mask, x0=known,
-                                    callback=None if callback is None else lambda t, x, x0: callback(t, x0))
+                                    callback=None if callback is None else
+                                    lambda t, x, x0: callback(model.num_timesteps - 1 - t, x0))
         else:
             discrete = DiscreteDenoiser(model.denoiser(cond, uncond, scale), model.schedule, model.parameterization)
             sigmas = karras_sigmas(steps, float(discrete.sigma_min), float(discrete.sigma_max), device=model.device)
@@ -328,7 +331,7 @@ def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Option
     sampler = DDIMSampler(model)
     sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
     t_enc = max(1, int(strength * steps))
-    with _precision(model):
+    with precision_scope(model):
         # Noised to the step decoding starts from (position t_enc − 1); the reference's img2img noises one
         # step further than it denoises from.
         z = sampler.stochastic_encode(encode_images(model, images), torch.full((n,), t_enc - 1, device=model.device))
@@ -368,6 +371,9 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
         z = sample_latents(model, n, cond, sampler=sampler, steps=steps, eta=eta, shape=shape, progress=progress)
     else:
         cond = uncond = None
+        if isinstance(model.cond_stage_model, ClassEmbedder):
+            raise ValueError("inpaint() conditions text models on prompts and unconditional models on nothing; "
+                             "a class-conditional model is not supported here (use a text or inpainting model)")
         if model.model.conditioning_key is not None:
             cond, uncond = text_condition(model, [""] * n if prompts is None else list(prompts), scale)
         factor = downsampling_factor(model)
