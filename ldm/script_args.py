@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ldm.checkpoint import CheckpointError
+from ldm.image_io import next_index, save_grid, save_images
 from ldm.inference import PRECISIONS, SAMPLERS, load_model
 from ldm.models.diffusion.ddpm import LatentDiffusion
 
@@ -53,6 +57,37 @@ def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
         return load_model(opt.config, opt.ckpt, opt.device, precision)
+
+
+def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--outdir", type=Path, default=Path(default_outdir), help="where to write")
+    group.add_argument("--n_samples", type=int, default=4, help="samples per batch (grid columns)")
+    group.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    group.add_argument("--skip_grid", action="store_true", help="do not write the grid")
+    group.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
+
+
+class SampleWriter:
+    """Writes each batch as numbered PNGs in <outdir>/samples/ as soon as it exists (an interrupted run keeps
+    what it made), then one grid <outdir>/grid-NNNN.png of all batches, a row each (the reference's layout)."""
+
+    def __init__(self, opt: argparse.Namespace) -> None:
+        self.opt = opt
+        self.batches: list[torch.Tensor] = []
+
+    def add(self, images: torch.Tensor) -> None:
+        if not self.opt.skip_save:
+            save_images(images, self.opt.outdir / "samples")
+        self.batches.append(images.cpu())
+
+    def finish(self) -> None:
+        if not self.opt.skip_save:
+            print(f"samples: {self.opt.outdir / 'samples'}")
+        if not self.opt.skip_grid:
+            path = self.opt.outdir / f"grid-{next_index(self.opt.outdir, 'grid-'):04}.png"
+            save_grid(torch.cat(self.batches), path, nrow=self.opt.n_samples)
+            print(f"grid ({len(self.batches)} rows x {self.opt.n_samples}): {path}")
 
 
 def sampler_kwargs(opt: argparse.Namespace) -> dict[str, Any]:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from ldm.image_io import next_index, load_image, save_grid, save_images  # noqa: E402
+from ldm.image_io import load_image  # noqa: E402
 from ldm.inference import downsampling_factor, image_to_image, latent_shape  # noqa: E402
-from ldm.script_args import add_model_args, add_sampler_args, model_from_args, sampler_kwargs, user_errors  # noqa: E402
+from ldm.script_args import (SampleWriter, add_model_args, add_output_args, add_sampler_args,  # noqa: E402
+                             model_from_args, sampler_kwargs, user_errors)
 
 
 def strength(text: str) -> float:
@@ -35,15 +34,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
     parser.add_argument("--strength", type=strength, default=0.75,
                         help="how much noise to add to the init image, in (0, 1] (1 = ignore it)")
-    parser.add_argument("--outdir", type=Path, default=Path("outputs/img2img-samples"), help="where to write")
-    parser.add_argument("--n_samples", type=int, default=4, help="samples in one batch (grid columns)")
-    parser.add_argument("--n_iter", type=int, default=1, help="batches")
     parser.add_argument("--scale", type=float, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     parser.add_argument("--H", type=int, default=None, help="resize the init image to this height (pixels)")
     parser.add_argument("--W", type=int, default=None, help="resize the init image to this width (pixels)")
-    parser.add_argument("--skip_grid", action="store_true", help="do not write the grid")
-    parser.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
+    add_output_args(parser, "outputs/img2img-samples")
     add_model_args(parser, default_model="txt2img")
     add_sampler_args(parser)
     return parser
@@ -69,23 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"--init-img: {e}")
 
-    sample_dir = opt.outdir / "samples"
-    batches = []
+    writer = SampleWriter(opt)
     for iteration in range(opt.n_iter):
         # One seed per batch: each batch is reproducible on its own and batches differ from each other.
         images = image_to_image(model, init.expand(opt.n_samples, -1, -1, -1), [opt.prompt] * opt.n_samples,
                                 strength=opt.strength, scale=opt.scale, steps=opt.steps, eta=opt.eta,
                                 seed=opt.seed + iteration)
-        if not opt.skip_save:
-            save_images(images, sample_dir)
-        batches.append(images.cpu())
-
-    if not opt.skip_save:
-        print(f"samples: {sample_dir}")
-    if not opt.skip_grid:
-        grid_path = opt.outdir / f"grid-{next_index(opt.outdir, 'grid-'):04}.png"
-        save_grid(torch.cat(batches), grid_path, nrow=opt.n_samples)
-        print(f"grid ({len(batches)} rows x {opt.n_samples}): {grid_path}")
+        writer.add(images)
+    writer.finish()
 
 
 if __name__ == "__main__":

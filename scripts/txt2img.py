@@ -14,11 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
-from ldm.image_io import next_index, save_grid, save_images  # noqa: E402
 from ldm.inference import latent_shape, text_to_image  # noqa: E402
-from ldm.script_args import add_model_args, add_sampler_args, model_from_args, sampler_kwargs, user_errors  # noqa: E402
+from ldm.script_args import (SampleWriter, add_model_args, add_output_args, add_sampler_args,  # noqa: E402
+                             model_from_args, sampler_kwargs, user_errors)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -26,15 +24,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
     parser.add_argument("--from-file", type=Path, default=None,
                         help="a text file with one prompt per line (blank lines skipped), instead of --prompt")
-    parser.add_argument("--outdir", type=Path, default=Path("outputs/txt2img-samples"), help="where to write")
-    parser.add_argument("--n_samples", type=int, default=4, help="samples per prompt in one batch (grid columns)")
-    parser.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
     parser.add_argument("--scale", type=float, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
     parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
-    parser.add_argument("--skip_grid", action="store_true", help="do not write the grid")
-    parser.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
+    add_output_args(parser, "outputs/txt2img-samples")
     add_model_args(parser, default_model="txt2img")
     add_sampler_args(parser)
     return parser
@@ -65,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--H/--W: {e}")
     kwargs = sampler_kwargs(opt)
 
-    sample_dir = opt.outdir / "samples"
-    batches = []
+    writer = SampleWriter(opt)
     for iteration in range(opt.n_iter):
         for p, prompt in enumerate(prompts):
             # One seed per batch: each batch is reproducible on its own and batches differ from each other.
@@ -74,16 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"iteration {iteration + 1}/{opt.n_iter}, prompt {p + 1}/{len(prompts)}: {prompt!r}")
             images = text_to_image(model, [prompt] * opt.n_samples, scale=opt.scale, height=opt.H, width=opt.W,
                                    **{**kwargs, "seed": seed})
-            if not opt.skip_save:
-                save_images(images, sample_dir)
-            batches.append(images.cpu())
-
-    if not opt.skip_save:
-        print(f"samples: {sample_dir}")
-    if not opt.skip_grid:
-        grid_path = opt.outdir / f"grid-{next_index(opt.outdir, 'grid-'):04}.png"
-        save_grid(torch.cat(batches), grid_path, nrow=opt.n_samples)
-        print(f"grid ({len(batches)} rows x {opt.n_samples}): {grid_path}")
+            writer.add(images)
+    writer.finish()
 
 
 if __name__ == "__main__":
