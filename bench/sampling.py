@@ -360,6 +360,19 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             writer.writerow([_csv_value(getattr(row, name)) for name in fields])
 
 
+def read_csv(path: Path) -> list[Row]:
+    """The rows of an earlier sampling.csv (empty cells are NaN, as `write_csv` writes NaN)."""
+    casts = {"str": str, "int": int, "float": lambda v: math.nan if v == "" else float(v)}
+    types = {field.name: casts[field.type] for field in dataclasses.fields(Row)}
+    with open(path, newline="") as f:
+        return [Row(**{k: types[k](v) for k, v in record.items()}) for record in csv.DictReader(f)]
+
+
+def task_group(row: Row) -> str:
+    """The --tasks entry that produces a row (real-image rows belong to every run)."""
+    return "inpainting" if row.task in (INPAINTING_MODEL, TXT2IMG_KEEP_KNOWN) else row.task
+
+
 def _csv_value(value: object) -> object:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
@@ -561,6 +574,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the sampling noise (same in every row)")
     parser.add_argument("--outdir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="smoke run: few samples, 5 and 10 steps, no ddpm")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the rows of the tasks not run this time from --outdir's sampling.csv (re-measure "
+                             "one task, e.g. after retraining one model, without rerunning the others)")
     opt = parser.parse_args(argv)
     opt.precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     opt.device = resolve_device(opt.device)
@@ -625,6 +641,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
                           f"FID {row.fid:8.3g}, {wall:6.1f} s")
 
     opt.outdir.mkdir(parents=True, exist_ok=True)
+    if opt.update and (opt.outdir / "sampling.csv").is_file():
+        kept = [row for row in read_csv(opt.outdir / "sampling.csv")
+                if row.task != REAL and task_group(row) not in opt.tasks]
+        rows = rows[:len(SPLITS)] + kept + rows[len(SPLITS):]  # real rows, then the rest in task order
     settings = {
         "command": "python bench/sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "txt2img_model": str(opt.config) + (f" + {opt.ckpt}" if opt.ckpt else ""),

@@ -14,7 +14,7 @@ MODELS="${DEMO_MODELS_DIR:-outputs/demo/models}"
 OUT="${DEMO_OUTDIR:-outputs/demo}"
 FIRST_STAGE_STEPS="${DEMO_FIRST_STAGE_STEPS:-3200}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
 TXT2IMG_STEPS="${DEMO_TXT2IMG_STEPS:-1500}"
-INPAINTING_STEPS="${DEMO_INPAINTING_STEPS:-700}"
+INPAINTING_STEPS="${DEMO_INPAINTING_STEPS:-1500}"
 FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
 # The scripts below sample from the trained models; the training runs' own image grids are skipped.
 NO_IMAGE_LOG="lightning.callbacks.image_logger.params.disabled=true"

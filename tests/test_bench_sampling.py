@@ -117,3 +117,12 @@ def test_quick_run_writes_all_outputs(tmp_path, tiny_txt2img_model, tiny_inpaint
         assert image.size[0] > 1000
     settings = json.loads((outdir / "sampling.json").read_text())
     assert settings["n"] == 4 and settings["num_timesteps"] == 16 and "torchmetrics" in settings["versions"]
+    # --update re-measures one task and keeps the other task's rows from the csv.
+    txt2img_rows = [r for r in table if r["task"] == "txt2img"]
+    main(["--quick", "--config", str(tiny_txt2img_model), "--inpaint-config", str(tiny_inpainting_model),
+          "--device", "cpu", "--steps", "4", "--samplers", "ddim", "--tasks", "inpainting", "--n-real", "64",
+          "--update", "--outdir", str(outdir)])
+    with open(outdir / "sampling.csv") as f:
+        updated = list(csv.DictReader(f))
+    assert [r for r in updated if r["task"] == "txt2img"] == txt2img_rows
+    assert len([r for r in updated if r["task"] in ("inpainting", "txt2img-keep-known")]) == 2

@@ -42,25 +42,23 @@ def classifier():
 
 def test_shipped_txt2img_follows_prompts(classifier):
     model = load_model("txt2img")
-    items, _ = _items(ShapesValidation(size=32), 48)
+    items, _ = _items(ShapesValidation(size=32), 64)
     captions = [item["caption"] for item in items]
     images = text_to_image(model, captions, scale=3.0, sampler="dpmpp_2m", steps=20, seed=0, progress=False)
     scores = prompt_match(classifier, images, captions)
-    # Chance: colour 1/6, size 1/2, number of objects 1/2.
-    assert scores["colour"] >= 0.45, scores
-    assert scores["size"] >= 0.65, scores
-    assert scores["num_objects"] >= 0.7, scores
+    # Chance, measured: the same images against other items' captions.
+    chance = prompt_match(classifier, images, captions[1:] + captions[:1])
+    for attribute, margin in (("colour", 0.2), ("size", 0.1), ("num_objects", 0.15)):
+        assert scores[attribute] >= chance[attribute] + margin, (attribute, scores, chance)
 
 
-def test_shipped_inpainting_fills_the_hole_and_keeps_the_rest(classifier):
+def test_shipped_inpainting_fills_the_hole_and_keeps_the_rest():
     model = load_model("inpainting")
-    items, to_nchw = _items(ShapesTest(size=32, with_mask=True), 48)
+    _, to_nchw = _items(ShapesTest(size=32, with_mask=True), 64)
     image, mask = to_nchw("image"), to_nchw("mask")
-    out = inpaint(model, image, mask, sampler="dpmpp_2m", steps=20, seed=0, progress=False)
+    out = inpaint(model, image, mask, sampler="ddim", steps=20, seed=0, progress=False)
     assert torch.equal(out * (1 - mask), image * (1 - mask))
-    captions = [item["caption"] for item in items]
-    filled, holes = prompt_match(classifier, out, captions), prompt_match(classifier, image * (1 - mask), captions)
-    # The completion reads as the original scene far more often than the image with its hole does.
-    assert filled["colour"] >= holes["colour"] + 0.1, (filled, holes)
-    error_inside = ((out - image).abs() * mask).sum() / mask.sum() / 3
-    assert error_inside < 0.35, float(error_inside)
+    error_inside = ((out - image).abs() * mask).sum() / (3 * mask.sum())
+    # Filling the hole with grey (0) is the trivial baseline the model must beat.
+    grey_error = (image.abs() * mask).sum() / (3 * mask.sum())
+    assert error_inside < 0.9 * grey_error, (float(error_inside), float(grey_error))
