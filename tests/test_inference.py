@@ -12,6 +12,7 @@ from ldm.checkpoint import save_safetensors
 from ldm.data.shapes import ShapesTrain, caption_vocabulary, write_caption_vocabulary
 from ldm.inference import (SAMPLERS, ModelNotFound, encode_images, generate, image_to_image, inpaint, latent_shape,
                            load_model, sample_latents, text_condition, text_to_image)
+from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.k_diffusion import (DiscreteDenoiser, karras_sigmas, keep_known, sample_dpmpp_2m,
                                               sample_euler_ancestral, sample_heun)
 from ldm.util import instantiate_from_config
@@ -59,6 +60,20 @@ def test_known_latents_are_kept_by_the_k_samplers_themselves(txt2img, sample_fn)
         z = sample_fn(keep_known(discrete, known, mask), torch.randn(2, 4, 8, 8) * sigmas[0], sigmas, disable=True)
     assert torch.allclose(z[..., :4], known[..., :4], atol=1e-5)
     assert (z[..., 4:] - known[..., 4:]).abs().mean() > 0.1
+
+
+def test_ancestral_sampler_keeps_the_known_latents_themselves(txt2img):
+    """No paste at the end: the known region of the DDPM loop is the given x0 (not the model's x̂_0)."""
+    torch.manual_seed(0)
+    cond = txt2img.get_learned_conditioning(["a red circle"] * 2)
+    known = torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :4] = 1.0
+    predictions = []
+    z, _ = ancestral_sample(txt2img.denoiser(cond), txt2img.schedule, txt2img.parameterization, torch.randn(2, 4, 8, 8),
+                            progress=False, mask=mask, x0=known, callback=lambda t, x, x0: predictions.append(x0))
+    assert torch.equal(z[:, :, :4], known[:, :, :4])
+    assert not torch.allclose(predictions[-1][:, :, :4], known[:, :, :4])  # the model alone would not give them
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

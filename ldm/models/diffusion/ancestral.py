@@ -59,8 +59,8 @@ def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     steps = range(schedule.num_timesteps - 1, -1, -1)
     for i in tqdm(steps, desc="DDPM sampling", total=schedule.num_timesteps, disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        mean, log_variance, x0 = p_mean_variance(schedule, parameterization, denoiser(x, t), x, t,
-                                                 clip_denoised=clip_denoised, variance=variance)
+        mean, log_variance, pred_x0 = p_mean_variance(schedule, parameterization, denoiser(x, t), x, t,
+                                                      clip_denoised=clip_denoised, variance=variance)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else 0.0
         x = mean + (0.5 * log_variance).exp() * noise
         if mask is not None:
@@ -68,8 +68,8 @@ def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
                 x0, t - 1, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
             x = mask * known + (1.0 - mask) * x
         if callback is not None:
-            callback(i, x, x0)
+            callback(i, x, pred_x0)
         if log_every_t and (i % log_every_t == 0 or i == 0):
             intermediates["x_inter"].append(x)
-            intermediates["pred_x0"].append(x0)
+            intermediates["pred_x0"].append(pred_x0)
     return x, intermediates
