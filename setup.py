@@ -21,7 +21,8 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # The tests run the benchmarks' quick modes, which draw their plots with matplotlib.
+        "test": ["pytest>=7", "matplotlib>=3.7"],
         # Benchmarks draw their plots with matplotlib; never needed to train or sample.
         "bench": ["matplotlib>=3.7"],
     },
