@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the built-in data, from a fresh clone: install, then train the whole pipeline and sample
-# from it, about 30 minutes on 2 CPU cores:
+# from it, about 30 minutes on 2 CPU cores (30 min 46 s measured from a fresh clone, install included):
 #   1. the KL-f4 first stage (configs/autoencoder/autoencoder_kl_shapes_f4.yaml, a short run);
 #   2. text-to-image latent diffusion on it (configs/latent-diffusion/txt2img.yaml);
 #   3. latent inpainting on it (configs/latent-diffusion/inpainting.yaml);
