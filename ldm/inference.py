@@ -208,6 +208,16 @@ def text_condition(model: LatentDiffusion, prompts: Sequence[str], scale: float)
     return cond, uncond
 
 
+@torch.no_grad()
+def class_condition(model: LatentDiffusion, labels: torch.Tensor, scale: float) -> tuple[Any, Any]:
+    """(τθ(labels), τθ of the null class when guidance needs it, else None) for a class-conditional model."""
+    cond = model.get_learned_conditioning(labels)
+    uncond = None
+    if scale != 1.0:
+        uncond = model.get_learned_conditioning(torch.full_like(labels, model.cond_stage_model.null_class))
+    return cond, uncond
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 
@@ -302,10 +312,7 @@ def generate(model: LatentDiffusion, n: int, *, class_labels: Optional[Sequence[
         cond = uncond = None
         if class_labels is not None:
             labels = torch.as_tensor(list(class_labels[start:start + count]), device=model.device)
-            cond = model.get_learned_conditioning({model.cond_stage_key: labels})
-            if scale != 1.0:
-                null = model.cond_stage_model.null_class
-                uncond = model.get_learned_conditioning({model.cond_stage_key: torch.full_like(labels, null)})
+            cond, uncond = class_condition(model, labels, scale)
         z = sample_latents(model, count, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                            progress=progress)
         images.append(decode_latents(model, z))

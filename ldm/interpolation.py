@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from ldm.inference import SAMPLERS, precision_scope, decode_latents, encode_images, sample_latents, text_condition
+from ldm.inference import (SAMPLERS, class_condition, decode_latents, encode_images, precision_scope, sample_latents,
+                           text_condition)
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -87,11 +88,7 @@ def condition_for(model: LatentDiffusion, n: int, prompt: Optional[str] = None, 
             classes = model.cond_stage_model.n_classes
             raise ValueError(f"this model is class-conditional: give a class label in 0..{classes - 1} (and no prompt)")
         labels = torch.full((n,), int(class_label), device=model.device, dtype=torch.long)
-        cond = model.get_learned_conditioning(labels)
-        uncond = None
-        if scale != 1.0:
-            uncond = model.get_learned_conditioning(torch.full_like(labels, model.cond_stage_model.null_class))
-        return cond, uncond
+        return class_condition(model, labels, scale)
     if class_label is not None:
         raise ValueError("this model is conditioned on text: give a prompt, not a class label")
     cond, uncond = text_condition(model, [prompt or ""] * n, scale)

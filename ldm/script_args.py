@@ -90,5 +90,15 @@ class SampleWriter:
             print(f"grid ({len(self.batches)} rows x {self.opt.n_samples}): {path}")
 
 
+def read_prompt_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
+    """The non-blank lines of a --from-file prompt file; a missing or empty file is a usage error."""
+    if not path.is_file():
+        parser.error(f"--from-file {path}: no such file (give a text file with one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        parser.error(f"--from-file {path} has no prompts (write one prompt per line)")
+    return prompts
+
+
 def sampler_kwargs(opt: argparse.Namespace) -> dict[str, Any]:
     return {"sampler": "plms" if opt.plms else opt.sampler, "steps": opt.steps, "eta": opt.eta, "seed": opt.seed}

@@ -34,7 +34,7 @@ from ldm.inference import generate, text_to_image  # noqa: E402
 from ldm.models.diffusion.ddpm import LatentDiffusion  # noqa: E402
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion  # noqa: E402
 from ldm.modules.encoders.modules import ClassEmbedder  # noqa: E402
-from ldm.script_args import add_model_args, add_sampler_args, model_from_args, sampler_kwargs, user_errors  # noqa: E402
+from ldm.script_args import add_model_args, add_sampler_args, model_from_args, read_prompt_file, sampler_kwargs, user_errors  # noqa: E402
 from main import _resolve_resume  # noqa: E402
 
 
@@ -117,11 +117,7 @@ def sample_prompts(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> 
     if opt.from_file is None:
         data = ShapesValidation(size=8)
         return [data[i % len(data)]["caption"] for i in range(opt.n_samples)]
-    if not opt.from_file.is_file():
-        parser.error(f"--from-file {opt.from_file}: no such file (give a text file with one prompt per line)")
-    prompts = [line.strip() for line in opt.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        parser.error(f"--from-file {opt.from_file} has no prompts (write one prompt per line)")
+    prompts = read_prompt_file(parser, opt.from_file)
     return [prompts[i % len(prompts)] for i in range(opt.n_samples)]
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.inference import latent_shape, text_to_image  # noqa: E402
 from ldm.script_args import (SampleWriter, add_model_args, add_output_args, add_sampler_args,  # noqa: E402
-                             model_from_args, sampler_kwargs, user_errors)
+                             model_from_args, read_prompt_file, sampler_kwargs, user_errors)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -36,14 +36,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def read_prompts(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> list[str]:
     """[--prompt], or the non-blank lines of --from-file."""
-    if opt.from_file is None:
-        return [opt.prompt]
-    if not opt.from_file.is_file():
-        parser.error(f"--from-file {opt.from_file}: no such file (give a text file with one prompt per line)")
-    prompts = [line.strip() for line in opt.from_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        parser.error(f"--from-file {opt.from_file} has no prompts (write one prompt per line)")
-    return prompts
+    return [opt.prompt] if opt.from_file is None else read_prompt_file(parser, opt.from_file)
 
 
 def main(argv: list[str] | None = None) -> None:
