@@ -21,9 +21,11 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        # The tests run the benchmarks' quick modes, which draw their plots with matplotlib.
-        "test": ["pytest>=7", "matplotlib>=3.7"],
-        # Benchmarks draw their plots with matplotlib; never needed to train or sample.
-        "bench": ["matplotlib>=3.7"],
+        # The tests run the benchmarks' quick modes (plots with matplotlib) and check the diffusers export
+        # against diffusers itself.
+        "test": ["pytest>=7", "matplotlib>=3.7", "diffusers==0.42.1"],
+        # Benchmarks draw their plots with matplotlib and time diffusers side by side; never needed to train
+        # or sample. diffusers is pinned: the export's key and config mapping is tested against this version.
+        "bench": ["matplotlib>=3.7", "diffusers==0.42.1"],
     },
 )

@@ -307,6 +307,10 @@ class UNetModel(nn.Module):
         self.dropout = dropout
         self.channel_mult = tuple(channel_mult)
         self.conv_resample = conv_resample
+        self.dims = dims
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resblock_updown = resblock_updown
+        self.n_embed = n_embed
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
         self.num_heads = num_heads
