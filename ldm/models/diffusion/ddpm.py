@@ -28,6 +28,7 @@ from ldm.modules.diffusionmodules.parameterization import check_parameterization
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.optim import adamw
 from ldm.visualization import make_grid, render_captions
 
 CONDITIONING_KEYS = ("concat", "crossattn", "hybrid", "adm")
@@ -301,7 +302,7 @@ class DDPM(pl.LightningModule):
         return params
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        opt = adamw(self.trainable_parameters(), lr=self.learning_rate)
         if self.scheduler_config is None:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
