@@ -31,8 +31,9 @@ convolutions and attention (2 per multiply-add) at the dispatcher; element-wise 
 The machine's ceiling is measured in the same run: a large matrix product and a large 3x3 convolution in
 the benchmark's dtype. "of ceiling" is achieved FLOP/s over the faster of the two.
 
-Ours can be run with the speed options (`--ours-options channels_last,compile`): what each gains is
-recorded as its own --stage. Writes bench/results/performance.{csv,md,json} (rows of other stages and
+Ours runs as the toolkit builds it (DDPM's `speed_options`, channels-last by default); `--ours-options`
+changes them (`none`, `channels_last,compile`, ...), and `--diffusers-channels-last` gives diffusers
+the same memory format. What each change gains is recorded as its own --stage. Writes bench/results/performance.{csv,md,json} (rows of other stages and
 devices are kept) and, with --sweep, performance.png.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ sys.path.insert(0, str(REPO))
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.diffusion.ddpm import DDPM  # noqa: E402
 from ldm.modules.diffusionmodules.diffusers_conversion import to_diffusers  # noqa: E402
-from ldm.modules.diffusionmodules.speed import SPEED_OPTIONS, apply_speed_options  # noqa: E402
+from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, SPEED_OPTIONS  # noqa: E402
 from ldm.optim import adamw  # noqa: E402
 
 GUIDANCE = 7.5
@@ -124,11 +125,12 @@ class Pair:
         return self.ours.model.diffusion_model
 
 
-def build_ddpm(workload: Workload) -> DDPM:
+def build_ddpm(workload: Workload, speed_options: Sequence[str]) -> DDPM:
     config = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": workload.unet}
     torch.manual_seed(0)
     model = DDPM(config, conditioning_key="crossattn", linear_start=LINEAR_START, linear_end=LINEAR_END,
-                 use_ema=False, image_size=workload.latent, channels=workload.unet["in_channels"])
+                 use_ema=False, image_size=workload.latent, channels=workload.unet["in_channels"],
+                 speed_options=speed_options)
     # Random weights everywhere: the zero-initialised output layers would make every block the identity.
     with torch.no_grad():
         for p in model.model.parameters():
@@ -136,10 +138,13 @@ def build_ddpm(workload: Workload) -> DDPM:
     return model
 
 
-def build_pair(workload: Workload, device: torch.device, options: Sequence[str]) -> Pair:
-    ours = build_ddpm(workload).to(device)
+def build_pair(workload: Workload, device: torch.device, options: Sequence[str],
+               diffusers_channels_last: bool = False) -> Pair:
+    """Ours as the toolkit builds it (with `options` as its speed_options), diffusers from its weights."""
+    ours = build_ddpm(workload, options).to(device)
     theirs = to_diffusers(ours.model.diffusion_model)
-    apply_speed_options(ours.model.diffusion_model, options)
+    if diffusers_channels_last:  # diffusers' documented CPU/GPU speed-up, for a like-for-like row
+        theirs.to(memory_format=torch.channels_last)
     return Pair(ours, theirs, tuple(options))
 
 
@@ -281,16 +286,23 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
                      modules: Optional[dict[str, torch.nn.Module]] = None,
                      warmup_fns: Optional[dict[str, Callable[[], Any]]] = None,
                      min_seconds: float = 0.0) -> dict[str, dict[str, Any]]:
-    """Median and min seconds per call of each fn, run alternately, and the last call's output ("output").
+    """Median and min seconds per call of each fn, run alternately, the last call's output ("output") and
+    the first warm-up call's time ("first_s": with torch.compile, the compile time).
 
     With `modules`, also the median share of each call's time spent outside those modules' forwards.
     `warmup_fns` (default `fns`) run `warmup` times first; with `min_seconds`, calls are repeated (beyond
     `repeats`) until each fn has run about that long in all.
     """
     names = list(fns)
-    for _ in range(warmup):
+    first = {}
+    for w in range(warmup):
         for name in names:
+            synchronize(device)
+            start = time.perf_counter()
             (warmup_fns or fns)[name]()
+            synchronize(device)
+            if w == 0:
+                first[name] = time.perf_counter() - start
     if min_seconds:
         # Short calls are noisy on a shared machine: repeat until each side has run about `min_seconds`.
         synchronize(device)
@@ -315,7 +327,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
     out = {}
     for name in names:
         out[name] = {"median_s": statistics.median(times[name]), "min_s": min(times[name]), "output": outputs[name],
-                     "repeats": repeats}
+                     "repeats": repeats, "first_s": first.get(name, float("nan"))}
         if modules:
             shares = [1.0 - u / t for u, t in zip(inside[name], times[name])]
             out[name]["overhead"] = statistics.median(shares)
@@ -347,7 +359,7 @@ def machine_ceiling(device: torch.device, dtype: torch.dtype, repeats: int = 5) 
     with torch.no_grad():
         for name, (fn, flops) in work.items():
             timing = time_interleaved({name: fn}, repeats, warmup=2, device=device)[name]
-            del timing["output"], timing["repeats"]
+            del timing["output"], timing["repeats"], timing["first_s"]
             result[name] = flops / timing["min_s"]
     return result
 
@@ -374,7 +386,7 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     """Child-process entry: run one task of one implementation once and print its peak memory (MiB)."""
     device = torch.device(args.device)
     workload = workloads()[args.memory_workload]
-    pair = build_pair(workload, device, args.ours_options)
+    pair = build_pair(workload, device, args.ours_options, args.diffusers_channels_last)
     impl, task, batch = args.memory_impl, args.memory_task, args.memory_batch
     # The other implementation stays built: it is part of the baseline, and only growth is measured.
     inp = make_inputs(workload, batch, device)
@@ -398,7 +410,7 @@ def measure_memory_child(args: argparse.Namespace) -> None:
 
 def measure_memory(args: argparse.Namespace, workload: str, task: str, batch: int, impl: str) -> float:
     cmd = [sys.executable, __file__, "--device", args.device, "--precision", args.precision,
-           "--ours-options", ",".join(args.ours_options), "--memory-workload", workload, "--memory-task", task,
+           "--ours-options", ",".join(args.ours_options) or "none", "--memory-workload", workload, "--memory-task", task,
            "--memory-batch", str(batch), "--memory-impl", impl]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -415,24 +427,24 @@ def precision_context(args: argparse.Namespace, device: torch.device):
     return torch.autocast(device.type, dtype=DTYPES[args.precision])
 
 
-def check_same_function(pair: Pair, inp: Inputs) -> float:
-    """Largest |ours − diffusers| of one forward, relative to the output's scale."""
+def precision_errors(pair: Pair, inp: Inputs) -> dict[str, float]:
+    """Largest |output under autocast − float32 output| of one forward, relative to the output's scale."""
     fns = forward_fns(pair, inp)
-    a, b = fns["ours"]().float(), fns["diffusers"]().float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    with torch.autocast(inp.x.device.type, enabled=False):
+        exact = {impl: fn().float() for impl, fn in fns.items()}
+    return {impl: ((fn().float() - exact[impl]).abs().max() / exact[impl].abs().max()).item()
+            for impl, fn in fns.items()}
 
 
 def run_workload(args: argparse.Namespace, workload: Workload, device: torch.device,
                  ceiling: float) -> list[dict]:
-    pair = build_pair(workload, device, args.ours_options)
+    pair = build_pair(workload, device, args.ours_options, args.diffusers_channels_last)
     rows = []
     for task in args.tasks:
         batches = workload.sample_batches if task == "sample" else workload.batches
         for batch in batches:
             inp = make_inputs(workload, batch, device)
             with precision_context(args, device):
-                if task == "forward":
-                    print(f"  {workload.name}: outputs differ by {check_same_function(pair, inp):.1e} (relative)")
                 fns = TASKS[task](pair, inp)
                 modules = {"ours": pair.unet, "diffusers": pair.diffusers} if task == "sample" else None
                 repeats = args.repeats if task != "sample" else max(3, args.repeats // 3)
@@ -440,16 +452,21 @@ def run_workload(args: argparse.Namespace, workload: Workload, device: torch.dev
                 warmup_fns = sample_fns(pair, inp, steps=2) if task == "sample" else None
                 timings = time_interleaved(fns, repeats, 2, device, modules, warmup_fns, args.min_seconds)
                 repeats = timings["ours"].pop("repeats")
-                if task == "sample":
-                    a, b = (timings[impl].pop("output").float() for impl in ("ours", "diffusers"))
+                if task in ("forward", "sample"):
+                    # Same work: the two outputs (a U-Net output, or the final latents) must agree.
+                    a, b = (timings[impl]["output"].float() for impl in ("ours", "diffusers"))
                     diff = ((a - b).abs().max() / b.abs().max()).item()
-                    print(f"  {workload.name} b{batch}: final latents of the two loops differ by {diff:.1e} (relative)")
+                    print(f"  {workload.name} {task} b{batch}: ours and diffusers differ by {diff:.1e} (relative)")
+                if task == "forward" and args.precision != "fp32":
+                    errors = precision_errors(pair, inp)
                 flops = {}
                 if task in ("forward", "train"):
                     flops = {impl: count_flops(fn) for impl, fn in fns.items()}
             for impl in ("ours", "diffusers"):
                 timings[impl].pop("output", None)
                 timings[impl].pop("repeats", None)
+                if task == "forward" and args.precision != "fp32":
+                    timings[impl]["error_vs_fp32"] = errors[impl]
                 row = {
                     "stage": args.stage, "device": device.type, "precision": args.precision,
                     "ours_options": "+".join(args.ours_options) or "-", "workload": workload.name, "task": task,
@@ -472,15 +489,15 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     points = [("batch", b, base.latent) for b in (1, 2, 4, 8)]
     points += [("resolution", 1, r) for r in (16, 32, 48, 64)]
-    pair = build_pair(base, device, args.ours_options)
+    pair = build_pair(base, device, args.ours_options, args.diffusers_channels_last)
     for axis, batch, latent in points:
         workload = Workload(base.name, base.unet, latent, base.context, (batch,), (), base.note)
         inp = make_inputs(workload, batch, device)
         with precision_context(args, device):
             timings = time_interleaved(forward_fns(pair, inp), max(3, args.repeats // 2), 1, device)
         for impl, t in timings.items():
-            t.pop("output")
-            t.pop("repeats")
+            for key in ("output", "repeats", "first_s"):
+                t.pop(key)
             rows.append({"axis": axis, "batch": batch, "latent": latent, "impl": impl, **t})
         print(f"  sweep {axis}: batch {batch}, {latent}x{latent}: ours {timings['ours']['median_s']:.3f} s, "
               f"diffusers {timings['diffusers']['median_s']:.3f} s")
@@ -510,7 +527,8 @@ def machine_info(device: torch.device) -> dict:
 
 
 CSV_FIELDS = ["stage", "device", "precision", "ours_options", "workload", "task", "batch", "impl", "repeats",
-              "median_s", "min_s", "ratio", "overhead", "gflop", "ceiling_fraction", "peak_mib"]
+              "median_s", "min_s", "first_s", "ratio", "overhead", "gflop", "ceiling_fraction", "peak_mib",
+              "error_vs_fp32"]
 
 
 def merge_rows(path: Path, rows: list[dict], stage: str, device: str) -> list[dict]:
@@ -527,7 +545,13 @@ def merge_rows(path: Path, rows: list[dict], stage: str, device: str) -> list[di
     return merged
 
 
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the bench rewrites the tables above -->"
+
+
 def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+    analysis = ""
+    if path.exists() and ANALYSIS_MARKER in path.read_text():
+        analysis = path.read_text().split(ANALYSIS_MARKER, 1)[1]
     lines = ["# Performance: ours against diffusers on identical weights", "",
              "Written by `bench/performance.py` (its docstring says what each task times). Times are medians "
              "of interleaved repeats in one process; ratio = ours / diffusers (below 1: ours is faster). "
@@ -543,7 +567,9 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
             ceiling = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in info["ceiling"].items())
             lines += [f"{info['when']}; {m.get('gpu', m['cpu'])}, {m['threads']} threads; torch {m['torch']}, "
                       f"diffusers {m['diffusers']}; precision {info['precision']}; ours' options: "
-                      f"{info['ours_options'] or 'none'}. Ceiling: {ceiling}.", ""]
+                      f"{info['ours_options'] or 'none'}; diffusers "
+                      f"{'channels-last' if info.get('diffusers_channels_last') else 'as it comes'}. "
+                      f"Ceiling: {ceiling}.", ""]
             if info.get("note"):
                 lines += [info["note"], ""]
         lines += ["| workload | task | batch | ours s | diffusers s | ratio | ours overhead | diffusers overhead "
@@ -571,9 +597,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
                          f"{cell(o, 'peak_mib')} | {cell(d, 'peak_mib')} |")
         lines.append("")
     lines += ["## Workloads", ""] + [f"- {w.name}: {w.note}" for w in workloads().values()] + [""]
-    if meta.get("notes"):
-        lines += ["## Notes", "", meta["notes"], ""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n" + ANALYSIS_MARKER + (analysis or "\n"))
 
 
 def plot_sweep(path: Path, rows: list[dict], title: str) -> None:
@@ -605,7 +629,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--workloads", default=None, help="comma list of " + ", ".join(workloads()))
     parser.add_argument("--tasks", default="forward,train,train_same_optimizer,sample",
                         help="comma list of " + ", ".join(TASKS))
-    parser.add_argument("--ours-options", default="", help="comma list of " + ", ".join(SPEED_OPTIONS))
+    parser.add_argument("--ours-options", default=",".join(DEFAULT_SPEED_OPTIONS),
+                        help="ours' speed_options, a comma list of " + ", ".join(SPEED_OPTIONS) +
+                        " or 'none' (default: the toolkit's default, %(default)s)")
+    parser.add_argument("--diffusers-channels-last", action="store_true",
+                        help="put diffusers' U-Net in channels-last memory format too")
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats (sampling: a third, at least 3)")
     parser.add_argument("--min-seconds", type=float, default=10.0,
                         help="repeat short calls until each side has run this long (more repeats, less noise)")
@@ -617,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name in ("workload", "task", "batch", "impl"):
         parser.add_argument(f"--memory-{name}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.ours_options = tuple(o for o in args.ours_options.split(",") if o)
+    args.ours_options = tuple(o for o in args.ours_options.split(",") if o and o != "none")
     if args.memory_impl:
         args.memory_batch = int(args.memory_batch)
         return measure_memory_child(args)
@@ -645,6 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     meta[f"{args.stage}/{device.type}"] = {
         "when": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(device), "precision": args.precision,
         "ours_options": "+".join(args.ours_options), "ceiling": ceiling, "note": args.note,
+        "diffusers_channels_last": args.diffusers_channels_last,
     }
     if args.sweep:
         sweep_rows = sweep(args, device)

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.unet_fixtures import unet_small  # noqa: F401  (a fixture, shared by several test files)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from safetensors.torch import load_file
 
 from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
-from ldm.models.diffusion.guidance import drop_conditions, guided_output
+from ldm.models.diffusion.guidance import drop_conditions, guided_model
 from ldm.modules.diffusionmodules.likelihood import variational_bound
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 from ldm.util import instantiate_from_config
@@ -249,7 +249,7 @@ def test_condition_dropout_only_while_training():
 # ------------------------------------------------------------------------------------ guidance
 
 
-def test_guided_output_combines_conditional_and_unconditional_calls():
+def test_guided_model_combines_conditional_and_unconditional_calls():
     torch.manual_seed(0)
     model = tiny_ddpm(unet_config=cross_attention_unet(), conditioning_key="crossattn")
     perturb_(model.model)
@@ -258,9 +258,9 @@ def test_guided_output_combines_conditional_and_unconditional_calls():
     with torch.no_grad():
         out_cond = model.apply_model(x, t, cond)
         out_uncond = model.apply_model(x, t, uncond)
-        assert torch.equal(guided_output(model.apply_model, x, t, cond, uncond, 1.0), out_cond)
-        assert torch.equal(guided_output(model.apply_model, x, t, cond, None, 5.0), out_cond)
-        guided = guided_output(model.apply_model, x, t, cond, uncond, 4.0)
+        assert torch.equal(guided_model(model.apply_model, cond, uncond, 1.0)(x, t), out_cond)
+        assert torch.equal(guided_model(model.apply_model, cond, None, 5.0)(x, t), out_cond)
+        guided = guided_model(model.apply_model, cond, uncond, 4.0)(x, t)
         assert (out_cond - out_uncond).abs().max() > 1e-2  # the condition matters
         torch.testing.assert_close(guided, out_uncond + 4.0 * (out_cond - out_uncond), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.denoiser(cond, uncond, 4.0)(x, t), guided, atol=0, rtol=0)

@@ -31,7 +31,7 @@ from ldm.modules.diffusionmodules.diffusers_conversion import (
 )
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
-from tests.test_unet import randomize_
+from tests.unet_fixtures import randomize_
 
 import diffusers  # noqa: E402  (the test extra installs it)
 UNet2DConditionModel = diffusers.UNet2DConditionModel

@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ldm.checkpoint import load_weights
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock, UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import instantiate_from_config
+from tests.unet_fixtures import randomize_
 
 UNET_PREFIX = "model.diffusion_model."
 # UNet params of latent-diffusion txt2img-1p4B-eval.yaml and stable-diffusion v1-inference.yaml.
@@ -25,31 +24,6 @@ RELEASED_UNETS = {
     "sd_v1_unet": dict(LARGE_UNET, image_size=64, context_dim=768),
 }
 TINY = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1, channel_mult=[1, 2])
-
-
-@pytest.fixture(scope="module")
-def unet_small(reference_dir):
-    path = reference_dir / "unet_small.safetensors"
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        config = json.loads(f.metadata()["config"])
-    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
-    return config, weights, {k: v for k, v in tensors.items() if not k.startswith("weights.")}
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Redraw every parameter so no zero-initialised layer hides a path from the gradient checks."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() > 1:  # conv/linear/embedding: variance 1/fan_in, as the reference fixtures
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            elif name.endswith("weight"):  # norm scales
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return model
 
 
 def test_timestep_embedding_is_cos_first_with_reference_frequencies():

@@ -46,18 +46,26 @@ class CrossAttention(nn.Module):
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        context = x if context is None else context
-        if context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"context has {context.shape[-1]} features but this attention was built with "
-                f"context_dim={self.context_dim}; set the U-Net's context_dim to the conditioning "
-                "encoder's output width"
-            )
-        q = self._split_heads(self.to_q(x))
-        k = self._split_heads(self.to_k(context))
-        v = self._split_heads(self.to_v(context))
+        # Projections that read the same input run as one matrix product with the weights side by side
+        # (q, k, v for self-attention; k, v for cross-attention): fewer, larger products, same result.
+        if context is None:
+            if self.context_dim != x.shape[-1]:
+                raise ValueError(
+                    f"this attention was built for a context of width {self.context_dim}, but none was given; "
+                    "pass the conditioning as context"
+                )
+            q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, -1)
+        else:
+            if context.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"context has {context.shape[-1]} features but this attention was built with "
+                    f"context_dim={self.context_dim}; set the U-Net's context_dim to the conditioning "
+                    "encoder's output width"
+                )
+            q = self.to_q(x)
+            k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, -1)
         # Default scale 1/sqrt(dim_head), as the reference (Vaswani et al. 2017, eq. 1).
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(self._split_heads(q), self._split_heads(k), self._split_heads(v))
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -169,11 +177,14 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, _, h, w = x.shape
-        x_in = x
-        x = self.proj_in(self.norm(x))
-        x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H·W, C)
+        b, c, h, w = x.shape
+        # Work on tokens (B, H·W, C) from the normalised map on: a view of channels-last maps, one copy of
+        # the others. The 1x1 convolutions proj_in/proj_out are the same maps as linear layers on tokens, so
+        # they run as such (their weights reshaped), without a layout change around each.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
-            x = block(x, context=context)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        return self.proj_out(x) + x_in
+            tokens = block(tokens, context=context)
+        tokens = F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        # x first: the sum takes x's memory layout, so a contiguous U-Net stays contiguous.
+        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.models.diffusion.guidance import Condition, guided_output
+from ldm.models.diffusion.guidance import Condition, guided_model
 from ldm.models.diffusion.spacing import ddim_alphas, ddim_sigmas, make_ddim_timesteps
 from ldm.modules.diffusionmodules.parameterization import to_eps, to_x0
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
@@ -237,9 +237,7 @@ class DDIMSampler:
                  temperature: float = 1.0, noise_dropout: float = 0.0, x0_fn: Optional[X0Fn] = None,
                  progress: bool = True, desc: str = "") -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """The sampling loop over the ascending `timesteps`, run from the highest; coefficients by position."""
-        def model_output(x_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
-            return guided_output(self.model.apply_model, x_in, t_in, cond, uncond, scale)
-
+        model_output = guided_model(self.model.apply_model, cond, uncond, scale)
         step = self._make_step(model_output, x0_fn)
         schedule = self.model.schedule
         time_range = np.flip(timesteps)

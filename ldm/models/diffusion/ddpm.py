@@ -21,11 +21,12 @@ from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
-from ldm.models.diffusion.guidance import drop_conditions, guided_output
+from ldm.models.diffusion.guidance import drop_conditions, guided_model
 from ldm.modules.diffusionmodules.likelihood import variational_bound
 from ldm.modules.diffusionmodules.objectives import elementwise_loss, reweight_by_logvar, vlb_weights
 from ldm.modules.diffusionmodules.parameterization import check_parameterization, training_target
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, apply_speed_options
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.optim import adamw
@@ -63,7 +64,8 @@ class DiffusionWrapper(nn.Module):
             return self.diffusion_model(x, t)
         if key == "adm":
             return self.diffusion_model(x, t, y=c_crossattn[0])
-        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, dim=1))
+        context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, dim=1)  # no copy of one
+        return self.diffusion_model(x, t, context=context)
 
 
 class DDPM(pl.LightningModule):
@@ -73,6 +75,8 @@ class DDPM(pl.LightningModule):
     learned per-timestep log-variance, plus `original_elbo_weight` times the VLB term L_{t−1} (eq. 5) with
     the correct weight for the parameterization. `ucg_training` drops conditions for classifier-free
     guidance. `validation_bpd_timesteps` adds the variational bound in bits/dim to validation (Table 1).
+    `speed_options` (ldm.modules.diffusionmodules.speed) are applied to the U-Net: channels-last by default,
+    `compile` on request; none changes the weights or the state dict.
     """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
@@ -85,7 +89,8 @@ class DDPM(pl.LightningModule):
                  conditioning_key: Optional[str] = None, parameterization: str = "eps",
                  scheduler_config: Optional[Mapping] = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
-                 ucg_training: Optional[Mapping] = None, validation_bpd_timesteps: int = 0) -> None:
+                 ucg_training: Optional[Mapping] = None, validation_bpd_timesteps: int = 0,
+                 speed_options: Sequence[str] = DEFAULT_SPEED_OPTIONS) -> None:
         super().__init__()
         if use_positional_encodings:
             raise ValueError("use_positional_encodings needs the reference's coordinate conditioning, which is "
@@ -98,6 +103,7 @@ class DDPM(pl.LightningModule):
         self.image_size = image_size
         self.channels = channels
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        apply_speed_options(self.model.diffusion_model, speed_options)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
@@ -221,7 +227,7 @@ class DDPM(pl.LightningModule):
     def denoiser(self, cond: Any = None, uncond: Any = None,
                  guidance_scale: float = 1.0) -> Any:
         """`f(x_t, t) -> model output` for the samplers, with classifier-free guidance when `uncond` is given."""
-        return lambda x, t: guided_output(self.apply_model, x, t, cond, uncond, guidance_scale)
+        return guided_model(self.apply_model, cond, uncond, guidance_scale)
 
     # ------------------------------------------------------------------------------------ likelihood
 

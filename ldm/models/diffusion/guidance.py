@@ -1,7 +1,7 @@
 """Classifier-free guidance (Ho & Salimans 2022): training-time condition dropout and the guided output.
 
 Both halves of the method live here: `drop_conditions` replaces a batch's conditions with their "no
-condition" value at a set rate during training, and `guided_output` combines the conditional and
+condition" value at a set rate during training, and `guided_model` combines the conditional and
 unconditional predictions at sampling time, for every sampler.
 """
 from __future__ import annotations
@@ -50,15 +50,22 @@ def _concat_conditions(uncond: Condition, cond: Condition) -> Condition:
     return torch.cat([uncond, cond])
 
 
-def guided_output(model: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], x: torch.Tensor,
-                  t: torch.Tensor, cond: Condition, uncond: Condition = None, scale: float = 1.0) -> torch.Tensor:
-    """Model output with classifier-free guidance: out_u + scale · (out_c − out_u) (Ho & Salimans, eq. 6).
+def guided_model(model: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], cond: Condition,
+                 uncond: Condition = None, scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`f(x, t)`: the model output with classifier-free guidance, out_u + scale · (out_c − out_u) (Ho &
+    Salimans, eq. 6).
 
     Both passes run as one batch of 2B (unconditional half first); scale 1 or no `uncond` is a single
-    conditional pass. `cond`/`uncond` are tensors, lists or dicts of them (hybrid conditioning).
-    The combination is linear, so it holds for ε, x_0 and v outputs alike.
+    conditional pass. `cond`/`uncond` are tensors, lists or dicts of them (hybrid conditioning); their
+    concatenation is made once here, not at every sampling step. The combination is linear, so it holds
+    for ε, x_0 and v outputs alike.
     """
     if uncond is None or scale == 1.0:
-        return model(x, t, cond)
-    out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), _concat_conditions(uncond, cond)).chunk(2)
-    return out_uncond + scale * (out_cond - out_uncond)
+        return lambda x, t: model(x, t, cond)
+    both = _concat_conditions(uncond, cond)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+
+    return guided

@@ -78,6 +78,8 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and (self.weight is None or self.weight.dtype == torch.float32):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # nothing to cast
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
