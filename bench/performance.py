@@ -572,10 +572,14 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
                       f"Ceiling: {ceiling}.", ""]
             if info.get("note"):
                 lines += [info["note"], ""]
-        lines += ["| workload | task | batch | ours s | diffusers s | ratio | ours overhead | diffusers overhead "
-                  "| ours of ceiling | diffusers of ceiling | ours peak MiB | diffusers peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         mine = [r for r in rows if (r["stage"], r["device"]) == (stage, device)]
+        # Compile time (the first call) where ours is compiled; the error against float32 under autocast.
+        extra = [("first_s", "first call s")] if "compile" in mine[0]["ours_options"] else []
+        extra += [("error_vs_fp32", "error vs fp32")] if mine[0]["precision"] != "fp32" else []
+        extra_head = "".join(f" ours {name} | diffusers {name} |" for _, name in extra)
+        lines += ["| workload | task | batch | ours s | diffusers s | ratio | ours overhead | diffusers overhead "
+                  "| ours of ceiling | diffusers of ceiling | ours peak MiB | diffusers peak MiB |" + extra_head,
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * len(extra))]
         keys = []
         for r in mine:
             key = (r["workload"], r["task"], r["batch"])
@@ -594,7 +598,8 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(o, 'median_s')} | {cell(d, 'median_s')} | "
                          f"**{float(o['ratio']):.2f}** | {cell(o, 'overhead', True)} | {cell(d, 'overhead', True)} | "
                          f"{cell(o, 'ceiling_fraction', True)} | {cell(d, 'ceiling_fraction', True)} | "
-                         f"{cell(o, 'peak_mib')} | {cell(d, 'peak_mib')} |")
+                         f"{cell(o, 'peak_mib')} | {cell(d, 'peak_mib')} |"
+                         + "".join(f" {cell(o, k)} | {cell(d, k)} |" for k, _ in extra))
         lines.append("")
     lines += ["## Workloads", ""] + [f"- {w.name}: {w.note}" for w in workloads().values()] + [""]
     path.write_text("\n".join(lines) + "\n" + ANALYSIS_MARKER + (analysis or "\n"))
@@ -642,6 +647,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: txt2img size, 3 repeats, no memory")
     parser.add_argument("--note", default="", help="a sentence recorded with this run (what changed)")
     parser.add_argument("--outdir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite performance.md from the CSV and JSON in --outdir")
     for name in ("workload", "task", "batch", "impl"):
         parser.add_argument(f"--memory-{name}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -649,6 +656,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.memory_impl:
         args.memory_batch = int(args.memory_batch)
         return measure_memory_child(args)
+    if args.report_only:
+        meta = json.loads((args.outdir / "performance.json").read_text())
+        with open(args.outdir / "performance.csv") as f:
+            write_markdown(args.outdir / "performance.md", list(csv.DictReader(f)), meta)
+        return None
     if args.quick:
         args.workloads, args.repeats, args.min_seconds, args.memory = args.workloads or "txt2img", 3, 1.0, False
     device = torch.device(args.device)
