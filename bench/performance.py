@@ -39,6 +39,7 @@ devices are kept) and, with --sweep, performance.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -118,7 +119,6 @@ class Pair:
 
     ours: DDPM
     diffusers: torch.nn.Module
-    ours_options: tuple[str, ...] = ()
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -145,7 +145,7 @@ def build_pair(workload: Workload, device: torch.device, options: Sequence[str],
     theirs = to_diffusers(ours.model.diffusion_model)
     if diffusers_channels_last:  # diffusers' documented CPU/GPU speed-up, for a like-for-like row
         theirs.to(memory_format=torch.channels_last)
-    return Pair(ours, theirs, tuple(options))
+    return Pair(ours, theirs)
 
 
 def diffusers_scheduler():
@@ -422,7 +422,6 @@ def measure_memory(args: argparse.Namespace, workload: str, task: str, batch: in
 
 def precision_context(args: argparse.Namespace, device: torch.device):
     if args.precision == "fp32":
-        import contextlib
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[args.precision])
 
