@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import gc
 import json
 import os
 import platform
@@ -391,7 +392,6 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     # The other implementation stays built: it is part of the baseline, and only growth is measured.
     inp = make_inputs(workload, batch, device)
     fns = sample_fns(pair, inp, steps=2) if task == "sample" else TASKS[task](pair, inp)
-    import gc
     gc.collect()
     with precision_context(args, device):
         if device.type == "cuda":

@@ -181,6 +181,11 @@ def _heads_per_level(p: Mapping[str, Any]) -> list[int]:
     return [max(1, ch // p["num_head_channels"]) for ch in channels]
 
 
+def _levels_with_attention(p: Mapping[str, Any]) -> list[bool]:
+    """Per level, whether its blocks carry attention (its downsampling factor 2^level is listed)."""
+    return [2**level in p["attention_resolutions"] for level in range(len(p["channel_mult"]))]
+
+
 def diffusers_unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """The `UNet2DConditionModel` config of a UNetModel built with `params`, every key set explicitly.
 
@@ -192,8 +197,7 @@ def diffusers_unet_config(params: Mapping[str, Any]) -> dict[str, Any]:
     """
     p = _complete_params(params)
     _check_representable(p)
-    levels = len(p["channel_mult"])
-    has_attention = [2**level in p["attention_resolutions"] for level in range(levels)]
+    has_attention = _levels_with_attention(p)
     config = {
         "sample_size": p["image_size"],
         "in_channels": p["in_channels"],
@@ -342,7 +346,7 @@ def _module_names(p: Mapping[str, Any]) -> dict[str, tuple[str, bool]]:
     """CompVis module path -> (diffusers module path, whether it is a ResBlock), per convert_ldm_unet_checkpoint."""
     levels = len(p["channel_mult"])
     blocks = p["num_res_blocks"]
-    has_attention = [2**level in p["attention_resolutions"] for level in range(levels)]
+    has_attention = _levels_with_attention(p)
     names = {
         "time_embed.0": ("time_embedding.linear_1", False),
         "time_embed.2": ("time_embedding.linear_2", False),
