@@ -233,7 +233,8 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     `shape` is the latent (C, h, w), default the training size. `known` with `known_mask` (latent space,
     **1 = keep**) keeps the known latents at every step, for every sampler, and exactly at the end. `eta`
     is DDIM's (0 = deterministic) and Euler ancestral's noise scale. `ddpm` is the DDPM paper's ancestral
-    sampler over all T steps (`steps` is ignored). `callback(i, x̂_0)` runs after each step.
+    sampler over all T steps (`steps` is ignored). `callback(i, x̂_0)` runs after each step. DDIM and PLMS
+    use trailing timesteps for a zero-terminal-SNR model (Lin et al. 2024, sec. 3.3: start at its pure noise).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
@@ -250,7 +251,9 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     with precision_scope(model):
         if sampler in ("ddim", "plms"):
             ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
+            discretize = "trailing" if float(model.schedule.alphas_cumprod[-1]) == 0.0 else "uniform"
             z, _ = ddim.sample(S=steps, batch_size=batch_size, shape=shape, conditioning=cond, eta=eta, x_T=x_T,
+                               ddim_discretize=discretize,
                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
                                mask=known_mask, x0=known, verbose=progress,
                                img_callback=None if callback is None else lambda x0, i: callback(i, x0))

@@ -128,7 +128,7 @@ def test_extract_broadcasts_and_moves_with_module():
 @pytest.mark.parametrize("betas, message", [
     (np.zeros((2, 3)) + 0.1, "1-D"),
     (np.array([]), "1-D"),
-    (np.array([0.1, 1.0]), r"open interval \(0, 1\)"),
+    (np.array([1.0, 0.1]), r"open interval \(0, 1\)"),  # 1 is allowed last only (zero terminal SNR)
     (np.array([0.0, 0.1]), r"open interval \(0, 1\)"),
     (np.array([0.1, np.nan]), r"open interval \(0, 1\)"),
 ])

@@ -31,6 +31,25 @@ def _per_example(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return value.reshape(x.shape[0], *((1,) * (x.dim() - 1)))
 
 
+def finite_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """A copy of the ascending table σ_t with an infinite last entry (ᾱ_{T−1} = 0, zero terminal SNR) replaced
+    by its log-linear extrapolation from the two before, σ_{T−2}²/σ_{T−3} (about 2σ_{T−2}, thousands for
+    1000-step schedules rescaled by Lin et al. 2024's Algorithm 1).
+
+    Why a stand-in rather than σ = ∞ handled in each sampler: the samplers start from x = noise·σ_max and
+    step along (x − D)/σ, both undefined at ∞, and a special first step would be needed in each of them and
+    in every caller. At the stand-in the data is negligible next to the noise, so the model input
+    x·c_in = x/√(1 + σ²) is the pure noise it saw at t = T − 1, and (quantized) the first call is made at
+    t = T − 1 itself: Lin et al. sec. 3.3's "sample from the last timestep", where a v-model gives E[x_0].
+    """
+    sigmas = sigmas.clone()
+    if torch.isinf(sigmas[-1]):
+        if sigmas.shape[0] < 3:
+            raise ValueError("a zero-terminal-SNR schedule needs at least 3 timesteps for the σ-space samplers")
+        sigmas[-1] = sigmas[-2] ** 2 / sigmas[-3]
+    return sigmas
+
+
 class DiscreteDenoiser:
     """D(x_σ, σ) = x̂_0 from a model trained on the discrete timesteps of `schedule`.
 
@@ -48,6 +67,9 @@ class DiscreteDenoiser:
       v:   x̂_0 = x_σ/(1 + σ²) − σ/√(1 + σ²)·v̂  (Salimans & Ho 2022, appendix D: x_0 = √ᾱ x_t − √(1−ᾱ) v)
     These are `parameterization.to_x0` written with σ instead of a table row, which a fractional t lacks;
     at integer t they coincide with it (checked in tests/test_closed_form_sampling.py).
+
+    Zero terminal SNR (Lin et al. 2024: ᾱ_{T−1} = 0) makes the last σ infinite; the table holds a finite
+    stand-in there instead (`finite_sigmas`), so σ_max and every sampler step stay finite.
     """
 
     def __init__(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
@@ -56,7 +78,7 @@ class DiscreteDenoiser:
         self.parameterization = check_parameterization(parameterization)
         self.quantize = quantize
         # √(1/ᾱ − 1) = √((1 − ᾱ)/ᾱ): the schedule already holds it, computed in float64 before its cast.
-        self.sigmas = schedule.sqrt_recipm1_alphas_cumprod.detach().clone()
+        self.sigmas = finite_sigmas(schedule.sqrt_recipm1_alphas_cumprod.detach())
         self.log_sigmas = self.sigmas.log()
 
     @property

@@ -4,6 +4,10 @@ Methods for Diffusion Models on Manifolds", PNDM sec. 3-4), with the CompVis ref
 Each step makes one model call; the ε used in the DDIM update (eq. 12) extrapolates from the current and
 up to three earlier ε (Adams-Bashforth). The first step has no history: it takes a pseudo improved-Euler
 (Heun) step, averaging ε at the start and at a trial DDIM step's end (two model calls).
+
+A step from ᾱ_t = 0 (zero terminal SNR, Lin et al. 2024) is a plain DDIM step with the model's own x̂_0:
+the DDIM update from a combined ε reads x̂_0 = (x_t − √(1 − ᾱ_t) ε')/√ᾱ_t, undefined there (x_t = ε
+exactly, so only the model's x̂_0 can say anything about x_0). Its ε = x_t starts the history.
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ class PLMSSampler(DDIMSampler):
 
         def step(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, alpha_prev: torch.Tensor,
                  sigma: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            if bool((schedule.alphas_cumprod[t.to(schedule.alphas_cumprod.device)] == 0).any()):
+                output = model_output(x, t)
+                old_eps.append(to_eps(parameterization, schedule, output, x, t))
+                return ddim_update(schedule, parameterization, output, x, t, alpha_prev, sigma, noise, x0_fn)
             eps = eps_at(x, t)
             if not old_eps:
                 x_trial, _ = ddim_update(schedule, "eps", eps, x, t, alpha_prev, sigma, None, x0_fn)

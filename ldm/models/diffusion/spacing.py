@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-DISCRETIZATIONS = ("uniform", "quad")
+DISCRETIZATIONS = ("uniform", "quad", "trailing")
 
 
 def make_ddim_timesteps(discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
@@ -21,12 +21,20 @@ def make_ddim_timesteps(discr_method: str, num_ddim_timesteps: int, num_ddpm_tim
 
     Both are shifted by +1, the reference's choice: a run of T=1000 at S=10 visits 901, 801, ..., 1, and
     its last update goes to ᾱ_0 (see `ddim_alphas`). An S whose shifted steps would reach t=T is refused.
+
+    - ``trailing``: round(T − k·T/S) − 1 for k = S−1, …, 0, always ending on the last timestep T − 1
+      (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.3 and
+      Table 2): T=1000, S=10 visits 999, 899, ..., 99. Sampling must start there, where the model was
+      trained on pure noise; a zero-terminal-SNR model is never evaluated at its ᾱ_T = 0 otherwise.
     """
     if isinstance(num_ddim_timesteps, bool) or not isinstance(num_ddim_timesteps, (int, np.integer)):
         raise TypeError(f"the number of sampling steps must be an int, got {num_ddim_timesteps!r}")
     if not 1 <= num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"the number of sampling steps must lie in 1..{num_ddpm_timesteps} (the model's "
                          f"timesteps), got {num_ddim_timesteps}")
+    if discr_method == "trailing":
+        return np.round(num_ddpm_timesteps - np.arange(num_ddim_timesteps) * num_ddpm_timesteps / num_ddim_timesteps
+                        ).astype(int)[::-1] - 1
     if discr_method == "uniform":
         steps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_ddim_timesteps)
     elif discr_method == "quad":

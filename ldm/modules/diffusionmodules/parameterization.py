@@ -25,6 +25,17 @@ def check_parameterization(parameterization: str) -> str:
     return parameterization
 
 
+def check_terminal_snr(parameterization: str, schedule: NoiseSchedule) -> None:
+    """Refuse ε-prediction on a schedule that ends at ᾱ_T = 0 (zero terminal SNR, Lin et al. 2024, sec. 3.2).
+
+    There x_T = ε exactly: an ε-model's output holds no information about x_0, and x_0 = (x_T − ε)/√ᾱ_T
+    (DDPM eq. 15) divides by 0; v and x_0 still determine x_0 there (x_0 = −v at ᾱ = 0).
+    """
+    if check_parameterization(parameterization) == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0:
+        raise ValueError("zero_terminal_snr (ᾱ_T = 0) needs parameterization 'v' or 'x0', got 'eps': "
+                         "ε-prediction cannot recover x_0 from pure noise")
+
+
 def training_target(parameterization: str, schedule: NoiseSchedule, x0: torch.Tensor, noise: torch.Tensor,
                     t: torch.Tensor) -> torch.Tensor:
     """What the model should output for x_t = q_sample(x0, t, noise): ε, x_0 or v."""

@@ -55,6 +55,25 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     return betas.numpy()
 
 
+def rescale_zero_terminal_snr(betas: ArrayLike) -> np.ndarray:
+    """β rescaled so that ᾱ_T = 0 (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Algorithm 1): √ᾱ_t is shifted so its last entry is 0 and scaled so its first is unchanged.
+
+    The usual schedules end at ᾱ_T > 0 (0.0047 for Stable Diffusion's), so training never shows the model
+    pure noise while sampling starts from it. The returned β_T is exactly 1 (α_T = 0), so ᾱ_T is exactly 0;
+    ε-prediction cannot recover x_0 there, so such a schedule needs v- or x_0-prediction (paper sec. 3.2).
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 2:
+        raise ValueError(f"zero_terminal_snr needs at least 2 timesteps (it keeps the first ᾱ), got {betas.shape}")
+    sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
+    sqrt_alphas_cumprod = (sqrt_alphas_cumprod - last) * (first / (first - last))
+    alphas_cumprod = sqrt_alphas_cumprod ** 2
+    alphas = np.append(alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return 1.0 - alphas
+
+
 def extract(a: torch.Tensor, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """a[t] reshaped to (B, 1, ..., 1) so it broadcasts against a tensor of `shape` = (B, ...)."""
     if t.dim() != 1 or t.shape[0] != shape[0]:
@@ -100,9 +119,13 @@ class NoiseSchedule(nn.Module):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.size == 0:
             raise ValueError(f"betas must be a non-empty 1-D array (one β per timestep), got shape {betas.shape}")
-        if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
-            bad = betas[~(np.isfinite(betas) & (betas > 0) & (betas < 1))]
-            raise ValueError(f"every beta must lie in the open interval (0, 1); got {bad[:5].tolist()}")
+        # β_T = 1 (ᾱ_T = 0) is zero terminal SNR (`rescale_zero_terminal_snr`); 1 anywhere else would
+        # zero ᾱ before the end, and the posterior of the steps after it would divide by 0.
+        valid = np.isfinite(betas) & (betas > 0) & (betas < 1)
+        valid[-1] = np.isfinite(betas[-1]) and 0 < betas[-1] <= 1
+        if not np.all(valid):
+            raise ValueError(f"every beta must lie in the open interval (0, 1) (the last may be 1: zero terminal "
+                             f"SNR); got {betas[~valid][:5].tolist()}")
         if not 0.0 <= v_posterior <= 1.0:
             raise ValueError(f"v_posterior mixes two variances and must lie in [0, 1], got {v_posterior}")
         self.num_timesteps = int(betas.shape[0])
@@ -114,6 +137,10 @@ class NoiseSchedule(nn.Module):
         # DDPM eq. 7: β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t.
         posterior_variance = ((1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
                               + self.v_posterior * betas)
+        # ᾱ_T = 0 makes 1/ᾱ_T infinite: those two entries are +inf (x_0 cannot be read from ε at pure noise).
+        with np.errstate(divide="ignore"):
+            sqrt_recip_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod)
+            sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod - 1)
         values = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -121,8 +148,8 @@ class NoiseSchedule(nn.Module):
             "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
             "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "sqrt_recip_alphas_cumprod": sqrt_recip_alphas_cumprod,
+            "sqrt_recipm1_alphas_cumprod": sqrt_recipm1_alphas_cumprod,
             "posterior_variance": posterior_variance,
             "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, POSTERIOR_VARIANCE_FLOOR)),
             # DDPM eq. 7: μ̃_t = coef1 · x_0 + coef2 · x_t.
@@ -135,13 +162,17 @@ class NoiseSchedule(nn.Module):
     @classmethod
     def from_config(cls, given_betas: Optional[ArrayLike] = None, beta_schedule: str = "linear",
                     timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
-                    cosine_s: float = 8e-3, v_posterior: float = 0.0) -> "NoiseSchedule":
-        """The schedule the reference's `register_schedule` builds: `given_betas` if set, else `make_beta_schedule`."""
+                    cosine_s: float = 8e-3, v_posterior: float = 0.0,
+                    zero_terminal_snr: bool = False) -> "NoiseSchedule":
+        """The schedule the reference's `register_schedule` builds: `given_betas` if set, else `make_beta_schedule`;
+        with `zero_terminal_snr`, those β rescaled by `rescale_zero_terminal_snr` (Lin et al. 2024)."""
         if given_betas is not None:
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start=linear_start,
                                        linear_end=linear_end, cosine_s=cosine_s)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         return cls(betas, v_posterior=v_posterior)
 
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,14 +198,17 @@ class NoiseSchedule(nn.Module):
         return mean, variance, log_variance
 
     def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t: eq. 4 solved for x_0 (DDPM eq. 15)."""
+        """x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t: eq. 4 solved for x_0 (DDPM eq. 15); undefined where ᾱ_t = 0."""
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
     def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """ε = (x_t / √ᾱ_t − x_0) / √(1/ᾱ_t − 1): the exact inverse of `predict_start_from_noise`."""
-        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0)
-                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t): eq. 4 solved for ε, the exact inverse of `predict_start_from_noise`.
+
+        Written without 1/√ᾱ_t so it stays finite at ᾱ_t = 0 (zero terminal SNR), where it gives ε = x_t.
+        """
+        return ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x0)
+                / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape))
 
     def get_v(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, sec. 4 and appendix D)."""

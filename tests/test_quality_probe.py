@@ -1,0 +1,101 @@
+"""Quality probes (quality against training time) and the convergence benchmark's report."""
+import csv
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.evaluation.attribute_classifier import load_attribute_classifier
+from ldm.evaluation.quality_probe import PromptFollowingProbe, ReconstructionProbe, reconstruction_quality
+from tests.test_main import load_ckpt, only_run, run_main
+from tests.test_main_diffusion import DIFFUSION_CONFIGS, FAST
+
+
+class _Autoencoder(nn.Module):
+    """Stands in for a first stage: returns its input plus fixed noise, or a flat grey image."""
+
+    def __init__(self, grey: bool = False) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+        self.grey = grey
+
+    def forward(self, x, sample_posterior=True):
+        if self.grey:
+            return torch.zeros_like(x), None
+        return x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)), None
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_attribute_classifier()
+
+
+def test_reconstruction_quality_tells_a_good_first_stage_from_a_useless_one(classifier):
+    good = reconstruction_quality(_Autoencoder(), classifier, n_images=128, progress=False)
+    grey = reconstruction_quality(_Autoencoder(grey=True), classifier, n_images=128, progress=False)
+    # Noise of std 0.01 on [-1, 1] images is std 0.005 on [0, 1]: PSNR = -10 log10(0.005^2) = 46 dB.
+    assert good["psnr"] == pytest.approx(46.0, abs=0.5)
+    assert good["keep_colour"] > 0.97 and good["keep_shape"] > 0.95
+    assert grey["keep_shape"] < 0.5 and grey["keep_colour"] < 0.5 and grey["keep_all"] < 0.1
+
+
+def test_probe_rejects_a_non_positive_interval():
+    with pytest.raises(ValueError, match="every_minutes"):
+        ReconstructionProbe(every_minutes=0)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_prompt_following_probe_in_a_training_run_and_its_clock_resumes(tmp_path):
+    probe = ["lightning.callbacks.probe.target=ldm.evaluation.quality_probe.PromptFollowingProbe",
+             "lightning.callbacks.probe.params.every_minutes=0.0001", "lightning.callbacks.probe.params.n_captions=4",
+             "lightning.callbacks.probe.params.n_real=16", "lightning.callbacks.probe.params.steps=2",
+             "lightning.callbacks.probe.params.label=test", "lightning.callbacks.image_logger.params.disabled=true"]
+    args = ["-t", "--no-test", *FAST, *probe]
+    proc = run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "--max_steps", "2", *args], tmp_path)
+    assert "[probe] step 1" in proc.stdout
+    run = only_run(tmp_path)
+    rows = _rows(run / "quality.csv")
+    # Measured after steps 1 and 2 (every step is due), never twice at one step; both caption splits.
+    assert [(r["step"], r["split"]) for r in rows] == [("1", "seen"), ("1", "held_out"), ("2", "seen"),
+                                                         ("2", "held_out")]
+    for row in rows:
+        assert row["label"] == "test"
+        assert 0.0 <= float(row["match_all"]) <= float(row["match_colour"]) <= 1.0
+        assert math.isfinite(float(row["fid"])) and float(row["fid"]) > 0
+    minutes = [float(r["train_minutes"]) for r in rows]
+    assert minutes == sorted(minutes)
+    state = load_ckpt(run / "checkpoints" / "last.ckpt")["callbacks"]
+    saved = next(v for k, v in state.items() if "PromptFollowingProbe" in k)
+    run_main(["-r", str(run), "--max_steps", "3", *args], tmp_path)
+    resumed = _rows(run / "quality.csv")
+    assert [r["step"] for r in resumed[4:]] == ["3", "3"]
+    # The training clock goes on from where the first fit stopped.
+    assert float(resumed[4]["train_minutes"]) >= saved["train_seconds"] / 60.0 - 0.01
+
+
+def test_convergence_report_from_stored_runs(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("convergence", "bench/convergence.py")
+    convergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convergence)
+    monkeypatch.setattr(convergence, "RESULTS", tmp_path)
+    monkeypatch.setattr(convergence, "RUNS", tmp_path / "convergence")
+    (tmp_path / "convergence").mkdir()
+    header = "label,step,train_minutes,split,match_all,match_shape,match_colour,match_size,match_position,match_num_objects,fid\n"
+    (tmp_path / "convergence" / "a.csv").write_text(
+        header + "a,10,1.0,seen,0.1,0.2,0.3,0.4,0.5,0.6,100\na,10,1.0,held_out,0.05,0.2,0.3,0.4,0.5,0.6,200\n"
+        "a,20,2.0,seen,0.3,0.4,0.5,0.6,0.7,0.8,50\na,20,2.0,held_out,0.1,0.2,0.3,0.4,0.5,0.6,150\n")
+    (tmp_path / "convergence" / "fs.csv").write_text(
+        "label,step,train_minutes,split,psnr,ssim,keep_shape,keep_colour,keep_all\n"
+        "fs,100,3.0,held_out,29.5,0.91,0.9,0.99,0.85\n")
+    convergence.write_report()
+    md = (tmp_path / "convergence.md").read_text()
+    assert "| a | seen | 2.0 | 20 | 30 % | 40 % | 50 % | 60 % | 70 % | 80 % | 50.0 |" in md
+    assert "| fs | 3.0 | 100 | 29.50 | 0.910 | 90.0 % | 99.0 % | 85.0 % |" in md
+    assert len(_rows(tmp_path / "convergence.csv")) == 5
+    assert (tmp_path / "convergence.png").stat().st_size > 10_000
