@@ -94,7 +94,8 @@ class ImageFolderDataset(Dataset):
 
     Item keys: ``image`` (size, size, 3) float32 in [-1, 1], ``caption`` str, ``class_label`` int (0
     without class sub-folders), ``human_label`` (the class sub-folder's name, or ""), ``file_path_`` str
-    (the image actually returned).
+    (the image actually returned) and ``index`` int (that image's position in the sorted file list: a
+    stable key, e.g. for `cache_latents`).
     """
 
     def __init__(
@@ -203,6 +204,11 @@ class ImageFolderDataset(Dataset):
 
     # ------------------------------------------------------------------ items
 
+    @property
+    def random_augmentation(self) -> bool:
+        """Whether an item's pixels vary between visits (random crop or flips): then they cannot be cached."""
+        return self.crop == "random" or self.flip_p > 0
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -250,5 +256,6 @@ class ImageFolderDataset(Dataset):
                 "class_label": self.labels[candidate],
                 "human_label": self.classes[self.labels[candidate]] if self.classes else "",
                 "file_path_": str(path),
+                "index": candidate,
             }
         raise RuntimeError(f"none of the {len(self.paths)} images under {self.root} could be read; see the warnings above")

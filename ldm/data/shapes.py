@@ -509,7 +509,8 @@ class ShapesDataset(Dataset):
     """Captioned shapes, generated on the fly (see the module docstring for the label format).
 
     Item keys: ``image`` (size, size, 3) float32 in [-1, 1]; ``caption`` str; ``class_label`` int;
-    ``attributes`` int64 (MAX_OBJECTS, 4); ``num_objects`` int; with ``with_mask`` also ``mask``
+    ``attributes`` int64 (MAX_OBJECTS, 4); ``num_objects`` int; ``index`` int (the item's index: with the
+    dataset's config a stable key, e.g. for `cache_latents`); with ``with_mask`` also ``mask``
     (size, size, 1) float32, 1 = region to fill, and ``masked_image`` (the image, 0 inside the mask).
     """
 
@@ -567,6 +568,7 @@ class ShapesDataset(Dataset):
             "human_label": CLASS_NAMES[class_label_of(attributes)],  # the reference's key for class names
             "attributes": attributes,
             "num_objects": len(scene.objects),
+            "index": index,
         }
         if self.with_mask:
             # A separate stream (fourth entropy word) so enabling masks leaves the scene unchanged.
