@@ -92,6 +92,20 @@ def read_rows() -> list[dict]:
     return rows
 
 
+def real_rows(n_captions: int = 128) -> list[dict]:
+    """The probe's figures for real images (match ceiling, FID floor at this sample count), computed once."""
+    path = RUNS / "real_images.json"
+    if not path.exists():
+        sys.path.insert(0, str(REPO))
+        from ldm.evaluation.attribute_classifier import load_attribute_classifier
+        from ldm.evaluation.quality_probe import real_image_scores
+
+        scores = real_image_scores(load_attribute_classifier(), n_captions=n_captions)
+        path.write_text(json.dumps(scores, indent=1) + "\n")
+    return [{"label": "real images", "step": "", "train_minutes": "nan", "split": split,
+             **{k: str(v) for k, v in values.items()}} for split, values in json.loads(path.read_text()).items()]
+
+
 def write_report() -> None:
     settings = json.loads((RUNS / "runs.json").read_text()) if (RUNS / "runs.json").exists() else {}
     rows = read_rows()
@@ -103,7 +117,7 @@ def write_report() -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_plot(rows, settings)
-    (RESULTS / "convergence.md").write_text(markdown(rows, settings))
+    (RESULTS / "convergence.md").write_text(markdown(real_rows() + rows, settings))
     print(f"wrote {RESULTS / 'convergence.csv'}, .png, .md")
 
 
@@ -131,7 +145,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
         for (label, split), r in diffusion:
             pct = [f"{100 * float(r[f'match_{c}']):.0f} %" for c in ("all", "shape", "colour", "size", "position",
                                                                       "num_objects")]
-            lines.append(f"| {label} | {split} | {float(r['train_minutes']):.1f} | {r['step']} | "
+            lines.append(f"| {label} | {split} | {float(r['train_minutes']):.1f} | {r['step'] or '-'} | "
                          + " | ".join(pct) + f" | {float(r['fid']):.1f} |")
         lines.append("")
     stages = [(k, r) for k, r in last.items() if r.get("psnr")]

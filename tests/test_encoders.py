@@ -129,6 +129,16 @@ def test_bert_embedder_takes_prompts(tiny_vocab):
         tokens_only(["hello"])
 
 
+def test_bert_embedder_attention_width_is_configurable(tiny_vocab):
+    narrow = BERTEmbedder(n_embed=16, n_layer=1, vocab_size=len(TINY_VOCAB), tokenizer_path=str(tiny_vocab),
+                          heads=2, dim_head=8, max_seq_len=8)
+    attention = narrow.transformer.attn_layers.layers[0][1]
+    assert attention.to_out.in_features == 2 * 8
+    assert narrow.encode(["hello world"]).shape == (1, 8, 16)
+    default = BERTEmbedder(n_embed=16, n_layer=1, vocab_size=len(TINY_VOCAB), tokenizer_path=str(tiny_vocab))
+    assert default.transformer.attn_layers.layers[0][1].to_out.in_features == 8 * 64  # the reference's
+
+
 # --- vocabulary lookup --------------------------------------------------------------------------------
 
 def test_vocab_lookup_order(monkeypatch, tmp_path, tiny_vocab):

@@ -93,9 +93,13 @@ def test_convergence_report_from_stored_runs(tmp_path, monkeypatch):
     (tmp_path / "convergence" / "fs.csv").write_text(
         "label,step,train_minutes,split,psnr,ssim,keep_shape,keep_colour,keep_all\n"
         "fs,100,3.0,held_out,29.5,0.91,0.9,0.99,0.85\n")
+    (tmp_path / "convergence" / "real_images.json").write_text(
+        '{"seen": {"match_all": 1.0, "match_shape": 1.0, "match_colour": 1.0, "match_size": 1.0, '
+        '"match_position": 1.0, "match_num_objects": 1.0, "fid": 95.0}}')
     convergence.write_report()
     md = (tmp_path / "convergence.md").read_text()
+    assert "| real images | seen | nan | - | 100 % | 100 % | 100 % | 100 % | 100 % | 100 % | 95.0 |" in md
     assert "| a | seen | 2.0 | 20 | 30 % | 40 % | 50 % | 60 % | 70 % | 80 % | 50.0 |" in md
     assert "| fs | 3.0 | 100 | 29.50 | 0.910 | 90.0 % | 99.0 % | 85.0 % |" in md
-    assert len(_rows(tmp_path / "convergence.csv")) == 5
+    assert len(_rows(tmp_path / "convergence.csv")) == 5  # the runs' rows; real images are in the table only
     assert (tmp_path / "convergence.png").stat().st_size > 10_000

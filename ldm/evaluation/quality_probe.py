@@ -145,14 +145,8 @@ class PromptFollowingProbe(TimedProbe):
     def _prompt_sets(self, size: int) -> dict[str, tuple[list[str], tuple]]:
         """Per split: the captions to sample and the real images' feature statistics."""
         if self._splits is None:
-            self._splits = {}
-            for split, dataset in (("seen", ShapesValidation), ("held_out", ShapesTest)):
-                data = dataset(size=size, num_samples=max(self.n_captions, self.n_real))
-                captions = [data[i]["caption"] for i in range(self.n_captions)]
-                features = torch.cat([self.classifier.features(dataset_images(data, s, min(s + 256, self.n_real))
-                                                               .to(self.classifier.head.weight.device))
-                                      for s in range(0, self.n_real, 256)])
-                self._splits[split] = (captions, feature_statistics(features))
+            self._splits = {split: (captions, stats) for split, (captions, _, stats)
+                            in prompt_sets(self.classifier, self.n_captions, self.n_real, size).items()}
         return self._splits
 
     @torch.no_grad()
@@ -187,6 +181,36 @@ class ReconstructionProbe(TimedProbe):
     def measure(self, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
         return {"held_out": reconstruction_quality(pl_module, self.classifier, self.n_images, self.size,
                                                    self.batch_size, progress=False)}
+
+
+@torch.no_grad()
+def prompt_sets(classifier: AttributeClassifier, n_captions: int, n_real: int, size: int = 32,
+                ) -> dict[str, tuple[list[str], torch.Tensor, tuple]]:
+    """Per split (``seen``: validation, ``held_out``: test): the first `n_captions` captions, their real images,
+    and the classifier-feature statistics (mean, covariance) of the first `n_real` real images."""
+    sets = {}
+    device = classifier.head.weight.device
+    for split, dataset in (("seen", ShapesValidation), ("held_out", ShapesTest)):
+        data = dataset(size=size, num_samples=max(n_captions, n_real))
+        features = torch.cat([classifier.features(dataset_images(data, s, min(s + 256, n_real)).to(device))
+                              for s in range(0, n_real, 256)])
+        sets[split] = ([data[i]["caption"] for i in range(n_captions)], dataset_images(data, 0, n_captions),
+                       feature_statistics(features))
+    return sets
+
+
+@torch.no_grad()
+def real_image_scores(classifier: AttributeClassifier, n_captions: int = 128, n_real: int = 1024,
+                      ) -> dict[str, dict[str, float]]:
+    """The probe's figures for the real images of its captions: the ceiling of the match and the floor of the
+    FID at this sample count (a FID from 128 samples is biased upwards; compare runs at one count)."""
+    rows = {}
+    for split, (captions, images, real_stats) in prompt_sets(classifier, n_captions, n_real).items():
+        images = images.to(classifier.head.weight.device)
+        match = prompt_match(classifier, images, captions)
+        fid = frechet_distance_from_statistics(*feature_statistics(classifier.features(images)), *real_stats)
+        rows[split] = {**{f"match_{c}": match[c] for c in MATCH_COLUMNS}, "fid": fid}
+    return rows
 
 
 @torch.no_grad()

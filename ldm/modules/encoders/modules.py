@@ -131,14 +131,18 @@ class TransformerEmbedder(AbstractEncoder):
         max_seq_len: int = 77,
         device: str = "cpu",
         embedding_dropout: float = 0.0,
+        heads: int = 8,
+        dim_head: int = 64,
     ):
-        """`device` is accepted for the reference configs and otherwise unused (see the module docstring)."""
+        """`device` is accepted for the reference configs and otherwise unused (see the module docstring).
+        `heads` × `dim_head` is the attention width; the reference's 8 × 64 is 8× the width of a 64-wide
+        encoder, which then costs about 40 % of a small U-Net's training step (bench/results/training_step.md)."""
         super().__init__()
         self.output_dim = n_embed
         self.transformer = TransformerWrapper(
             num_tokens=vocab_size,
             max_seq_len=max_seq_len,
-            attn_layers=Encoder(dim=n_embed, depth=n_layer),
+            attn_layers=Encoder(dim=n_embed, depth=n_layer, heads=heads, dim_head=dim_head),
             emb_dropout=embedding_dropout,
         )
 
@@ -202,8 +206,10 @@ class BERTEmbedder(TransformerEmbedder):
         use_tokenizer: bool = True,
         embedding_dropout: float = 0.0,
         tokenizer_path: Optional[str] = None,
+        heads: int = 8,
+        dim_head: int = 64,
     ):
-        super().__init__(n_embed, n_layer, vocab_size, max_seq_len, device, embedding_dropout)
+        super().__init__(n_embed, n_layer, vocab_size, max_seq_len, device, embedding_dropout, heads, dim_head)
         self.use_tknz_fn = use_tokenizer
         if use_tokenizer:
             self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, tokenizer_path=tokenizer_path)

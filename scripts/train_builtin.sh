@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Train the built-in models on the built-in data with the shipped recipe, and export each as a model
+# directory (config.yaml + model.safetensors):
+#   1. the KL-f4 first stage   (configs/autoencoder/autoencoder_kl_shapes_f4.yaml)
+#   2. text-to-image LDM on it (configs/latent-diffusion/txt2img.yaml)
+#   3. inpainting LDM on it    (configs/latent-diffusion/inpainting.yaml)
+#
+#   bash scripts/train_builtin.sh                          # the full recipe (hours on 2 CPU cores)
+#   BUILTIN_MODELS_DIR=models bash scripts/train_builtin.sh   # remake the models shipped in models/
+#   BUILTIN_STAGES="txt2img" bash scripts/train_builtin.sh    # only some stages
+#
+# Interrupt it at any time (Ctrl-C, SIGTERM, a lost machine): every stage writes last.ckpt when stopped,
+# and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
+# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING}_STEPS. On a GPU add
+# BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1". scripts/demo.sh runs this recipe shortened.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+MODELS="${BUILTIN_MODELS_DIR:-outputs/builtin/models}"
+LOGS="${BUILTIN_LOGDIR:-logs/builtin}"
+STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting}"
+FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-24000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
+TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-20000}"
+INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-10000}"
+TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
+FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
+# The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
+NO_IMAGE_LOG="lightning.callbacks.image_logger.params.disabled=true"
+START=$(date +%s)
+
+say() { echo; echo "=== [$(( ($(date +%s) - START) / 60 )) min] $*"; }
+
+# train NAME CONFIG STEPS [overrides...]: a fresh run, or `-r` of the unfinished run of that name.
+train() {
+  local name="$1" config="$2" steps="$3"; shift 3
+  local run
+  run=$(ls -d "$LOGS"/*_"$name" 2>/dev/null | sort | tail -n 1 || true)
+  if [ -n "$run" ] && [ -f "$run/checkpoints/last.ckpt" ]; then
+    say "$name: resuming $run to $steps steps"
+    # shellcheck disable=SC2086
+    python main.py -r "$run" -t --no-test --max_steps "$steps" $TRAINER_ARGS "$NO_IMAGE_LOG" "$@"
+  else
+    say "$name: $steps steps of $config"
+    # shellcheck disable=SC2086
+    python main.py --base "$config" -t --no-test -n "$name" -l "$LOGS" --max_steps "$steps" $TRAINER_ARGS \
+      "$NO_IMAGE_LOG" "$@"
+    run=$(ls -d "$LOGS"/*_"$name" | sort | tail -n 1)
+  fi
+  LAST_RUN="$run"
+}
+
+for stage in $STAGES; do
+  case "$stage" in
+    first_stage)
+      train builtin_first_stage configs/autoencoder/autoencoder_kl_shapes_f4.yaml "$FIRST_STAGE_STEPS"
+      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$FIRST_STAGE" --dtype fp16
+      ;;
+    txt2img|inpainting)
+      steps=$([ "$stage" = txt2img ] && echo "$TXT2IMG_STEPS" || echo "$INPAINTING_STEPS")
+      train "builtin_$stage" "configs/latent-diffusion/$stage.yaml" "$steps" \
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors"
+      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/$stage-shapes" \
+        --dtype fp16
+      ;;
+    *) echo "unknown stage '$stage' in BUILTIN_STAGES (use first_stage, txt2img, inpainting)" >&2; exit 2 ;;
+  esac
+done
+say "done; models in $MODELS"
