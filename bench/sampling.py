@@ -73,6 +73,7 @@ SPLIT_TITLES = {"seen": "seen pairs", "heldout": "held-out pairs"}
 TASKS = ("txt2img", "inpainting")
 # Task names of the rows: the two ways of inpainting, and the real images scored like samples.
 INPAINTING_MODEL, TXT2IMG_KEEP_KNOWN, REAL = "inpainting", "txt2img-keep-known", "real"
+MEAN_FILL = "mean-colour-fill"  # the trivial inpainting baseline: each hole filled with its image's mean known colour
 METRIC_ATTRIBUTES = ("shape", "colour", "size", "position", "num_objects")
 
 # --n by device: about 15 minutes for the whole grid on 2 CPU cores; on a GPU the cost is per call, not per
@@ -247,6 +248,22 @@ def score(classifier: AttributeClassifier, fid_metric: FrechetInceptionDistance,
             "fid": fid_against_real(fid_metric, images)}
 
 
+def mean_colour_fill(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """`images` (NCHW) with each hole (masks N1HW, 1 = fill) filled with the mean colour of its image's known pixels."""
+    keep = 1.0 - masks
+    mean = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp(min=1.0)
+    return images * keep + mean * masks
+
+
+def mean_fill_row(classifier: AttributeClassifier, fid_metric: FrechetInceptionDistance, prompts: PromptSet) -> Row:
+    """The mean-colour fill scored as the inpainting models are: the bar an inpainting model must clear."""
+    images = mean_colour_fill(prompts.images, prompts.masks)
+    return Row(task=MEAN_FILL, split=prompts.split, sampler="", steps=0, scale=math.nan, unet_calls=0,
+               unet_evaluations_per_sample=0.0, n=len(prompts.captions), wall_s=0.0,
+               **score(classifier, fid_metric, images, prompts.captions),
+               **masked_region_errors(images, prompts.images, prompts.masks))
+
+
 def real_row(classifier: AttributeClassifier, fid_metric: FrechetInceptionDistance, prompts: PromptSet) -> Row:
     """The real images of a prompt set scored as if they were samples: the ceiling of match and floor of FID."""
     return Row(task=REAL, split=prompts.split, sampler="", steps=0, scale=math.nan, unet_calls=0,
@@ -370,7 +387,7 @@ def read_csv(path: Path) -> list[Row]:
 
 def task_group(row: Row) -> str:
     """The --tasks entry that produces a row (real-image rows belong to every run)."""
-    return "inpainting" if row.task in (INPAINTING_MODEL, TXT2IMG_KEEP_KNOWN) else row.task
+    return "inpainting" if row.task in (INPAINTING_MODEL, TXT2IMG_KEEP_KNOWN, MEAN_FILL) else row.task
 
 
 def _csv_value(value: object) -> object:
@@ -435,6 +452,9 @@ def markdown(rows: Sequence[Row], settings: dict) -> str:
         real = _find(rows, task=REAL, split="heldout")
         if real is not None:
             lines.append(f"| real images | | | {_cell(real)} | 0 | ∞ | {_cell(real)} | 0 | ∞ |")
+        fill = _find(rows, task=MEAN_FILL)
+        if fill is not None:
+            lines.append(f"| mean-colour fill | | | {_cell(fill)} | {fill.mae_masked:.3f} | {fill.psnr_masked:.1f} | | | |")
         keys = sorted(set(_sampler_steps(rows, INPAINTING_MODEL)) | set(_sampler_steps(rows, TXT2IMG_KEEP_KNOWN)),
                       key=lambda x: (SAMPLERS.index(x[0]), x[1]))
         for sampler, steps, calls in keys:
@@ -615,6 +635,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     inpaint_prompts = prompt_set("heldout", opt.n_real, opt.n_real + opt.n_inpaint, with_mask=True)
     rows = [real_row(classifier, fid_metrics[split], prompts[split]) for split in SPLITS]
     print("real images: " + ", ".join(f"{r.split} match {100 * r.match_all:.1f}% FID {r.fid:.3g}" for r in rows))
+    if inpainting_model is not None:
+        rows.append(mean_fill_row(classifier, fid_metrics["heldout"], inpaint_prompts))
 
     warm_up(txt2img_model, prompts["seen"])
     if inpainting_model is not None:
@@ -645,6 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
         kept = [row for row in read_csv(opt.outdir / "sampling.csv")
                 if row.task != REAL and task_group(row) not in opt.tasks]
         rows = rows[:len(SPLITS)] + kept + rows[len(SPLITS):]  # real rows, then the rest in task order
+        rows = [r for r in rows if r.task != MEAN_FILL] + [r for r in rows if r.task == MEAN_FILL][-1:]
     settings = {
         "command": "python bench/sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "txt2img_model": str(opt.config) + (f" + {opt.ckpt}" if opt.ckpt else ""),

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from bench.sampling import (SAMPLERS, ClassifierFeatures, UNetCallCounter, classifier_fid, expected_unet_calls,
-                            fid_against_real, main, masked_region_errors, prompt_set)
+                            fid_against_real, main, masked_region_errors, mean_colour_fill, prompt_set)
 from ldm.evaluation.attribute_classifier import load_attribute_classifier
 from ldm.evaluation.frechet import frechet_distance
 from ldm.inference import inpaint, load_model, text_to_image
@@ -45,6 +45,18 @@ def test_classifier_features_accepts_torchmetrics_probe_and_uint8(classifier):
     torch.testing.assert_close(features(as_uint8), features(as_uint8.float() / 127.5 - 1))
     features.train()
     assert not classifier.training  # BatchNorm keeps its running statistics
+
+
+def test_mean_colour_fill_by_hand():
+    images = torch.zeros(1, 3, 2, 2)
+    images[0, :, 0, 0] = torch.tensor([0.3, -0.6, 0.9])  # known
+    images[0, :, 0, 1] = torch.tensor([0.1, 0.2, -0.1])  # known
+    images[0, :, 1, :] = 5.0  # the hole's true content must not leak into the fill
+    masks = torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]])
+    filled = mean_colour_fill(images, masks)
+    assert torch.equal(filled[..., 0, :], images[..., 0, :])
+    expected = torch.tensor([0.2, -0.2, 0.4])
+    assert torch.allclose(filled[0, :, 1, 0], expected) and torch.allclose(filled[0, :, 1, 1], expected)
 
 
 def test_masked_region_errors_by_hand():
@@ -97,11 +109,14 @@ def test_quick_run_writes_all_outputs(tmp_path, tiny_txt2img_model, tiny_inpaint
     with open(outdir / "sampling.csv") as f:
         table = list(csv.DictReader(f))
     # Real images of both splits; txt2img: 5 samplers x 2 steps + ddpm, 2 scales, 2 splits;
-    # inpainting: the same 11 sampler runs for each of the two models.
-    assert len(table) == len(rows) == 2 + 11 * 2 * 2 + 11 * 2
+    # inpainting: the mean-colour fill, then the same 11 sampler runs for each of the two models.
+    assert len(table) == len(rows) == 2 + 1 + 11 * 2 * 2 + 11 * 2
     for row in table:
         if row["task"] == "real":
             assert float(row["match_all"]) > 0.9  # the classifier reads real images correctly
+            continue
+        if row["task"] == "mean-colour-fill":
+            assert float(row["known_max_abs_error"]) == 0.0 and float(row["mae_masked"]) > 0
             continue
         assert int(row["unet_calls"]) == expected_unet_calls(row["sampler"], int(row["steps"]), 16)
         guided = row["task"] == "txt2img" and float(row["scale"]) != 1
@@ -112,7 +127,7 @@ def test_quick_run_writes_all_outputs(tmp_path, tiny_txt2img_model, tiny_inpaint
             assert float(row["mae_masked"]) > 0
     markdown = (outdir / "sampling.md").read_text()
     assert "## Text to image" in markdown and "## Inpainting" in markdown and "(exact)" in markdown
-    assert "| ddpm | 16 | 16 |" in markdown
+    assert "| ddpm | 16 | 16 |" in markdown and "| mean-colour fill |" in markdown
     with Image.open(outdir / "sampling.png") as image:
         assert image.size[0] > 1000
     settings = json.loads((outdir / "sampling.json").read_text())
@@ -126,3 +141,4 @@ def test_quick_run_writes_all_outputs(tmp_path, tiny_txt2img_model, tiny_inpaint
         updated = list(csv.DictReader(f))
     assert [r for r in updated if r["task"] == "txt2img"] == txt2img_rows
     assert len([r for r in updated if r["task"] in ("inpainting", "txt2img-keep-known")]) == 2
+    assert len([r for r in updated if r["task"] == "mean-colour-fill"]) == 1
