@@ -1,0 +1,37 @@
+"""scripts/train_builtin.sh: a stage trains and exports a model directory; run again, it resumes that run."""
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import load_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, steps: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "first_stage",
+           "BUILTIN_FIRST_STAGE_STEPS": str(steps), "BUILTIN_MODELS_DIR": str(tmp_path / "models"),
+           "BUILTIN_LOGDIR": str(tmp_path / "logs")}
+    env.pop("LDM_RUN_NOW", None)
+    proc = subprocess.run(["bash", "scripts/train_builtin.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_stage_exports_then_resumes_its_run(tmp_path):
+    first = _run(tmp_path, 2)
+    assert "first_stage: 2 steps of configs/autoencoder/autoencoder_kl_shapes_f4.yaml" in first.stdout
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1
+    model_dir = tmp_path / "models" / "first_stage_models" / "kl-f4-shapes"
+    assert (model_dir / "config.yaml").is_file() and (model_dir / "model.safetensors").is_file()
+    second = _run(tmp_path, 4)
+    assert f"first_stage: resuming {runs[0]} to 4 steps" in second.stdout
+    assert list((tmp_path / "logs").iterdir()) == runs  # the same run continued, no new one
+    saved = torch.load(runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4
+    exported = load_state_dict(model_dir / "model.safetensors")
+    assert "encoder.conv_in.weight" in exported
