@@ -140,14 +140,14 @@ def markdown(rows: list[dict], settings: dict) -> str:
     last = _last_rows(rows)
     diffusion = [(k, r) for k, r in last.items() if "match_all" in r and r.get("match_all")]
     if diffusion:
-        lines += ["| run | split | train min | step | all | shape | colour | size | position | count | FID |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for (label, split), r in diffusion:
-            pct = [f"{100 * float(r[f'match_{c}']):.0f} %" for c in ("all", "shape", "colour", "size", "position",
-                                                                      "num_objects")]
-            lines.append(f"| {label} | {split} | {float(r['train_minutes']):.1f} | {r['step'] or '-'} | "
-                         + " | ".join(pct) + f" | {float(r['fid']):.1f} |")
-        lines.append("")
+        lines += ["## Text to image, last measurement of each run", ""] + _match_table(diffusion)
+        # Runs of different lengths compared where all of them were measured: the longest common step.
+        steps = [max(int(r["step"]) for r in rows if r["label"] == label and r.get("match_all"))
+                 for label in {k[0] for k, r in diffusion if r["step"]}]
+        common = str(min(steps)) if steps else ""
+        at_common = [((r["label"], r["split"]), r) for r in rows if r["step"] == common and r.get("match_all")]
+        if common and any(r["step"] != common for _, r in diffusion if r["step"]):
+            lines += [f"## Text to image at step {common}, reached by every run", ""] + _match_table(at_common)
     stages = [(k, r) for k, r in last.items() if r.get("psnr")]
     if stages:
         lines += ["| first stage run | train min | step | PSNR dB | SSIM | shapes kept | colours kept | all kept |",
@@ -164,6 +164,17 @@ def markdown(rows: list[dict], settings: dict) -> str:
     machines = {json.dumps(s["machine"]) for s in settings.values()}
     lines += ["", f"Machines: {', '.join(sorted(machines))}", ""]
     return "\n".join(lines)
+
+
+def _match_table(rows: list[tuple[tuple[str, str], dict]]) -> list[str]:
+    lines = ["| run | split | train min | step | all | shape | colour | size | position | count | FID |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (label, split), r in rows:
+        pct = [f"{100 * float(r[f'match_{c}']):.0f} %" for c in ("all", "shape", "colour", "size", "position",
+                                                                  "num_objects")]
+        lines.append(f"| {label} | {split} | {float(r['train_minutes']):.1f} | {r['step'] or '-'} | "
+                     + " | ".join(pct) + f" | {float(r['fid']):.1f} |")
+    return lines + [""]
 
 
 def write_plot(rows: list[dict], settings: dict) -> None:
