@@ -50,7 +50,7 @@ def probe_config(kind: str, label: str, every_steps: int, path: Path, n_captions
         params["n_captions"] = n_captions
     config = {"lightning": {"callbacks": {
         "quality_probe": {"target": PROBES[kind], "params": params},
-        "image_logger": {"params": {"disabled": True}},
+        "image_logger": {"target": "ldm.callbacks.ImageLogger", "params": {"disabled": True}},
     }}}
     path.write_text(json.dumps(config))  # JSON is YAML
     return path

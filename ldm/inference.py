@@ -251,7 +251,7 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     with precision_scope(model):
         if sampler in ("ddim", "plms"):
             ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
-            discretize = "trailing" if float(model.schedule.alphas_cumprod[-1]) == 0.0 else "uniform"
+            discretize = "trailing" if model.schedule.zero_terminal_snr else "uniform"
             z, _ = ddim.sample(S=steps, batch_size=batch_size, shape=shape, conditioning=cond, eta=eta, x_T=x_T,
                                ddim_discretize=discretize,
                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,

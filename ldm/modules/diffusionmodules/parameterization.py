@@ -31,7 +31,7 @@ def check_terminal_snr(parameterization: str, schedule: NoiseSchedule) -> None:
     There x_T = ε exactly: an ε-model's output holds no information about x_0, and x_0 = (x_T − ε)/√ᾱ_T
     (DDPM eq. 15) divides by 0; v and x_0 still determine x_0 there (x_0 = −v at ᾱ = 0).
     """
-    if check_parameterization(parameterization) == "eps" and float(schedule.alphas_cumprod[-1]) == 0.0:
+    if check_parameterization(parameterization) == "eps" and schedule.zero_terminal_snr:
         raise ValueError("zero_terminal_snr (ᾱ_T = 0) needs parameterization 'v' or 'x0', got 'eps': "
                          "ε-prediction cannot recover x_0 from pure noise")
 

@@ -130,6 +130,8 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"v_posterior mixes two variances and must lie in [0, 1], got {v_posterior}")
         self.num_timesteps = int(betas.shape[0])
         self.v_posterior = float(v_posterior)
+        # A plain bool, known even when the buffers live on the meta device (models built without memory).
+        self.zero_terminal_snr = bool(betas[-1] == 1.0)
 
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas, axis=0)
