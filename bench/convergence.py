@@ -163,6 +163,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
                      f"{s['wall_seconds']} | {s.get('note', '')} |")
     machines = {json.dumps(s["machine"]) for s in settings.values()}
     lines += ["", f"Machines: {', '.join(sorted(machines))}", ""]
+    analysis = RUNS / "analysis.md"  # written by hand: what the curves say; kept across rebuilds
+    if analysis.exists():
+        lines += [analysis.read_text()]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The models shipped in models/ (made by scripts/demo.sh) load, fit the size budget and do what is asked.
+"""The models shipped in models/ (made by scripts/train_builtin.sh) load, fit the size budget and do what is asked.
 
 The prompt-following check generates from held-out validation captions and reads the images with the
 shipped attribute classifier; the bars sit well above chance and below what the shipped models measured
@@ -30,7 +30,7 @@ def _items(dataset, n):
 
 def test_shipped_weights_fit_in_10_mb():
     for path in SHIPPED_WEIGHTS:
-        assert path.is_file(), f"{path} is missing: make it with DEMO_MODELS_DIR=models bash scripts/demo.sh"
+        assert path.is_file(), f"{path} is missing: make it with BUILTIN_MODELS_DIR=models bash scripts/train_builtin.sh"
     total = sum(path.stat().st_size for path in SHIPPED_WEIGHTS)
     assert total <= 10_000_000, f"shipped weights take {total / 1e6:.2f} MB"
 
@@ -48,7 +48,8 @@ def test_shipped_txt2img_follows_prompts(classifier):
     scores = prompt_match(classifier, images, captions)
     # Chance, measured: the same images against other items' captions.
     chance = prompt_match(classifier, images, captions[1:] + captions[:1])
-    for attribute, margin in (("colour", 0.2), ("size", 0.1), ("num_objects", 0.15)):
+    # Shape is not in the list: the shipped model does not draw it yet (bench/results/convergence.md).
+    for attribute, margin in (("colour", 0.3), ("size", 0.15), ("position", 0.3), ("num_objects", 0.15)):
         assert scores[attribute] >= chance[attribute] + margin, (attribute, scores, chance)
 
 
