@@ -110,12 +110,13 @@ def test_inpainting_model_trains_from_a_masked_batch(images):
     model = instantiate_from_config(config["model"])
     image, mask = images
     batch = {"image": image.permute(0, 2, 3, 1), "mask": mask.permute(0, 2, 3, 1),
-             "masked_image": (image * (1 - mask)).permute(0, 2, 3, 1)}
+             "masked_image": (image * (1 - mask)).permute(0, 2, 3, 1),
+             "index": torch.arange(image.shape[0])}  # the key cache_latents (on in the config) needs
     loss, _ = model.shared_step(batch)
     loss.backward()
     assert torch.isfinite(loss) and model.model.diffusion_model.out[-1].weight.grad.abs().sum() > 0
     with pytest.raises(KeyError, match="with_mask: true"):
-        model.shared_step({"image": batch["image"]})
+        model.shared_step({"image": batch["image"], "index": batch["index"]})
 
 
 def test_text_to_image_larger_than_training_and_bad_sizes(txt2img):
