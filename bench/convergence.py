@@ -40,8 +40,10 @@ PROBES = {
 
 
 def probe_kind(config: Path) -> str:
-    text = config.read_text()
-    return "first_stage" if "ldm.models.autoencoder." in text.split("params:")[0] else "diffusion"
+    from omegaconf import OmegaConf
+
+    target = OmegaConf.load(config).model.target
+    return "first_stage" if target.startswith("ldm.models.autoencoder.") else "diffusion"
 
 
 def probe_config(kind: str, label: str, every_steps: int, path: Path, n_captions: int) -> Path:

@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from ldm.data.shapes import ShapesTest, ShapesValidation
+from ldm.data.shapes import ShapesTest, ShapesValidation, scene_attributes
 from ldm.evaluation.attribute_classifier import AttributeClassifier, attribute_accuracy, load_attribute_classifier
 from ldm.evaluation.frechet import feature_statistics, frechet_distance_from_statistics
 from ldm.evaluation.prompt_following import prompt_match
@@ -223,8 +223,10 @@ def reconstruction_quality(model: torch.nn.Module, classifier: AttributeClassifi
     batches = [dataset_images(data, s, min(s + batch_size, n_images)) for s in range(0, n_images, batch_size)]
     metrics = reconstruction_metrics(model, batches, progress=progress)
     recon = torch.cat([reconstruct(model, b.to(device)) for b in batches])
-    target = {"attributes": torch.stack([torch.as_tensor(data[i]["attributes"]) for i in range(n_images)]),
-              "num_objects": torch.tensor([int(data[i]["num_objects"]) for i in range(n_images)])}
+    # The labels come from the scenes: reading them from the items would render every image a second time.
+    scenes = [data.scene(i) for i in range(n_images)]
+    target = {"attributes": torch.stack([torch.as_tensor(scene_attributes(scene)) for scene in scenes]),
+              "num_objects": torch.tensor([len(scene.objects) for scene in scenes])}
     read = attribute_accuracy(classifier.predict(recon.to(classifier.head.weight.device)), target)
     return {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "keep_shape": read["shape"],
             "keep_colour": read["colour"], "keep_all": read["all"]}
