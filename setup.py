@@ -21,11 +21,14 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        # The tests run the benchmarks' quick modes (plots with matplotlib) and check the diffusers export
-        # against diffusers itself.
-        "test": ["pytest>=7", "matplotlib>=3.7", "diffusers==0.42.1"],
+        # The tests run the benchmarks' quick modes (plots with matplotlib), check the diffusers export
+        # against diffusers itself, and run the digits example (scikit-learn ships the data and the judge).
+        "test": ["pytest>=7", "matplotlib>=3.7", "diffusers==0.42.1", "scikit-learn>=1.3"],
         # Benchmarks draw their plots with matplotlib and time diffusers side by side; never needed to train
         # or sample. diffusers is pinned: the export's key and config mapping is tested against this version.
         "bench": ["matplotlib>=3.7", "diffusers==0.42.1"],
+        # The small class-folder example (scripts/prepare_digits.py, bench/own_data_digits.py): scikit-learn's
+        # digits ship inside its wheel, so nothing is downloaded; its SVC is the samples' judge.
+        "digits": ["scikit-learn>=1.3"],
     },
 )
