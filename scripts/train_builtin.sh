@@ -19,8 +19,8 @@ MODELS="${BUILTIN_MODELS_DIR:-outputs/builtin/models}"
 LOGS="${BUILTIN_LOGDIR:-logs/builtin}"
 STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting}"
 FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-12000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
-TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-10500}"
-INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-8000}"
+TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-16500}"
+INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-12000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
 FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
 # The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
