@@ -91,5 +91,7 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
     (warm-up, then constant), where this does not matter."""
 
     def _decay(self, cycle: int, n: int) -> float:
+        # Held at f_min past the end of the last cycle (training longer than the schedule): the reference's
+        # formula would go on down through zero to a negative learning rate.
         length = self.cycle_lengths[cycle]
-        return self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * (length - n) / length
+        return self.f_min[cycle] + (self.f_max[cycle] - self.f_min[cycle]) * max(length - n, 0) / length

@@ -117,3 +117,13 @@ def test_factors_are_python_floats_so_checkpoints_stay_weights_only_loadable(tmp
     assert all(type(scheduler(n)) is float for n in (0, 2, 5, 10**6))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict()}, tmp_path / "state.pt")
     torch.load(tmp_path / "state.pt", weights_only=True)
+
+
+def test_linear_schedule_holds_f_min_past_its_last_cycle():
+    # The built-in txt2img.yaml schedule: 10,500 steps at 1.0, then 6,000 decaying from 0.3 to 0.01.
+    schedule = LambdaLinearScheduler(warm_up_steps=[300, 1], cycle_lengths=[10500, 6000], f_start=[1e-6, 0.3],
+                                     f_max=[1.0, 0.3], f_min=[1.0, 0.01])
+    assert schedule(5000) == 1.0
+    assert schedule(10501) == pytest.approx(0.3, abs=1e-3)
+    assert schedule(16500) == pytest.approx(0.01)
+    assert schedule(30000) == pytest.approx(0.01)  # training past the schedule: never below f_min
