@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,6 +38,7 @@ from ldm.data.shapes import COLOURS, NUM_CLASSES, SHAPES, ShapesValidation  # no
 from ldm.evaluation.attribute_classifier import load_attribute_classifier  # noqa: E402
 from ldm.evaluation.prompt_following import prompt_match  # noqa: E402
 from ldm.evaluation.reconstruction import dataset_images  # noqa: E402
+from ldm.image_io import save_grid  # noqa: E402
 from ldm.inference import (decode_latents, encode_images, generate, image_to_image, load_model,  # noqa: E402
                            text_to_image)
 from ldm.modules.diffusionmodules.parameterization import to_x0  # noqa: E402
@@ -54,16 +56,13 @@ def swap_shape(caption: str) -> str:
 
 
 @torch.no_grad()
-def save_grid(model: torch.nn.Module, path: Path, real: torch.Tensor, seeds: int = 4, zoom: int = 4) -> None:
+def save_shape_grid(model: torch.nn.Module, path: Path, real: torch.Tensor, seeds: int = 4, zoom: int = 4) -> None:
     """One column per shape, one row per seed, and a last row of real images; nearest-neighbour zoomed."""
-    from PIL import Image
-
     captions = [f"a large red {shape} in the center" for shape in SHAPES]
-    rows = [torch.cat(list(text_to_image(model, captions, scale=3.0, sampler="dpmpp_2m", steps=20, seed=seed,
-                                          progress=False)), dim=2) for seed in range(seeds)]
-    grid = torch.cat([*rows, torch.cat(list(real), dim=2)], dim=1)
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(pixels).resize((pixels.shape[1] * zoom, pixels.shape[0] * zoom), Image.NEAREST).save(path)
+    samples = [text_to_image(model, captions, scale=3.0, sampler="dpmpp_2m", steps=20, seed=seed, progress=False)
+               for seed in range(seeds)]
+    tiles = torch.cat([*samples, real.to(samples[0].device)]).clamp(-1, 1)
+    save_grid(F.interpolate(tiles, scale_factor=zoom, mode="nearest"), path, nrow=len(SHAPES))
 
 
 @torch.no_grad()
@@ -134,7 +133,7 @@ def main() -> None:
         other = image_to_image(model, images, swapped, strength=strength, steps=20, scale=3.0, seed=0, progress=False)
         lines.append(f"| {strength} | {shape(own, captions):.0%} | {shape(other, swapped):.0%} | "
                      f"{shape(other, captions):.0%} |")
-    save_grid(model, opt.out.with_suffix(".png"), images[:len(SHAPES)])
+    save_shape_grid(model, opt.out.with_suffix(".png"), images[:len(SHAPES)])
     lines += ["", f"Samples of \"a large red <shape> in the center\" ({', '.join(SHAPES)}), four seeds, above real "
               f"validation images: `{opt.out.with_suffix('.png').name}`."]
     text = "\n".join(lines) + "\n"
