@@ -42,6 +42,7 @@ from ldm.image_io import save_grid  # noqa: E402
 from ldm.inference import (decode_latents, encode_images, generate, image_to_image, load_model,  # noqa: E402
                            text_to_image)
 from ldm.modules.diffusionmodules.parameterization import to_x0  # noqa: E402
+from ldm.script_args import user_errors  # noqa: E402
 
 TIMESTEPS = (10, 50, 100, 200, 400)
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -96,13 +97,17 @@ def main() -> None:
     opt = parser.parse_args()
     torch.manual_seed(0)
     if opt.class_model is not None:
-        text = class_conditional_reads(load_model(opt.class_model, opt.class_ckpt), load_attribute_classifier())
+        with user_errors():
+            class_model = load_model(opt.class_model, opt.class_ckpt)
+        text = class_conditional_reads(class_model, load_attribute_classifier())
         print(text)
         out = opt.out.with_name(opt.out.stem + "_class.md")
         out.write_text(f"# Shapes from class labels\n\n`python bench/shape_diagnostics.py --class-model "
                        f"{opt.class_model}`; DPM-Solver++ 20 steps, guidance 3.\n\n{text}")
         return
-    model, judge = load_model(opt.model, opt.ckpt), load_attribute_classifier()
+    with user_errors():
+        model = load_model(opt.model, opt.ckpt)
+    judge = load_attribute_classifier()
     data = ShapesValidation(size=32, num_samples=opt.n)
     captions = [data[i]["caption"] for i in range(opt.n)]
     swapped = [swap_shape(c) for c in captions]

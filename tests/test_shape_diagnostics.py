@@ -24,3 +24,11 @@ def test_swap_shape_changes_only_the_first_shape_word():
 def test_swap_shape_rejects_a_caption_without_a_shape():
     with pytest.raises(ValueError, match="no shape word"):
         diagnostics.swap_shape("a red thing")
+
+
+def test_a_missing_model_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setattr("sys.argv", ["shape_diagnostics.py", "--model", str(tmp_path / "nope"),
+                                     "--out", str(tmp_path / "out.md")])
+    with pytest.raises(SystemExit, match="^error: no model config"):
+        diagnostics.main()
+    assert not (tmp_path / "out.md").exists()
