@@ -60,14 +60,14 @@ from ldm.data.shapes import ShapesTest, ShapesValidation  # noqa: E402
 from ldm.evaluation.attribute_classifier import AttributeClassifier, load_attribute_classifier  # noqa: E402
 from ldm.evaluation.prompt_following import prompt_match  # noqa: E402
 from ldm.evaluation.reconstruction import dataset_images  # noqa: E402
-from ldm.inference import SAMPLERS, inpaint, load_model, resolve_device, text_to_image  # noqa: E402
-from ldm.models.diffusion.spacing import make_ddim_timesteps  # noqa: E402
+from ldm.inference import inpaint, load_model, resolve_device, text_to_image  # noqa: E402
+from ldm.models.diffusion.samplers import SAMPLERS as REGISTRY  # noqa: E402
 from ldm.script_args import PRECISION_ALIASES, add_model_args  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-STEPPED_SAMPLERS = ("ddim", "plms", "euler_a", "heun", "dpmpp_2m")
 REFERENCE_SAMPLER = "ddpm"  # ancestral sampling through all T steps (DDPM Algorithm 2)
-assert set(STEPPED_SAMPLERS) | {REFERENCE_SAMPLER} == set(SAMPLERS)
+SAMPLERS = list(REGISTRY)
+STEPPED_SAMPLERS = tuple(s for s in SAMPLERS if s != REFERENCE_SAMPLER)
 SPLITS = {"seen": ShapesValidation, "heldout": ShapesTest}
 SPLIT_TITLES = {"seen": "seen pairs", "heldout": "held-out pairs"}
 TASKS = ("txt2img", "inpainting")
@@ -143,16 +143,11 @@ def expected_unet_calls(sampler: str, steps: int, num_timesteps: int) -> int:
 
     ddim and plms visit the reference's uniform subsequence of the T timesteps, every T // steps: that is
     `steps` timesteps when steps divides T, and can be more otherwise (see `make_ddim_timesteps`)."""
-    if sampler == REFERENCE_SAMPLER:
-        return num_timesteps
-    if sampler not in STEPPED_SAMPLERS:
+    if sampler not in REGISTRY:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
-    if sampler in ("ddim", "plms"):
-        visited = len(make_ddim_timesteps("uniform", steps, num_timesteps))
-        return visited + 1 if sampler == "plms" else visited
-    return 2 * steps - 1 if sampler == "heun" else steps
+    return REGISTRY[sampler].evals(steps, num_timesteps)
 
 
 class UNetCallCounter:

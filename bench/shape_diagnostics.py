@@ -41,7 +41,6 @@ from ldm.evaluation.reconstruction import dataset_images  # noqa: E402
 from ldm.image_io import save_grid  # noqa: E402
 from ldm.inference import (decode_latents, encode_images, generate, image_to_image, load_model,  # noqa: E402
                            text_to_image)
-from ldm.modules.diffusionmodules.parameterization import to_x0  # noqa: E402
 from ldm.script_args import user_errors  # noqa: E402
 
 TIMESTEPS = (10, 50, 100, 200, 400)
@@ -124,7 +123,7 @@ def main() -> None:
     for t in TIMESTEPS:
         steps = torch.full((opt.n,), t, device=z.device)
         noisy = model.q_sample(z, steps, torch.randn_like(z))
-        x0 = to_x0(model.parameterization, schedule, model.apply_model(noisy, steps, cond), noisy, steps)
+        x0 = model.prediction.x0(model.apply_model(noisy, steps, cond), noisy, *schedule.coefficients(steps))
         a = float(schedule.sqrt_alphas_cumprod[t])
         sigma = float(schedule.sqrt_recipm1_alphas_cumprod[t])
         lines.append(f"| {t} | {sigma:.2f} | {shape(decode_latents(model, noisy / a), captions):.0%} | "

@@ -6,8 +6,8 @@
 
 Images are float tensors NCHW in [−1, 1]; inpainting masks are N1HW with **1 = the region to fill** (the
 reference's `scripts/inpaint.py` convention, `masked_image = (1 − mask) · image`). Every sampler of
-`ldm/models/diffusion/` is reachable by name (`SAMPLERS`) with classifier-free guidance, and every one keeps
-known latents when inpainting with a model not trained for it.
+the registry (`ldm.models.diffusion.samplers.SAMPLERS`) is reachable by name with classifier-free guidance,
+and every one keeps known latents when inpainting with a model not trained for it.
 """
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
-from ldm.models.diffusion.k_diffusion import (DiscreteDenoiser, karras_sigmas, keep_known, sample_dpmpp_2m,
-                                              sample_euler_ancestral, sample_heun)
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.samplers import SAMPLERS, SamplerInfo, get_sampler, keep_known
+from ldm.models.diffusion.spacing import make_sigmas
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.modules import ClassEmbedder
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLERS = ("ddpm", "ddim", "plms", "euler_a", "heun", "dpmpp_2m")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Built-in models: a directory holding config.yaml and model.safetensors (written by scripts/export_weights.py).
 BUILTIN_MODELS = {
@@ -221,23 +220,35 @@ def class_condition(model: LatentDiffusion, labels: torch.Tensor, scale: float) 
 # ---------------------------------------------------------------------------------------------- sampling
 
 
+def _sampler_for(model: LatentDiffusion, sampler: str, spacing: Optional[str]) -> SamplerInfo:
+    """The registered sampler, checked against the model's noise process and the run's options."""
+    info = get_sampler(sampler)
+    if info.timestep and not model.process.discrete:
+        raise ValueError(f"the {sampler} sampler steps over the discrete DDPM table; this model's noise process is "
+                         f"{model.process.name}: use " + ", ".join(n for n, i in SAMPLERS.items() if not i.timestep))
+    if info.timestep and spacing is not None:
+        raise ValueError(f"a sigma spacing ({spacing}) applies to the σ-space samplers, not to {sampler}")
+    return info
+
+
 @torch.no_grad()
 def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *, uncond: Any = None,
                    scale: float = 1.0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-                   shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
-                   known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None,
-                   seed: Optional[int] = None, callback: Optional[StepCallback] = None,
-                   progress: bool = True) -> torch.Tensor:
+                   spacing: Optional[str] = None, shape: Optional[Sequence[int]] = None,
+                   x_T: Optional[torch.Tensor] = None, known: Optional[torch.Tensor] = None,
+                   known_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                   callback: Optional[StepCallback] = None, progress: bool = True) -> torch.Tensor:
     """Latents (batch_size, *shape) from `sampler` with classifier-free guidance at `scale` (when `uncond`).
 
     `shape` is the latent (C, h, w), default the training size. `known` with `known_mask` (latent space,
     **1 = keep**) keeps the known latents at every step, for every sampler, and exactly at the end. `eta`
-    is DDIM's (0 = deterministic) and Euler ancestral's noise scale. `ddpm` is the DDPM paper's ancestral
-    sampler over all T steps (`steps` is ignored). `callback(i, x̂_0)` runs after each step. DDIM and PLMS
-    use trailing timesteps for a zero-terminal-SNR model (Lin et al. 2024, sec. 3.3: start at its pure noise).
+    is DDIM's noise (0 = deterministic) and the stochastic σ-space samplers' (0 = their default, 1). `spacing`
+    picks the σ-space samplers' noise levels (`ldm.models.diffusion.spacing.SIGMA_SPACINGS`; default the
+    process's own). `ddpm` is the DDPM paper's ancestral sampler over all T steps (`steps` is ignored).
+    `callback(i, x̂_0)` runs after each step. DDIM and PLMS use trailing timesteps for a zero-terminal-SNR
+    model (Lin et al. 2024, sec. 3.3: start at its pure noise).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    info = _sampler_for(model, sampler, spacing)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if (known is None) != (known_mask is None):
@@ -258,23 +269,17 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
                                mask=known_mask, x0=known, verbose=progress,
                                img_callback=None if callback is None else lambda x0, i: callback(i, x0))
         elif sampler == "ddpm":
-            z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), model.schedule, model.parameterization, x_T,
+            z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), model.schedule, model.prediction, x_T,
                                     progress=progress, mask=known_mask, x0=known,
                                     callback=None if callback is None else
                                     lambda t, x, x0: callback(model.num_timesteps - 1 - t, x0))
         else:
-            discrete = DiscreteDenoiser(model.denoiser(cond, uncond, scale), model.schedule, model.parameterization)
-            sigmas = karras_sigmas(steps, float(discrete.sigma_min), float(discrete.sigma_max), device=model.device)
-            denoiser = discrete if known is None else keep_known(discrete, known, known_mask)
-            k_callback = None if callback is None else lambda i, x, sigma, x0: callback(i, x0)
-            x = x_T * sigmas[0]
-            if sampler == "euler_a":
-                z = sample_euler_ancestral(denoiser, x, sigmas, eta=eta if eta > 0 else 1.0, callback=k_callback,
-                                           disable=not progress)
-            elif sampler == "heun":
-                z = sample_heun(denoiser, x, sigmas, callback=k_callback, disable=not progress)
-            else:
-                z = sample_dpmpp_2m(denoiser, x, sigmas, callback=k_callback, disable=not progress)
+            denoiser = model.sigma_denoiser(cond, uncond, scale)
+            if known is not None:
+                denoiser = keep_known(denoiser, known, known_mask)
+            sigmas = make_sigmas(spacing, steps, model.process, device=model.device)
+            z = info.fn(denoiser, x_T * sigmas[0], sigmas, eta=eta if eta > 0 else 1.0, disable=not progress,
+                        callback=None if callback is None else lambda i, x, sigma, x0: callback(i, x0))
     if known is not None:
         z = known_mask * known + (1.0 - known_mask) * z
     return z.float()
@@ -282,8 +287,8 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
 
 @torch.no_grad()
 def text_to_image(model: LatentDiffusion, prompts: Sequence[str], *, scale: float = 3.0, sampler: str = "ddim",
-                  steps: int = 50, eta: float = 0.0, height: Optional[int] = None, width: Optional[int] = None,
-                  seed: Optional[int] = None, progress: bool = True,
+                  steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None, height: Optional[int] = None,
+                  width: Optional[int] = None, seed: Optional[int] = None, progress: bool = True,
                   callback: Optional[StepCallback] = None) -> torch.Tensor:
     """One image per prompt, (len(prompts), 3, H, W) in [−1, 1].
 
@@ -292,14 +297,15 @@ def text_to_image(model: LatentDiffusion, prompts: Sequence[str], *, scale: floa
     """
     cond, uncond = text_condition(model, prompts, scale)
     z = sample_latents(model, len(prompts), cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                       spacing=spacing,
                        shape=latent_shape(model, height, width), seed=seed, callback=callback, progress=progress)
     return decode_latents(model, z)
 
 
 @torch.no_grad()
 def generate(model: LatentDiffusion, n: int, *, class_labels: Optional[Sequence[int]] = None, scale: float = 1.0,
-             sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: Optional[int] = None,
-             batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+             sampler: str = "ddim", steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None,
+             seed: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """`n` unconditional samples, or one per entry of `class_labels` (len n) for a class-conditional model,
     made `batch_size` at a time; guidance (`scale` ≠ 1) uses the model's null class."""
     if class_labels is not None and len(class_labels) != n:
@@ -317,19 +323,28 @@ def generate(model: LatentDiffusion, n: int, *, class_labels: Optional[Sequence[
             labels = torch.as_tensor(list(class_labels[start:start + count]), device=model.device)
             cond, uncond = class_condition(model, labels, scale)
         z = sample_latents(model, count, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
-                           progress=progress)
+                           spacing=spacing, progress=progress)
         images.append(decode_latents(model, z))
     return torch.cat(images)
 
 
 @torch.no_grad()
 def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
-                   strength: float = 0.75, scale: float = 3.0, steps: int = 50, eta: float = 0.0,
-                   seed: Optional[int] = None, progress: bool = True) -> torch.Tensor:
-    """SDEdit (Meng et al. 2022) as Stable Diffusion's img2img: the images' latents are noised by DDIM's
-    forward process to step `strength · steps` of a `steps`-step schedule, then denoised from there."""
+                   strength: float = 0.75, scale: float = 3.0, sampler: str = "ddim", steps: int = 50,
+                   eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
+                   progress: bool = True) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022) as Stable Diffusion's img2img: the images' latents are noised to step
+    `strength · steps` of a `steps`-step run of `sampler`, which then denoises from there.
+
+    DDIM and PLMS noise by DDIM's forward process (the reference's img2img); a σ-space sampler starts from
+    z + σ·ε at the first noise level it runs. `ddpm` runs all T steps and cannot start midway.
+    """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1] (the share of the steps to redo), got {strength}")
+    info = _sampler_for(model, sampler, spacing)
+    if sampler == "ddpm":
+        raise ValueError("image_to_image needs a sampler that can start midway: ddim, plms or a σ-space sampler "
+                         "(euler, dpmpp_2m, ...), not ddpm")
     n = images.shape[0]
     prompts = [""] * n if prompts is None else list(prompts)
     if len(prompts) != n:
@@ -338,15 +353,21 @@ def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Option
         torch.manual_seed(seed)
     cond, uncond = (text_condition(model, prompts, scale) if model.model.conditioning_key is not None
                     else (None, None))
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
     t_enc = max(1, int(strength * steps))
     with precision_scope(model):
-        # Noised to the step decoding starts from (position t_enc − 1); the reference's img2img noises one
-        # step further than it denoises from.
-        z = sampler.stochastic_encode(encode_images(model, images), torch.full((n,), t_enc - 1, device=model.device))
-        z = sampler.decode(z, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                           progress=progress)
+        z = encode_images(model, images)
+        if info.timestep:
+            ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
+            ddim.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+            # Noised to the step decoding starts from (position t_enc − 1); the reference's img2img noises one
+            # step further than it denoises from.
+            z = ddim.stochastic_encode(z, torch.full((n,), t_enc - 1, device=model.device))
+            z = ddim.decode(z, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                            progress=progress)
+        else:
+            sigmas = make_sigmas(spacing, steps, model.process, device=model.device)[steps - t_enc:]
+            z = info.fn(model.sigma_denoiser(cond, uncond, scale), z + torch.randn_like(z) * sigmas[0], sigmas,
+                        eta=eta if eta > 0 else 1.0, disable=not progress)
     return decode_latents(model, z.float())
 
 
@@ -362,7 +383,8 @@ def _check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
 @torch.no_grad()
 def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
             prompts: Optional[Sequence[str]] = None, *, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
-            eta: float = 0.0, seed: Optional[int] = None, progress: bool = True) -> torch.Tensor:
+            eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
+            progress: bool = True) -> torch.Tensor:
     """Fill the region where `masks` is 1; the result keeps the other pixels exactly.
 
     A model trained for inpainting (`LatentInpaintDiffusion`) is conditioned on the masked image and mask,
@@ -378,7 +400,8 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
         torch.manual_seed(seed)
     if isinstance(model, LatentInpaintDiffusion):
         cond = model.inpainting_condition(images * (1.0 - masks), masks)
-        z = sample_latents(model, n, cond, sampler=sampler, steps=steps, eta=eta, shape=shape, progress=progress)
+        z = sample_latents(model, n, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, shape=shape,
+                           progress=progress)
     else:
         cond = uncond = None
         if isinstance(model.cond_stage_model, ClassEmbedder):
@@ -389,5 +412,5 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
         factor = downsampling_factor(model)
         known_mask = 1.0 - F.max_pool2d(masks, factor) if factor > 1 else 1.0 - masks
         z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
-                           shape=shape, known=encode_images(model, images), known_mask=known_mask, progress=progress)
+                           spacing=spacing, shape=shape, known=encode_images(model, images), known_mask=known_mask, progress=progress)
     return images * (1.0 - masks) + masks * decode_latents(model, z)

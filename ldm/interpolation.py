@@ -20,11 +20,12 @@ from typing import Any, Optional
 
 import torch
 
-from ldm.inference import (SAMPLERS, class_condition, decode_latents, encode_images, precision_scope, sample_latents,
+from ldm.inference import (class_condition, decode_latents, encode_images, precision_scope, sample_latents,
                            text_condition)
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.samplers import get_sampler
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 from ldm.modules.encoders.modules import ClassEmbedder
 
@@ -140,7 +141,7 @@ def denoise_from(model: LatentDiffusion, x_t: torch.Tensor, t: int, cond: Any = 
             # up to float32 rounding), ancestral sampling over all steps is DDPM's reverse process from t.
             schedule = NoiseSchedule(model.schedule.betas[: t + 1], v_posterior=model.schedule.v_posterior)
             z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), schedule.to(x_t.device),
-                                    model.parameterization, x_t, progress=progress)
+                                    model.prediction, x_t, progress=progress)
         else:
             ddim = DDIMSampler(model)
             ddim.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
@@ -154,7 +155,8 @@ def denoise_from(model: LatentDiffusion, x_t: torch.Tensor, t: int, cond: Any = 
 def interpolate(model: LatentDiffusion, images_a: torch.Tensor, images_b: torch.Tensor, *, t: int = 500,
                 n_frames: int = 8, spherical: bool = False, prompt: Optional[str] = None,
                 class_label: Optional[int] = None, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
-                eta: float = 0.0, seed: Optional[int] = None, progress: bool = False) -> torch.Tensor:
+                eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
+                progress: bool = False) -> torch.Tensor:
     """Interpolations between pairs of images through step t: (N, n_frames, 3, H, W) for N pairs.
 
     Frame k decodes the mixture at λ_k = k / (n_frames − 1) of the pair's latents noised to `start_step(t)`
@@ -166,6 +168,9 @@ def interpolate(model: LatentDiffusion, images_a: torch.Tensor, images_b: torch.
     if images_a.shape != images_b.shape or images_a.dim() != 4:
         raise ValueError(f"images_a and images_b must be batches (N, 3, H, W) of one shape, got "
                          f"{tuple(images_a.shape)} and {tuple(images_b.shape)}")
+    if spacing is not None:
+        raise ValueError(f"interpolation runs {' or '.join(INTERPOLATION_SAMPLERS)} over the DDPM table, which take no "
+                         f"sigma spacing (got {spacing})")
     weights = mixing_weights(n_frames)
     step = start_step(model, t, sampler, steps)
     if seed is None:  # still one seed for all frames, so they share their noise
@@ -191,16 +196,15 @@ def interpolate(model: LatentDiffusion, images_a: torch.Tensor, images_b: torch.
 @torch.no_grad()
 def progressive_generation(model: LatentDiffusion, n_samples: int, *, n_frames: int = 8,
                            prompt: Optional[str] = None, class_label: Optional[int] = None, scale: float = 1.0,
-                           sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: Optional[int] = None,
-                           progress: bool = False) -> torch.Tensor:
+                           sampler: str = "ddim", steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None,
+                           seed: Optional[int] = None, progress: bool = False) -> torch.Tensor:
     """The prediction x̂_0 along the reverse process (DDPM fig. 6): (n_samples, n_frames, 3, H, W).
 
     Frames are the decoded x̂_0 at `n_frames` evenly spaced sampler steps, from the first step (mostly the
     data mean) to the last (the sample). Samples follow `prompt` or `class_label` on a conditional model
     (`condition_for`), with guidance `scale`.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    get_sampler(sampler)  # a clear error for an unknown name
     total = model.num_timesteps if sampler == "ddpm" else steps
     if isinstance(n_frames, bool) or not isinstance(n_frames, int) or not 1 <= n_frames <= total:
         raise ValueError(f"n_frames must be between 1 and the number of sampler steps ({total}), got {n_frames!r}")
@@ -217,7 +221,7 @@ def progressive_generation(model: LatentDiffusion, n_samples: int, *, n_frames: 
         calls += 1
 
     sample_latents(model, n_samples, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
-                   seed=seed, callback=record, progress=progress)
+                   spacing=spacing, seed=seed, callback=record, progress=progress)
     if calls != total:
         raise RuntimeError(f"the {sampler} sampler reported {calls} steps, expected {total}")
     latents = torch.stack(predictions, dim=1)  # (n_samples, n_frames, C, h, w)

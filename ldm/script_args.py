@@ -11,8 +11,10 @@ import torch
 
 from ldm.checkpoint import CheckpointError
 from ldm.image_io import next_index, save_grid, save_images
-from ldm.inference import PRECISIONS, SAMPLERS, load_model
+from ldm.inference import PRECISIONS, load_model
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.samplers import SAMPLERS, sampler_help
+from ldm.models.diffusion.spacing import SIGMA_SPACINGS
 
 # Stable Diffusion's scripts say "full" / "autocast".
 PRECISION_ALIASES = {"full": "fp32", "autocast": "bf16"}
@@ -33,8 +35,11 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
 
 def add_sampler_args(parser: argparse.ArgumentParser, default_steps: int = 50, default_sampler: str = "ddim") -> None:
     group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", default=default_sampler, choices=SAMPLERS,
-                       help="ddpm (ancestral, all T steps), ddim, plms, euler_a, heun or dpmpp_2m")
+    group.add_argument("--sampler", default=default_sampler, choices=list(SAMPLERS), metavar="SAMPLER",
+                       help=f"(default {default_sampler}) {sampler_help()}")
+    group.add_argument("--spacing", default=None, choices=SIGMA_SPACINGS,
+                       help="noise levels of the σ-space samplers (default: the model's own; karras for VP models, "
+                            "uniform t for flow models)")
     group.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=default_steps,
                        help="number of sampling steps")
     group.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=0.0,
@@ -101,4 +106,5 @@ def read_prompt_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
 
 
 def sampler_kwargs(opt: argparse.Namespace) -> dict[str, Any]:
-    return {"sampler": "plms" if opt.plms else opt.sampler, "steps": opt.steps, "eta": opt.eta, "seed": opt.seed}
+    return {"sampler": "plms" if opt.plms else opt.sampler, "steps": opt.steps, "eta": opt.eta,
+            "spacing": opt.spacing, "seed": opt.seed}

@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     opt = parser.parse_args(argv)
     if opt.n_samples < 1 or opt.n_iter < 1:
         parser.error("--n_samples and --n_iter must be at least 1")
-    sampler = sampler_kwargs(opt)["sampler"]
-    if sampler != "ddim":
-        parser.error(f"img2img noises the init image with DDIM's forward process; --sampler {sampler} "
-                     "cannot continue from it (use --sampler ddim)")
+    if sampler_kwargs(opt)["sampler"] == "ddpm":
+        parser.error("img2img starts the reverse process midway; --sampler ddpm runs all T steps (use ddim, plms "
+                     "or a σ-space sampler such as dpmpp_2m)")
     model = model_from_args(opt)
     try:
         _, latent_h, latent_w = latent_shape(model, opt.H, opt.W)
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     for iteration in range(opt.n_iter):
         # One seed per batch: each batch is reproducible on its own and batches differ from each other.
         images = image_to_image(model, init.expand(opt.n_samples, -1, -1, -1), [opt.prompt] * opt.n_samples,
-                                strength=opt.strength, scale=opt.scale, steps=opt.steps, eta=opt.eta,
-                                seed=opt.seed + iteration)
+                                strength=opt.strength, scale=opt.scale,
+                                **{**sampler_kwargs(opt), "seed": opt.seed + iteration})
         writer.add(images)
     writer.finish()
 

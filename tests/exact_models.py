@@ -4,8 +4,9 @@ For data x_0 ~ Σ_k w_k N(μ_k, Σ_k) and x_t = a·x_0 + s·ε (a = √ᾱ_t, s 
 reverse process needs is closed form: given component k, x_t ~ N(a μ_k, C_k) with C_k = a²Σ_k + s²I, and
   E_k[x_0 | x_t] = μ_k + a Σ_k C_k⁻¹ (x_t − a μ_k)                      (Gaussian conditioning)
   E[x_0 | x_t]   = Σ_k r_k(x_t) E_k[x_0 | x_t],  r_k ∝ w_k N(x_t; a μ_k, C_k)  (posterior responsibilities).
-`ExactModel` wraps this as a ``model_fn(x_t, t)`` in any parameterization, so a sampler run with it has no
-model error left: what remains is the sampler's own discretisation error, which the statistics measure.
+Any noise process's input x = α·x_0 + σ·ε is this with x_t = x/√(α² + σ²) and ᾱ = α²/(α² + σ²).
+`ExactModel` wraps this as a ``model_fn(x, time)`` for any process and prediction, so a sampler run with it
+has no model error left: what remains is the sampler's own discretisation error, which the statistics measure.
 A single Gaussian is the mixture with one component.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from ldm.modules.diffusionmodules.parameterization import check_parameterization, from_x0_eps
+from ldm.modules.diffusionmodules.denoiser import Prediction, as_prediction
+from ldm.modules.diffusionmodules.noise_process import EDM, DiscreteVP, NoiseProcess
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 
 # Size of the Monte Carlo sample the standard errors and the energy-distance floor are estimated from:
@@ -125,31 +127,40 @@ class GaussianMixture:
 
 
 class ExactModel:
-    """``model_fn(x_t, t) -> output`` of the Bayes-optimal network for `data` under `schedule`.
+    """``model_fn(x, time) -> output`` of the Bayes-optimal network for `data` under a noise process.
 
-    The output is E[ε | x_t], E[x_0 | x_t] or E[v | x_t] by `parameterization` (each is linear in x_0 and ε,
-    so the posterior mean of the target is the target of the posterior means). x_t may have any shape
+    `process` is a `NoiseProcess` or a `NoiseSchedule` (its discrete VP process); `time` is what the process
+    gives the network (`model_time`). The output is E[F | x] for the prediction F (ε, x_0, v, flow, EDM):
+    each is linear in x_0 given x, so it is `output_from_x0` of the posterior mean. x may have any shape
     (B, d, ...) whose trailing dims flatten to d, e.g. (B, d, 1, 1) for samplers that expect images.
-    Computed in float64, returned in x_t's dtype. `calls` counts evaluations (network function evaluations).
+    Computed in float64, returned in x's dtype. `calls` counts evaluations (network function evaluations).
     """
 
-    def __init__(self, data: GaussianMixture, schedule: NoiseSchedule, parameterization: str) -> None:
+    def __init__(self, data: GaussianMixture, process, parameterization) -> None:
         self.data = data
-        self.schedule = schedule
-        self.parameterization = check_parameterization(parameterization)
+        self.process: NoiseProcess = DiscreteVP(process) if isinstance(process, NoiseSchedule) else process
+        self.prediction: Prediction = as_prediction(parameterization)
         self.calls = 0
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype != torch.long:
-            raise TypeError(f"ExactModel is defined on the schedule's integer timesteps; got t of dtype {t.dtype}")
-        flat = x_t.reshape(x_t.shape[0], -1).to(torch.float64)
+    def level_of_time(self, time: torch.Tensor) -> torch.Tensor:
+        """The process's level from the network's time input (the inverse of `model_time`)."""
+        if self.process.discrete:
+            if time.dtype != torch.long:
+                raise TypeError(f"the discrete process gives integer timesteps; got time of dtype {time.dtype}")
+            return time
+        if isinstance(self.process, EDM):
+            return (4 * time.double()).exp()
+        return time.double() / self.process.time_scale
+
+    def __call__(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
         if flat.shape[1] != self.data.dim:
-            raise ValueError(f"x_t of shape {tuple(x_t.shape)} does not flatten to the data's {self.data.dim} dims")
+            raise ValueError(f"x of shape {tuple(x.shape)} does not flatten to the data's {self.data.dim} dims")
         self.calls += 1
-        t = t.to(self.schedule.alphas_cumprod.device)
-        x0 = self.data.posterior_mean(flat, self.schedule.alphas_cumprod[t])
-        eps = self.schedule.predict_noise_from_start(flat, t, x0)
-        return from_x0_eps(self.parameterization, self.schedule, x0, eps, flat, t).to(x_t.dtype).reshape(x_t.shape)
+        alpha, sigma = (c.to(torch.float64) for c in self.process.coefficients(self.level_of_time(time)))
+        norm = (alpha ** 2 + sigma ** 2).sqrt()
+        x0 = self.data.posterior_mean(flat / norm[:, None], (alpha / norm) ** 2)
+        return self.prediction.output_from_x0(x0, flat, alpha, sigma).to(x.dtype).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -216,14 +227,15 @@ def energy_distance_noise_floor(data: GaussianMixture, n: int, m: int) -> float:
 
 class ExactDiffusionModel:
     """The part of `LatentDiffusion` that DDIMSampler/PLMSSampler use, around an `ExactModel`:
-    `apply_model(x, t, cond)`, `schedule`, `parameterization`, `num_timesteps` and `device`."""
+    `apply_model(x, t, cond)`, `schedule`, `process`, `prediction`, `num_timesteps` and `device`."""
 
     def __init__(self, model_fn: ExactModel) -> None:
         self.model_fn = model_fn
-        self.schedule = model_fn.schedule
-        self.parameterization = model_fn.parameterization
-        self.num_timesteps = model_fn.schedule.num_timesteps
-        self.device = model_fn.schedule.alphas_cumprod.device
+        self.process = model_fn.process
+        self.schedule = model_fn.process.schedule
+        self.prediction = model_fn.prediction
+        self.num_timesteps = self.schedule.num_timesteps
+        self.device = self.schedule.alphas_cumprod.device
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: object = None) -> torch.Tensor:
         if cond is not None:

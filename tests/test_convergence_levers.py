@@ -9,17 +9,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.inference import SAMPLERS, sample_latents
+from ldm.inference import sample_latents
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.k_diffusion import DiscreteDenoiser, karras_sigmas, sample_heun
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.spacing import make_ddim_timesteps
-from ldm.modules.diffusionmodules.loss_weighting import loss_weights, min_snr_weight
+from ldm.models.diffusion.samplers import SAMPLERS, sample_heun
+from ldm.models.diffusion.spacing import karras_sigmas, make_ddim_timesteps
+from ldm.modules.diffusionmodules.denoiser import Denoiser, make_prediction
+from ldm.modules.diffusionmodules.loss_weighting import loss_weights
 from ldm.modules.diffusionmodules.noise_levels import make_noise_level_density
+from ldm.modules.diffusionmodules.noise_process import DiscreteVP
 from ldm.modules.diffusionmodules.objectives import reweight_by_logvar
 from ldm.modules.diffusionmodules.offset_noise import OffsetNoise
-from ldm.modules.diffusionmodules.parameterization import PARAMETERIZATIONS
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, make_beta_schedule, rescale_zero_terminal_snr
 from tests.exact_models import ExactDiffusionModel, ExactModel, GaussianMixture, moment_z_scores
 from tests.test_ddpm import TIMESTEPS, load_tiny_txt2img, perturb_, pixel_batch, tiny_ddpm
@@ -27,6 +28,7 @@ from tests.test_ddpm import TIMESTEPS, load_tiny_txt2img, perturb_, pixel_batch,
 # The Stable Diffusion / LDM txt2img schedule.
 SD_BETAS = dict(linear_start=0.00085, linear_end=0.012)
 DRAWS = 20_000
+PARAMETERIZATIONS = ("eps", "x0", "v")
 # Kolmogorov-Smirnov: P(sup |F_n − F| > 1.95/√n) ≈ 0.001 for a continuous F (less for a discrete one).
 KS_LIMIT = 1.95 / math.sqrt(DRAWS)
 
@@ -45,10 +47,20 @@ def sd_schedule(timesteps: int = 1000, zero_terminal_snr: bool = False) -> Noise
     return NoiseSchedule.from_config(timesteps=timesteps, zero_terminal_snr=zero_terminal_snr, **SD_BETAS)
 
 
+def sd_process(timesteps: int = 1000, zero_terminal_snr: bool = False) -> DiscreteVP:
+    return DiscreteVP(sd_schedule(timesteps, zero_terminal_snr))
+
+
+def table_weights(weighting: str, schedule: NoiseSchedule, parameterization: str, gamma: float = 5.0) -> torch.Tensor:
+    """The loss weight of every timestep of `schedule`."""
+    return loss_weights(weighting, make_prediction(parameterization),
+                        *schedule.coefficients(torch.arange(schedule.num_timesteps)), gamma)
+
+
 # ---------------------------------------------------------------------------------------------- densities
 
 def test_uniform_is_the_reference_draw_bit_for_bit():
-    density = make_noise_level_density("uniform", sd_schedule())
+    density = make_noise_level_density("uniform", sd_process())
     torch.manual_seed(3)
     drawn = density(DRAWS)
     torch.manual_seed(3)
@@ -74,10 +86,10 @@ def test_forward_draws_t_from_the_density(monkeypatch):
 
 @pytest.mark.parametrize("mean, std", [(-1.2, 1.2), (0.5, 0.6)])
 def test_lognormal_is_the_nearest_log_sigma_of_a_normal_draw(mean, std):
-    schedule = sd_schedule()
+    process = sd_process()
     spec = "lognormal" if (mean, std) == (-1.2, 1.2) else OmegaConf.create({"type": "lognormal", "mean": mean,
                                                                              "std": std})
-    density = make_noise_level_density(spec, schedule)
+    density = make_noise_level_density(spec, process)
     drawn = density(DRAWS, generator=torch.Generator().manual_seed(0))
     assert drawn.dtype == torch.long and 0 <= drawn.min() and drawn.max() < 1000
     # The same normal draws, mapped by brute force: the table entry of least |ln σ_t − ln σ|.
@@ -93,7 +105,7 @@ def test_lognormal_is_the_nearest_log_sigma_of_a_normal_draw(mean, std):
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (0.5, 0.7)])
 def test_logit_normal_has_the_sd3_law(mean, std):
     spec = "logit_normal" if (mean, std) == (0.0, 1.0) else {"type": "logit_normal", "mean": mean, "std": std}
-    drawn = make_noise_level_density(spec, sd_schedule())(DRAWS, generator=torch.Generator().manual_seed(0))
+    drawn = make_noise_level_density(spec, sd_process())(DRAWS, generator=torch.Generator().manual_seed(0))
     assert drawn.dtype == torch.long and 0 <= drawn.min() and drawn.max() < 1000
     # t = round(u·999) ≤ k iff u < (k + ½)/999 iff the normal draw < logit((k + ½)/999).
     u = (torch.arange(999, dtype=torch.float64) + 0.5) / 999
@@ -101,11 +113,12 @@ def test_logit_normal_has_the_sd3_law(mean, std):
     assert ks_distance(drawn, cdf) < KS_LIMIT
 
 
-def test_lognormal_never_draws_the_infinite_sigma_of_zero_terminal_snr():
-    schedule = sd_schedule(zero_terminal_snr=True)
-    drawn = make_noise_level_density({"type": "lognormal", "mean": 3.0, "std": 2.0}, schedule)(
+def test_lognormal_reaches_the_pure_noise_step_of_zero_terminal_snr():
+    process = sd_process(zero_terminal_snr=True)
+    drawn = make_noise_level_density({"type": "lognormal", "mean": 3.0, "std": 2.0}, process)(
         DRAWS, generator=torch.Generator().manual_seed(0))
-    assert drawn.max() == 998  # ln σ far above the table lands on the last finite σ
+    # ln σ far above the table is clamped to its stand-in for σ = ∞: the last timestep, pure noise.
+    assert drawn.max() == 999 and 0 < (drawn == 999).float().mean() < 0.2
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -137,21 +150,35 @@ def paper_min_snr(parameterization: str, gamma: float, timesteps: int = TIMESTEP
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_min_snr_weights_are_the_papers(parameterization):
     schedule = NoiseSchedule(make_beta_schedule("linear", TIMESTEPS))
-    weights = loss_weights("min_snr", schedule, parameterization, min_snr_gamma=5.0)
+    weights = table_weights("min_snr", schedule, parameterization, 5.0)
     assert weights.dtype == torch.float32 and weights.shape == (TIMESTEPS,)
     torch.testing.assert_close(weights.double(), paper_min_snr(parameterization, 5.0), rtol=1e-5, atol=0)
-    assert torch.equal(loss_weights("simple", schedule, parameterization), torch.ones(TIMESTEPS))
+    assert torch.equal(table_weights("simple", schedule, parameterization), torch.ones(TIMESTEPS))
 
 
-def test_min_snr_eps_weight_is_exactly_one_where_snr_is_at_most_gamma():
-    snr = torch.tensor([0.0, 0.5, 4.999, 5.0, 5.001, 20.0, 1e4], dtype=torch.float64)
-    assert min_snr_weight(snr, "eps", 5.0).tolist()[:4] == [1.0, 1.0, 1.0, 1.0]
-    torch.testing.assert_close(min_snr_weight(snr, "eps", 5.0)[4:], 5.0 / snr[4:], rtol=0, atol=0)
-    assert min_snr_weight(snr, "x0", 5.0).tolist() == [0.0, 0.5, 4.999, 5.0, 5.0, 5.0, 5.0]
-    torch.testing.assert_close(min_snr_weight(snr, "v", 5.0), snr.clamp(max=5.0) / (snr + 1), rtol=0, atol=0)
+def test_min_snr_weight_on_each_prediction():
+    """min(SNR, γ) on the x_0 error is min(SNR, γ)/SNR on ε's loss, min(SNR, γ) on x_0's, min(SNR, γ)/(SNR + 1)
+    on v's and min(SNR, γ)·σ²/(α + σ)² on the flow velocity's, for inputs x = αx_0 + σε."""
+    snr = torch.tensor([0.5, 4.999, 5.0, 5.001, 20.0, 1e4], dtype=torch.float64)
+    alpha, sigma = (snr / (1 + snr)).sqrt(), (1 / (1 + snr)).sqrt()
+    weight = {p: loss_weights("min_snr", make_prediction(p), alpha, sigma, 5.0).double() for p in
+              ("eps", "x0", "v", "flow")}
+    clamped = snr.clamp(max=5.0)
+    torch.testing.assert_close(weight["eps"], clamped / snr, rtol=1e-6, atol=0)
+    torch.testing.assert_close(weight["x0"], clamped, rtol=1e-6, atol=0)
+    torch.testing.assert_close(weight["v"], clamped / (snr + 1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(weight["flow"], clamped * sigma ** 2 / (alpha + sigma) ** 2, rtol=1e-6, atol=0)
     # Stable Diffusion's schedule has timesteps on both sides of γ.
-    weights = loss_weights("min_snr", sd_schedule(), "eps", 5.0)
-    assert (weights == 1.0).any() and (weights < 1.0).any()
+    weights = table_weights("min_snr", sd_schedule(), "eps", 5.0)
+    assert (weights > 0.999).any() and (weights < 0.99).any()
+
+
+def test_edm_weighting_leaves_the_edm_loss_unweighted():
+    """EDM's λ(σ) = (σ² + σ_d²)/(σ·σ_d)² is 1/c_out² of its own F: the weight on F's loss is 1."""
+    alpha = torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    sigma = torch.tensor([0.01, 1.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(loss_weights("edm", make_prediction("edm", sigma_data=0.5), alpha, sigma).double(),
+                               torch.ones(3, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
 def model_loss_parts(model, x, t, noise):
@@ -206,12 +233,18 @@ def test_simple_weighting_is_todays_loss_bit_for_bit():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(loss_weighting="snr"), "unknown loss_weighting 'snr'; choose one of simple, min_snr"),
+    (dict(loss_weighting="snr"), "unknown loss_weighting 'snr'; choose one of simple, min_snr, edm"),
     (dict(loss_weighting="min_snr", min_snr_gamma=0.0), "min_snr_gamma must be positive, got 0.0"),
     (dict(offset_noise_strength=-0.1), "offset_noise_strength must be a number >= 0 (0 disables it; 0.1 is the "
                                        "paper's), got -0.1"),
-    (dict(zero_terminal_snr=True), "zero_terminal_snr (ᾱ_T = 0) needs parameterization 'v' or 'x0', got 'eps': "
-                                   "ε-prediction cannot recover x_0 from pure noise"),
+    (dict(zero_terminal_snr=True), "this noise process reaches pure noise (α = 0, zero terminal SNR), where "
+                                   "ε-prediction cannot recover x_0: use parameterization 'v', 'x0' or 'flow'"),
+    (dict(noise_process="rectified_flow", parameterization="flow", learn_logvar=True), "learn_logvar and original_elbo_weight index tables "
+                                                              "by timestep and need noise_process discrete_vp, not "
+                                                              "rectified_flow"),
+    (dict(noise_process="flow"), "unknown noise_process 'flow'; choose one of discrete_vp, continuous_vp, edm, "
+                                 "rectified_flow"),
+    (dict(noise_process={"type": "edm", "sigma": 1.0}), "noise_process edm: "),
 ])
 def test_objective_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)) as error:
@@ -307,8 +340,9 @@ def test_zero_terminal_snr_training_is_finite(parameterization):
     model = tiny_ddpm(parameterization=parameterization, zero_terminal_snr=True, loss_weighting="min_snr",
                       learn_logvar=True, original_elbo_weight=0.1, noise_level_density="logit_normal", **SD_BETAS)
     perturb_(model.model)
-    assert torch.isfinite(model.lvlb_weights).all() and torch.isfinite(model.loss_weights).all()
-    assert model.loss_weights[-1] == 0  # SNR_T = 0: min(0, γ) = 0 for x0 and v
+    weights = table_weights("min_snr", model.schedule, parameterization)
+    assert torch.isfinite(model.lvlb_weights).all() and torch.isfinite(weights).all()
+    assert weights[-1] == 0  # SNR_T = 0: min(0, γ) = 0 for x0 and v
     x = pixel_batch(4)
     loss, log = model.p_losses(x, None, torch.tensor([0, 7, 15, 15]))
     assert all(torch.isfinite(value).all() for value in log.values())
@@ -318,16 +352,16 @@ def test_zero_terminal_snr_training_is_finite(parameterization):
 
 
 def test_sigma_table_has_a_finite_stand_in_for_infinity():
-    schedule = sd_schedule(16, zero_terminal_snr=True)
+    process = sd_process(16, zero_terminal_snr=True)
     calls = []
-    denoiser = DiscreteDenoiser(lambda x, t: calls.append(t) or torch.zeros_like(x), schedule, "v")
-    sigmas = schedule.sqrt_recipm1_alphas_cumprod
-    assert denoiser.sigma_max == sigmas[-2] ** 2 / sigmas[-3] and torch.isfinite(denoiser.log_sigmas).all()
-    assert torch.equal(denoiser.sigmas[:-1], sigmas[:-1])
-    for grid in (denoiser.get_sigmas(5), karras_sigmas(5, float(denoiser.sigma_min), float(denoiser.sigma_max))):
+    denoiser = Denoiser(lambda x, t: calls.append(t) or torch.zeros_like(x), process, make_prediction("v"))
+    sigmas = process.schedule.sqrt_recipm1_alphas_cumprod.double()
+    assert process.sigma_max == sigmas[-2] ** 2 / sigmas[-3] and torch.isfinite(process.log_sigmas).all()
+    assert torch.equal(process.sigmas[:-1], sigmas[:-1])
+    for grid in (process.spaced_sigmas(5), karras_sigmas(5, process.sigma_min, process.sigma_max)):
         assert torch.isfinite(grid).all()
-    x = torch.randn(2, 3) * denoiser.sigma_max
-    x0 = denoiser(x, denoiser.sigma_max * torch.ones(2))
+    x = torch.randn(2, 3) * process.sigma_max
+    x0 = denoiser(x, process.sigma_max * torch.ones(2))
     assert calls[0].tolist() == [15, 15] and torch.isfinite(x0).all()  # the model is asked at t = T − 1
 
 
@@ -359,7 +393,7 @@ def test_latent_diffusion_takes_the_levers_from_its_config():
                                "model.params.offset_noise_strength=0.1",
                                "model.params.noise_level_density={type: lognormal, mean: -0.5, std: 1.0}"])
     assert model.schedule.alphas_cumprod[-1] == 0 and model.training_noise.strength == 0.1
-    assert model.noise_level_density.mean == -0.5 and model.loss_weights.max() <= 3.0
+    assert model.noise_level_density.mean == -0.5 and model.min_snr_gamma == 3.0
     z = torch.randn(2, 4, 8, 8)
     loss, _ = model(z, ["a", "b"])  # captions: the tiny model trains its text encoder in forward
     assert torch.isfinite(loss)
@@ -386,7 +420,7 @@ def zero_snr_runs(schedule: NoiseSchedule, model_fn: ExactModel, x_T: torch.Tens
     sampler = PLMSSampler(ExactDiffusionModel(model_fn))
     torch.manual_seed(0)
     yield "plms", sampler.sample(50, x_T.shape[0], (2,), x_T=x_T, ddim_discretize="trailing", verbose=False)[0]
-    denoiser = DiscreteDenoiser(model_fn, schedule, "v")
+    denoiser = Denoiser(model_fn, DiscreteVP(schedule), make_prediction("v"))
     # From σ_max ≈ 4500 Karras' grid spends most steps at high σ: 80 keep the bias below 1 standard error.
     sigmas = karras_sigmas(80, float(denoiser.sigma_min), float(denoiser.sigma_max))
     yield "heun", sample_heun(denoiser, x_T * sigmas[0], sigmas, disable=True)

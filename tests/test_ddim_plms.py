@@ -14,7 +14,7 @@ from ldm.models.diffusion.ddim import DDIMSampler, dynamic_threshold_x0
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.spacing import ddim_alphas, make_ddim_timesteps
-from ldm.modules.diffusionmodules.parameterization import from_x0_eps, to_x0
+from ldm.modules.diffusionmodules.denoiser import make_prediction
 
 SHAPE = (4, 16, 16)
 
@@ -58,12 +58,13 @@ class Reparameterized:
     """The eps model seen as an x0- or v-model: its output converted exactly (a stand-in for such a model)."""
 
     def __init__(self, eps_model, parameterization):
-        self.eps_model, self.parameterization = eps_model, parameterization
+        self.eps_model, self.prediction = eps_model, make_prediction(parameterization)
         self.schedule, self.num_timesteps = eps_model.schedule, eps_model.num_timesteps
 
     def apply_model(self, x, t, cond):
         eps = self.eps_model.apply_model(x, t, cond)
-        return from_x0_eps(self.parameterization, self.schedule, to_x0("eps", self.schedule, eps, x, t), eps, x, t)
+        coefficients = self.schedule.coefficients(t)
+        return self.prediction.output_from_x0(make_prediction("eps").x0(eps, x, *coefficients), x, *coefficients)
 
 
 def run(sampler, inputs, S=10, scale=3.0, **kwargs):

@@ -13,8 +13,8 @@ from ldm.data.shapes import ShapesTrain, caption_vocabulary, write_caption_vocab
 from ldm.inference import (SAMPLERS, ModelNotFound, encode_images, generate, image_to_image, inpaint, latent_shape,
                            load_model, sample_latents, text_condition, text_to_image)
 from ldm.models.diffusion.ancestral import ancestral_sample
-from ldm.models.diffusion.k_diffusion import (DiscreteDenoiser, karras_sigmas, keep_known, sample_dpmpp_2m,
-                                              sample_euler_ancestral, sample_heun)
+from ldm.models.diffusion.samplers import keep_known, sample_dpmpp_2m, sample_euler_ancestral, sample_heun
+from ldm.models.diffusion.spacing import karras_sigmas
 from ldm.util import instantiate_from_config
 from tests.tiny_models import txt2img_config
 
@@ -54,8 +54,8 @@ def test_known_latents_are_kept_by_the_k_samplers_themselves(txt2img, sample_fn)
     known = torch.randn(2, 4, 8, 8)
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, :, :4] = 1.0
-    discrete = DiscreteDenoiser(txt2img.denoiser(cond), txt2img.schedule, txt2img.parameterization)
-    sigmas = karras_sigmas(6, float(discrete.sigma_min), float(discrete.sigma_max))
+    discrete = txt2img.sigma_denoiser(cond)
+    sigmas = karras_sigmas(6, discrete.sigma_min, discrete.sigma_max)
     with torch.no_grad():
         z = sample_fn(keep_known(discrete, known, mask), torch.randn(2, 4, 8, 8) * sigmas[0], sigmas, disable=True)
     assert torch.allclose(z[..., :4], known[..., :4], atol=1e-5)

@@ -7,12 +7,13 @@ import torch
 from ldm.modules.diffusionmodules.likelihood import (
     approx_standard_normal_cdf, discretized_gaussian_log_likelihood, prior_bpd, variational_bound,
 )
-from ldm.modules.diffusionmodules.parameterization import PARAMETERIZATIONS, from_x0_eps
+from ldm.modules.diffusionmodules.denoiser import make_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract, make_beta_schedule
 
 T = 100
 DATA_STD = 0.5
 LN2 = math.log(2.0)
+PARAMETERIZATIONS = ("eps", "x0", "v")
 
 
 def gaussian_schedule(dtype=torch.float64):
@@ -24,8 +25,7 @@ def exact_model(schedule, parameterization):
     def model_fn(x_t, t):
         a_bar = extract(schedule.alphas_cumprod, t, x_t.shape)
         x0_hat = a_bar.sqrt() * DATA_STD ** 2 / (a_bar * DATA_STD ** 2 + 1 - a_bar) * x_t
-        eps_hat = schedule.predict_noise_from_start(x_t, t, x0_hat)
-        return from_x0_eps(parameterization, schedule, x0_hat, eps_hat, x_t, t)
+        return make_prediction(parameterization).output_from_x0(x0_hat, x_t, *schedule.coefficients(t))
     return model_fn
 
 

@@ -8,12 +8,11 @@ from safetensors import safe_open
 
 from ldm.modules.diffusionmodules.likelihood import normal_kl
 from ldm.modules.diffusionmodules.objectives import elementwise_loss, reweight_by_logvar, vlb_weights
-from ldm.modules.diffusionmodules.parameterization import (
-    PARAMETERIZATIONS, from_x0_eps, to_eps, to_x0, training_target,
-)
+from ldm.modules.diffusionmodules.denoiser import PREDICTIONS, make_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, make_beta_schedule
 
 T = 200
+PARAMETERIZATIONS = tuple(PREDICTIONS)
 
 
 def sample_problem(dtype=torch.float64, seed=0):
@@ -28,36 +27,31 @@ def sample_problem(dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
 def test_target_converts_back_to_x0_and_eps(parameterization):
     schedule, x0, eps, t, x_t = sample_problem()
-    target = training_target(parameterization, schedule, x0, eps, t)
-    expected = {"eps": eps, "x0": x0, "v": schedule.get_v(x0, eps, t)}[parameterization]
-    torch.testing.assert_close(target, expected, rtol=0, atol=0)
+    prediction, coefficients = make_prediction(parameterization), schedule.coefficients(t)
+    target = prediction.target(x0, eps, *coefficients)
+    expected = {"eps": eps, "x0": x0, "v": schedule.get_v(x0, eps, t), "flow": eps - x0}.get(parameterization)
+    if expected is not None:
+        torch.testing.assert_close(target, expected, rtol=0, atol=1e-15)
     tol = dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(to_x0(parameterization, schedule, target, x_t, t), x0, **tol)
-    torch.testing.assert_close(to_eps(parameterization, schedule, target, x_t, t), eps, **tol)
+    torch.testing.assert_close(prediction.x0(target, x_t, *coefficients), x0, **tol)
+    torch.testing.assert_close(prediction.eps(target, x_t, *coefficients), eps, **tol)
 
 
 @pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
-def test_from_x0_eps_inverts_to_x0_and_to_eps(parameterization):
+def test_output_from_x0_inverts_x0(parameterization):
     schedule, x0, eps, t, x_t = sample_problem()
+    prediction, coefficients = make_prediction(parameterization), schedule.coefficients(t)
     output = torch.randn_like(x0)  # any model output, not only a consistent one
-    x0_hat = to_x0(parameterization, schedule, output, x_t, t)
-    eps_hat = to_eps(parameterization, schedule, output, x_t, t)
-    torch.testing.assert_close(from_x0_eps(parameterization, schedule, x0_hat, eps_hat, x_t, t), output,
-                               rtol=1e-10, atol=1e-10)
+    x0_hat = prediction.x0(output, x_t, *coefficients)
+    eps_hat = prediction.eps(output, x_t, *coefficients)
+    torch.testing.assert_close(prediction.output_from_x0(x0_hat, x_t, *coefficients), output, rtol=1e-9, atol=1e-9)
     # The pair is consistent with x_t: it satisfies the forward process equation (DDPM eq. 4).
     torch.testing.assert_close(schedule.q_sample(x0_hat, t, eps_hat), x_t, rtol=1e-10, atol=1e-10)
 
 
 def test_parameterization_errors():
-    schedule, x0, eps, t, x_t = sample_problem()
-    for call in (lambda: training_target("mu", schedule, x0, eps, t),
-                 lambda: to_x0("mu", schedule, x0, x_t, t),
-                 lambda: to_eps("mu", schedule, x0, x_t, t),
-                 lambda: from_x0_eps("mu", schedule, x0, eps, x_t, t)):
-        with pytest.raises(ValueError, match="unknown parameterization 'mu'; choose one of 'eps', 'x0', 'v'"):
-            call()
-    with pytest.raises(ValueError, match="one shape"):
-        from_x0_eps("v", schedule, x0, eps[:, :1], x_t, t)
+    with pytest.raises(ValueError, match="unknown parameterization 'mu'; choose one of 'eps', 'x0', 'v', 'flow', 'edm'"):
+        make_prediction("mu")
 
 
 def test_elementwise_loss():
@@ -100,7 +94,7 @@ def paper_kl(betas, x0, eps, t, delta, parameterization):
     return kl.flatten(1).sum(1)
 
 
-@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 def test_vlb_weights_equal_the_kl_per_squared_error(parameterization):
     betas = make_beta_schedule("cosine", T)
     g = torch.Generator().manual_seed(3)

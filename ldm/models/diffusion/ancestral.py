@@ -1,18 +1,18 @@
 """Ancestral sampling of DDPM (Ho et al. 2020, Algorithm 2): x_{t−1} ~ p(x_{t−1} | x_t) from t = T−1 to 0."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from tqdm import tqdm
 
-from ldm.modules.diffusionmodules.parameterization import to_x0
+from ldm.modules.diffusionmodules.denoiser import Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
 
 VARIANCES = ("fixedsmall", "fixedlarge")
 
 
-def p_mean_variance(schedule: NoiseSchedule, parameterization: str, model_output: torch.Tensor, x_t: torch.Tensor,
+def p_mean_variance(schedule: NoiseSchedule, prediction: Union[str, Prediction], model_output: torch.Tensor, x_t: torch.Tensor,
                     t: torch.Tensor, clip_denoised: bool = False,
                     variance: str = "fixedsmall") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, log-variance and x_0 prediction of p(x_{t−1} | x_t).
@@ -23,7 +23,7 @@ def p_mean_variance(schedule: NoiseSchedule, parameterization: str, model_output
     for ``fixedlarge`` the first entry is β̃_1 rather than β_0, as improved DDPM does, so the last step's
     noise is on the data's scale.
     """
-    x0 = to_x0(parameterization, schedule, model_output, x_t, t)
+    x0 = as_prediction(prediction).x0(model_output, x_t, *schedule.coefficients(t))
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
     mean, _, log_variance = schedule.q_posterior(x0, x_t, t)
@@ -37,7 +37,7 @@ def p_mean_variance(schedule: NoiseSchedule, parameterization: str, model_output
 
 @torch.no_grad()
 def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-                     parameterization: str, x_T: torch.Tensor, *, clip_denoised: bool = False,
+                     prediction: Union[str, Prediction], x_T: torch.Tensor, *, clip_denoised: bool = False,
                      variance: str = "fixedsmall", generator: Optional[torch.Generator] = None,
                      log_every_t: Optional[int] = None, progress: bool = True,
                      callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
@@ -59,7 +59,7 @@ def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     steps = range(schedule.num_timesteps - 1, -1, -1)
     for i in tqdm(steps, desc="DDPM sampling", total=schedule.num_timesteps, disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        mean, log_variance, pred_x0 = p_mean_variance(schedule, parameterization, denoiser(x, t), x, t,
+        mean, log_variance, pred_x0 = p_mean_variance(schedule, prediction, denoiser(x, t), x, t,
                                                       clip_denoised=clip_denoised, variance=variance)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else 0.0
         x = mean + (0.5 * log_variance).exp() * noise

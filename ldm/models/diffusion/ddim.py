@@ -2,14 +2,14 @@
 
 `DDIMSampler(model).sample(S, batch_size, shape, conditioning, ...)` reproduces the reference's
 trajectories. `ddim_update` is the one update step, shared with PLMS (`plms.py`). Beyond the reference:
-any parameterization (ε, x_0 or v, through `to_x0`/`to_eps`), x̂_0 clipping, Imagen's dynamic
+any prediction (ε, x_0, v, flow, EDM: `ldm.modules.diffusionmodules.denoiser`), x̂_0 clipping, Imagen's dynamic
 thresholding, and pasting the known region back exactly at the end of inpainting (`keep_known_exact`).
 The sampler's tensors live on the model's schedule device; nothing is moved to CUDA.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ldm.models.diffusion.guidance import Condition, guided_model
 from ldm.models.diffusion.spacing import ddim_alphas, ddim_sigmas, make_ddim_timesteps
-from ldm.modules.diffusionmodules.parameterization import to_eps, to_x0
+from ldm.modules.diffusionmodules.denoiser import Prediction, X0Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,7 +40,7 @@ def dynamic_threshold_x0(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     return x0.clamp(-s, s) / s
 
 
-def ddim_update(schedule: NoiseSchedule, parameterization: str, model_output: torch.Tensor, x: torch.Tensor,
+def ddim_update(schedule: NoiseSchedule, prediction: Union[str, Prediction], model_output: torch.Tensor, x: torch.Tensor,
                 t: torch.Tensor, alpha_prev: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor] = None,
                 x0_fn: Optional[X0Fn] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step from x_t (DDIM eq. 12); returns (x_prev, x̂_0).
@@ -49,11 +49,13 @@ def ddim_update(schedule: NoiseSchedule, parameterization: str, model_output: to
     output at (x, t). `noise` (None for none) is the already scaled standard normal draw. `x0_fn` edits x̂_0
     (clipping, thresholding); ε̂ is then re-derived from the edited x̂_0 so the pair still reconstructs x_t.
     """
-    pred_x0 = to_x0(parameterization, schedule, model_output, x, t)
-    eps = to_eps(parameterization, schedule, model_output, x, t)
+    prediction = as_prediction(prediction)
+    alpha, sigma_t = schedule.coefficients(t)
+    pred_x0 = prediction.x0(model_output, x, alpha, sigma_t)
+    eps = prediction.eps(model_output, x, alpha, sigma_t)
     if x0_fn is not None:
         pred_x0 = x0_fn(pred_x0)
-        eps = to_eps("x0", schedule, pred_x0, x, t)
+        eps = X0Prediction().eps(pred_x0, x, alpha, sigma_t)
     x_prev = alpha_prev.sqrt() * pred_x0 + (1.0 - alpha_prev - sigma ** 2).sqrt() * eps
     if noise is not None:
         x_prev = x_prev + sigma * noise
@@ -75,14 +77,18 @@ def _batch_size_of(cond: Condition) -> Optional[int]:
 class DDIMSampler:
     """The reference's DDIM sampler for a diffusion model.
 
-    The model needs `apply_model(x, t, cond)`, `schedule` (a `NoiseSchedule`), `parameterization` and
-    `num_timesteps`, as `LatentDiffusion` has. `schedule` is the reference's argument, unused there as
+    The model needs `apply_model(x, t, cond)`, `schedule` (a `NoiseSchedule`), `prediction` and
+    `num_timesteps`, as `LatentDiffusion` has, and the discrete VP noise process (DDIM steps over its table). `schedule` is the reference's argument, unused there as
     here (the noise schedule is the model's); it is kept so the reference's calls work.
     """
 
     name = "DDIM"
 
     def __init__(self, model: Any, schedule: str = "linear") -> None:
+        process = getattr(model, "process", None)
+        if process is not None and not process.discrete:
+            raise ValueError(f"{self.name} steps over the discrete DDPM table; this model's noise process is "
+                             f"{process.name}: use a σ-space sampler (euler, heun, dpmpp_2m, ...)")
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
@@ -226,7 +232,7 @@ class DDIMSampler:
         """A fresh step function for one run (PLMS overrides this; its steps keep state)."""
         def step(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, alpha_prev: torch.Tensor,
                  sigma: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return ddim_update(self.model.schedule, self.model.parameterization, model_output(x, t), x, t,
+            return ddim_update(self.model.schedule, self.model.prediction, model_output(x, t), x, t,
                                alpha_prev, sigma, noise, x0_fn)
         return step
 

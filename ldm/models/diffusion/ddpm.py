@@ -1,8 +1,9 @@
 """`DDPM` (pixel space) and `LatentDiffusion` Lightning modules, with the reference's parameters and API.
 
 The modules orchestrate; the math lives in small parts shared with the samplers:
-`ldm.modules.diffusionmodules.schedule` (β schedules, q and the posterior), `.parameterization` (ε/x_0/v),
-`.objectives` (L_simple, VLB weights), `.likelihood` (bits/dim), `ldm.models.diffusion.guidance`
+`ldm.modules.diffusionmodules.schedule` (the reference's β table), `.noise_process` (how x_t is made, which
+noise levels exist), `.denoiser` (what the network predicts: ε/x_0/v/flow/EDM), `.noise_levels` and
+`.loss_weighting` (the training density and weights), `.objectives` (L_simple, VLB weights), `.likelihood` (bits/dim), `ldm.models.diffusion.guidance`
 (condition dropout, guided outputs) and `ldm.models.diffusion.ancestral` (sampling for `log_images`).
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.guidance import drop_conditions, guided_model
 from ldm.modules.diffusionmodules.likelihood import variational_bound
-from ldm.modules.diffusionmodules.loss_weighting import loss_weights
+from ldm.modules.diffusionmodules.denoiser import Denoiser, make_prediction
+from ldm.modules.diffusionmodules.loss_weighting import check_loss_weighting, loss_weights
 from ldm.modules.diffusionmodules.noise_levels import make_noise_level_density
+from ldm.modules.diffusionmodules.noise_process import EDM, NoiseProcess, make_noise_process
 from ldm.modules.diffusionmodules.objectives import elementwise_loss, reweight_by_logvar, vlb_weights
 from ldm.modules.diffusionmodules.offset_noise import OffsetNoise
-from ldm.modules.diffusionmodules.parameterization import check_parameterization, check_terminal_snr, training_target
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, apply_speed_options
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -102,12 +104,12 @@ class DDPM(pl.LightningModule):
                  speed_options: Sequence[str] = DEFAULT_SPEED_OPTIONS,
                  noise_level_density: Union[str, Mapping] = "uniform", loss_weighting: str = "simple",
                  min_snr_gamma: float = 5.0, offset_noise_strength: float = 0.0,
-                 zero_terminal_snr: bool = False) -> None:
+                 zero_terminal_snr: bool = False, noise_process: Union[str, Mapping, None] = "discrete_vp") -> None:
         super().__init__()
         if use_positional_encodings:
             raise ValueError("use_positional_encodings needs the reference's coordinate conditioning, which is "
                              "not part of ldm; set it to false")
-        self.parameterization = check_parameterization(parameterization)
+        self.parameterization = parameterization
         self.cond_stage_model: Optional[nn.Module] = None
         self.clip_denoised = clip_denoised
         self.log_every_t = log_every_t
@@ -131,10 +133,12 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
                                linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
-                               zero_terminal_snr=zero_terminal_snr)
-        self.noise_level_density = make_noise_level_density(noise_level_density, self.schedule)
-        self.register_buffer("loss_weights", loss_weights(loss_weighting, self.schedule, self.parameterization,
-                                                          min_snr_gamma), persistent=False)
+                               zero_terminal_snr=zero_terminal_snr, noise_process=noise_process)
+        self.noise_level_density = make_noise_level_density(noise_level_density, self.process)
+        self.loss_weighting, self.min_snr_gamma = check_loss_weighting(loss_weighting, min_snr_gamma), min_snr_gamma
+        if not self.process.discrete and (learn_logvar or original_elbo_weight > 0):
+            raise ValueError(f"learn_logvar and original_elbo_weight index tables by timestep and need noise_process "
+                             f"discrete_vp, not {self.process.name}")
         self.training_noise = OffsetNoise(offset_noise_strength)
         self.learn_logvar = learn_logvar
         logvar = torch.full((self.num_timesteps,), float(logvar_init))
@@ -152,16 +156,23 @@ class DDPM(pl.LightningModule):
 
     def register_schedule(self, given_betas: Optional[Sequence[float]] = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
-                          cosine_s: float = 8e-3, zero_terminal_snr: bool = False) -> None:
-        """Build the noise schedule (`self.schedule`) and the VLB weights of this parameterization."""
+                          cosine_s: float = 8e-3, zero_terminal_snr: bool = False,
+                          noise_process: Union[str, Mapping, None] = "discrete_vp") -> None:
+        """Build the reference's β table (`self.schedule`), the noise process (`self.process`), what the
+        network predicts (`self.prediction`) and the VLB weights."""
         self.schedule = NoiseSchedule.from_config(given_betas=given_betas, beta_schedule=beta_schedule,
                                                   timesteps=timesteps, linear_start=linear_start,
                                                   linear_end=linear_end, cosine_s=cosine_s,
                                                   v_posterior=self.v_posterior, zero_terminal_snr=zero_terminal_snr)
-        check_terminal_snr(self.parameterization, self.schedule)
+        self.process: NoiseProcess = make_noise_process(noise_process, self.schedule)
+        # EDM's preconditioning assumes the data's std that its process normalises the input by.
+        params = {"sigma_data": self.process.sigma_data} if (self.parameterization == "edm"
+                                                            and isinstance(self.process, EDM)) else {}
+        self.prediction = make_prediction(self.parameterization, **params)
+        self.prediction.check_alpha(self.process.alpha_min)
         self.num_timesteps = self.schedule.num_timesteps
         self.linear_start, self.linear_end = linear_start, linear_end
-        self.register_buffer("lvlb_weights", vlb_weights(self.schedule, self.parameterization), persistent=False)
+        self.register_buffer("lvlb_weights", vlb_weights(self.schedule, self.prediction), persistent=False)
 
     def __getattr__(self, name: str) -> Any:
         # `model.alphas_cumprod` and friends, as users' scripts written for the reference read them.
@@ -216,21 +227,25 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
                  noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss at timesteps t and its parts, logged under `train/` or `val/`.
+        """The training loss at noise levels t (of `self.process`) and its parts, logged under `train/` or `val/`.
 
-        `noise` defaults to `training_noise` (offset noise when configured), which is also what an ε or v
-        target is made of. `loss_simple` is logged unweighted (comparable across weightings); the loss
-        weights it per sample by `loss_weights[t]` before the learned log-variance. The VLB term is unweighted.
+        `noise` defaults to `training_noise` (offset noise when configured), which is also what an ε, v or
+        flow target is made of. `loss_simple` is logged unweighted (comparable across weightings); the loss
+        weights it per sample (`loss_weighting`) before the learned log-variance. The VLB term is unweighted.
         """
         noise = self.training_noise(x_start) if noise is None else noise
-        x_noisy = self.schedule.q_sample(x_start, t, noise)
-        model_output = self.apply_model(x_noisy, t, cond)
-        target = training_target(self.parameterization, self.schedule, x_start, noise, t)
+        x_noisy = self.process.add_noise(x_start, noise, t)
+        model_output = self.apply_model(x_noisy, self.process.model_time(t), cond)
+        alpha, sigma = self.process.coefficients(t)
+        target = self.prediction.target(x_start, noise, alpha, sigma)
         prefix = "train" if self.training else "val"
         loss_simple = elementwise_loss(model_output, target, self.loss_type).flatten(1).mean(1)
         log = {f"{prefix}/loss_simple": loss_simple.mean()}
-        logvar_t = self.logvar.to(x_start.device)[t]
-        loss = self.l_simple_weight * reweight_by_logvar(self.loss_weights[t] * loss_simple, logvar_t).mean()
+        weights = loss_weights(self.loss_weighting, self.prediction, alpha, sigma, self.min_snr_gamma)
+        loss = weights.to(loss_simple) * loss_simple
+        if self.process.discrete:
+            loss = reweight_by_logvar(loss, self.logvar.to(x_start.device)[t])
+        loss = self.l_simple_weight * loss.mean()
         if self.learn_logvar:
             log[f"{prefix}/loss_gamma"] = loss
             log["logvar"] = self.logvar.data.mean()
@@ -249,8 +264,13 @@ class DDPM(pl.LightningModule):
 
     def denoiser(self, cond: Any = None, uncond: Any = None,
                  guidance_scale: float = 1.0) -> Any:
-        """`f(x_t, t) -> model output` for the samplers, with classifier-free guidance when `uncond` is given."""
+        """`f(x, time) -> network output` with classifier-free guidance when `uncond` is given (the t-space
+        samplers: DDIM, PLMS, ancestral)."""
         return guided_model(self.apply_model, cond, uncond, guidance_scale)
+
+    def sigma_denoiser(self, cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0) -> Denoiser:
+        """D(x_σ, σ) ≈ E[x_0 | x_σ] with guidance, for the σ-space samplers (`ldm.models.diffusion.samplers`)."""
+        return Denoiser(self.denoiser(cond, uncond, guidance_scale), self.process, self.prediction)
 
     # ------------------------------------------------------------------------------------ likelihood
 
@@ -268,8 +288,11 @@ class DDPM(pl.LightningModule):
         of the sum of the middle terms. Pixel data uses the discretized Gaussian decoder for L_0 (DDPM
         sec. 3.3); latents use a continuous Gaussian, so their figure is a bound on the latents' density.
         """
+        if not self.process.discrete:
+            raise ValueError(f"the variational bound is computed on the discrete DDPM table; this model's noise "
+                             f"process is {self.process.name}")
         return variational_bound(lambda x, t: self.apply_model(x, t, cond), self.schedule, x_start,
-                                 self.parameterization, discretized=self.data_is_pixels, timesteps=timesteps)
+                                 self.prediction, discretized=self.data_is_pixels, timesteps=timesteps)
 
     def _bpd_timesteps(self) -> list[int]:
         """`validation_bpd_timesteps` evenly spread over 1..T−1 (a stratified estimate of the middle terms)."""
@@ -352,16 +375,16 @@ class DDPM(pl.LightningModule):
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         x_T = torch.randn(shape, device=self.device) if x_T is None else x_T
         samples, intermediates = ancestral_sample(self.denoiser(cond, uncond, guidance_scale), self.schedule,
-                                                  self.parameterization, x_T, clip_denoised=self.clip_denoised,
+                                                  self.prediction, x_T, clip_denoised=self.clip_denoised,
                                                   log_every_t=self.log_every_t, progress=progress)
         return (samples, intermediates["pred_x0"]) if return_intermediates else samples
 
     def diffusion_row(self, x_start: torch.Tensor, n_steps: int = 5) -> torch.Tensor:
-        """One grid: each row an input noised at increasing t (the forward process q), shown as images."""
+        """One grid: each row an input noised at increasing levels (the forward process), shown as images."""
         rows = []
-        for t in torch.linspace(0, self.num_timesteps - 1, n_steps).long().tolist():
-            t_batch = torch.full((x_start.shape[0],), t, device=self.device, dtype=torch.long)
-            rows.append(self.decode_for_display(self.q_sample(x_start, t_batch)))
+        for u in torch.linspace(0, 1, n_steps, dtype=torch.float64):
+            level = self.process.level_at_fraction(u.expand(x_start.shape[0])).to(self.device)
+            rows.append(self.decode_for_display(self.process.add_noise(x_start, torch.randn_like(x_start), level)))
         return _rows_to_grid(rows)
 
     def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:

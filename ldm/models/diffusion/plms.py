@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler, ModelFn, StepFn, X0Fn, ddim_update
-from ldm.modules.diffusionmodules.parameterization import to_eps
 
 # Adams-Bashforth coefficients of ε_t, ε_{t−1}, ε_{t−2}, ε_{t−3} by the number of earlier ε known (PNDM sec. 3).
 ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9), 24)}
@@ -35,18 +34,18 @@ class PLMSSampler(DDIMSampler):
         super().make_schedule(ddim_num_steps, ddim_discretize=ddim_discretize, ddim_eta=ddim_eta, verbose=verbose)
 
     def _make_step(self, model_output: ModelFn, x0_fn: Optional[X0Fn]) -> StepFn:
-        schedule, parameterization = self.model.schedule, self.model.parameterization
+        schedule, prediction = self.model.schedule, self.model.prediction
         old_eps: list[torch.Tensor] = []  # the raw (guided) ε of the last steps, oldest first
 
         def eps_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return to_eps(parameterization, schedule, model_output(x, t), x, t)
+            return prediction.eps(model_output(x, t), x, *schedule.coefficients(t))
 
         def step(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, alpha_prev: torch.Tensor,
                  sigma: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             if bool((schedule.alphas_cumprod[t.to(schedule.alphas_cumprod.device)] == 0).any()):
                 output = model_output(x, t)
-                old_eps.append(to_eps(parameterization, schedule, output, x, t))
-                return ddim_update(schedule, parameterization, output, x, t, alpha_prev, sigma, noise, x0_fn)
+                old_eps.append(prediction.eps(output, x, *schedule.coefficients(t)))
+                return ddim_update(schedule, prediction, output, x, t, alpha_prev, sigma, noise, x0_fn)
             eps = eps_at(x, t)
             if not old_eps:
                 x_trial, _ = ddim_update(schedule, "eps", eps, x, t, alpha_prev, sigma, None, x0_fn)

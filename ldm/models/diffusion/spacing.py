@@ -1,9 +1,13 @@
-"""Which DDPM timesteps a DDIM or PLMS run visits, and the DDIM coefficients at them.
+"""Which noise levels a sampling run visits: σ spacings for the σ-space samplers (`SIGMA_SPACINGS`), and the
+DDPM timesteps of a DDIM or PLMS run with the DDIM coefficients at them.
 
 DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", sec. 4.2) samples along a subsequence
 τ_1 < ... < τ_S of the T training timesteps. The numbers here are the CompVis reference's exactly.
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -78,3 +82,62 @@ def ddim_alphas(alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
     alphas = alphas_cumprod[index]
     alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[index[:-1]]])
     return ddim_sigmas(alphas, alphas_prev, eta), alphas, alphas_prev
+
+
+# ---------------------------------------------------------------------------------------------- σ spacings
+
+SIGMA_SPACINGS = ("karras", "exponential", "uniform")
+
+
+def _check_steps(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of sampling steps must be a positive int, got {n!r}")
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return sigma_min, sigma_max
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """EDM eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ for i < n, then σ_n = 0.
+
+    ρ = 7 spends more steps at low noise, where EDM found the truncation error largest. Shape (n + 1,).
+    """
+    _check_steps(n)
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=torch.float32)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
+    """σ evenly spaced in log σ from σ_max to σ_min (equal steps in λ = −log σ, as DPM-Solver's "logSNR"
+    spacing), then 0. Shape (n + 1,)."""
+    _check_steps(n)
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=torch.float32)
+
+
+def make_sigmas(spacing: Optional[str], n: int, process: "NoiseProcess",  # noqa: F821
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """The n + 1 noise levels (ending at 0) of a σ-space run over `process`: ``karras``, ``exponential``, or
+    ``uniform`` (evenly spaced along the process's own time: its trained timesteps, or t for continuous
+    time); None is the process's default (Karras for VP and EDM, uniform t for rectified flow)."""
+    spacing = spacing or process.default_spacing
+    if spacing == "karras":
+        return karras_sigmas(n, process.sigma_min, process.sigma_max, device=device)
+    if spacing == "exponential":
+        return exponential_sigmas(n, process.sigma_min, process.sigma_max, device=device)
+    if spacing == "uniform":
+        _check_steps(n)
+        return process.spaced_sigmas(n).to(device)
+    raise ValueError(f"unknown sigma spacing {spacing!r}; choose one of {', '.join(SIGMA_SPACINGS)}")

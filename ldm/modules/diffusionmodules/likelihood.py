@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from ldm.modules.diffusionmodules.parameterization import check_parameterization, to_x0
+from ldm.modules.diffusionmodules.denoiser import Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 # The Gaussian KL is shared with the autoencoder's posterior; re-exported here as part of this API.
 from ldm.modules.distributions.distributions import normal_kl
@@ -95,13 +95,13 @@ def _check_timesteps(timesteps: Optional[Sequence[int]], num_timesteps: int) -> 
 
 
 def variational_bound(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-                      x0: torch.Tensor, parameterization: str, *, discretized: bool,
+                      x0: torch.Tensor, prediction: Union[str, Prediction], *, discretized: bool,
                       timesteps: Optional[Sequence[int]] = None,
                       noise: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Per-sample variational bound on −log p(x0) in bits/dim (DDPM eq. 5; Table 1's NLL).
 
     Args:
-        model_fn: `model_fn(x_t, t) -> output` in `parameterization` ("eps", "x0" or "v"); t is int64 (B,).
+        model_fn: `model_fn(x_t, t) -> output` in `prediction` (a `Prediction` or its name: "eps", "x0", "v", ...); t is int64 (B,).
             Call this under `torch.no_grad()` unless gradients are wanted.
         x0: data (B, ...). With `discretized`, 8-bit values scaled to [−1, 1].
         discretized: L_0 is the discretized Gaussian NLL of the 256 bins (a bound on the NLL of the 8-bit
@@ -117,7 +117,7 @@ def variational_bound(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     σ_0² = 0 (the posterior at index 0 is a point mass), so the decoder uses σ_1², as improved DDPM's
     clipped log-variance does; every other term uses posterior_log_variance_clipped[t].
     """
-    check_parameterization(parameterization)
+    prediction = as_prediction(prediction)
     if schedule.num_timesteps < 2:
         raise ValueError("variational_bound needs a schedule with at least 2 timesteps")
     steps = _check_timesteps(timesteps, schedule.num_timesteps)
@@ -133,14 +133,14 @@ def variational_bound(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     for t in steps:
         t_batch, x_t = draw(t)
         true_mean, _, true_log_variance = schedule.q_posterior(x0, x_t, t_batch)
-        x0_pred = to_x0(parameterization, schedule, model_fn(x_t, t_batch), x_t, t_batch)
+        x0_pred = prediction.x0(model_fn(x_t, t_batch), x_t, *schedule.coefficients(t_batch))
         model_mean, _, model_log_variance = schedule.q_posterior(x0_pred, x_t, t_batch)
         terms.append(_mean_bits_per_dim(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)))
     terms_bpd = torch.stack(terms, dim=1)
     vb_bpd = terms_bpd.sum(dim=1) * ((schedule.num_timesteps - 1) / len(steps))
 
     t_batch, x_1 = draw(0)
-    x0_pred = to_x0(parameterization, schedule, model_fn(x_1, t_batch), x_1, t_batch)
+    x0_pred = prediction.x0(model_fn(x_1, t_batch), x_1, *schedule.coefficients(t_batch))
     decoder_mean, _, _ = schedule.q_posterior(x0_pred, x_1, t_batch)
     log_variance = schedule.posterior_log_variance_clipped[1]
     log_scales = (0.5 * log_variance).to(decoder_mean).expand_as(decoder_mean)

@@ -1,48 +1,45 @@
-"""Per-timestep weights on L_simple: ``simple`` (1, DDPM eq. 14) or ``min_snr`` (Hang et al. 2023,
-"Efficient Diffusion Training via Min-SNR Weighting Strategy").
+"""Per-example weights on the training loss of the network's output, by noise level.
 
-Each target's squared error is a multiple of the x_0 error: ||ε − ε̂||² = SNR_t·||x_0 − x̂_0||² and
-||v − v̂||² = (SNR_t + 1)·||x_0 − x̂_0||², with SNR_t = ᾱ_t/(1 − ᾱ_t) (Kingma et al. 2021). Min-SNR-γ weights
-the x_0 error by min(SNR_t, γ) instead, which on each target's own loss is
-  eps: min(SNR_t, γ)/SNR_t,   x0: min(SNR_t, γ),   v: min(SNR_t, γ)/(SNR_t + 1),
-so the high-SNR (low-noise) steps, easy and in conflict with the others, no longer dominate the gradient.
-γ = 5 is the paper's default.
+The squared error of any prediction F is the x_0 error divided by c_out² (`denoiser.py`: x̂_0 = c_skip·x +
+c_out·F), so a rule stated as a weight w on the x_0 error is the weight w·c_out² on F's own loss:
+
+- ``simple``: 1 on F's loss (L_simple, DDPM eq. 14, in whatever F predicts);
+- ``min_snr``: w = min(SNR, γ) with SNR = α²/σ² (Hang et al. 2023, "Efficient Diffusion Training via
+  Min-SNR Weighting Strategy"); on ε's loss min(SNR, γ)/SNR, on v's min(SNR, γ)/(SNR + 1). The high-SNR
+  (low-noise) levels, easy and in conflict with the others, no longer dominate. γ = 5 is the paper's default;
+- ``edm``: w = λ(s) = (s² + σ_d²)/(s·σ_d)² with s = σ/α (EDM, Karras et al. 2022, sec. 5 and Table 1),
+  which makes the loss of EDM's own F unweighted. σ_d is the EDM prediction's, else 1 (unit-variance latents).
 """
 from __future__ import annotations
 
 import torch
 
-from ldm.modules.diffusionmodules.parameterization import check_parameterization
-from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from ldm.modules.diffusionmodules.denoiser import Prediction
 
-LOSS_WEIGHTINGS = ("simple", "min_snr")
-
-
-def snr(schedule: NoiseSchedule) -> torch.Tensor:
-    """SNR_t = ᾱ_t/(1 − ᾱ_t) = 1/σ_t², float64, shape (T,); 0 where ᾱ_t = 0 (zero terminal SNR).
-
-    From σ_t = √(1/ᾱ_t − 1), which the schedule computed in float64: 1 − ᾱ_t in float32 would cancel for small t.
-    """
-    return schedule.sqrt_recipm1_alphas_cumprod.double() ** -2
+LOSS_WEIGHTINGS = ("simple", "min_snr", "edm")
 
 
-def min_snr_weight(snr_t: torch.Tensor, parameterization: str, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ weight on the loss of `parameterization` at signal-to-noise ratios `snr_t` (Hang et al. 2023)."""
-    check_parameterization(parameterization)
-    if parameterization == "eps":
-        # min(SNR, γ)/SNR written as min(1, γ/SNR): the limit 1 at SNR = 0 instead of 0/0.
-        return (gamma / snr_t).clamp(max=1.0)
-    clamped = snr_t.clamp(max=gamma)
-    return clamped if parameterization == "x0" else clamped / (snr_t + 1)
-
-
-def loss_weights(weighting: str, schedule: NoiseSchedule, parameterization: str,
-                 min_snr_gamma: float = 5.0) -> torch.Tensor:
-    """The weight of each timestep's L_simple, shape (T,), in the schedule's dtype."""
+def check_loss_weighting(weighting: str, min_snr_gamma: float = 5.0) -> str:
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss_weighting {weighting!r}; choose one of {', '.join(LOSS_WEIGHTINGS)}")
     if not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma!r}")
+    return weighting
+
+
+def loss_weights(weighting: str, prediction: Prediction, alpha: torch.Tensor, sigma: torch.Tensor,
+                 min_snr_gamma: float = 5.0) -> torch.Tensor:
+    """The weight of each example's loss of F, shape (B,), for inputs x = α·x_0 + σ·ε (α, σ of shape (B,)).
+
+    Computed in float64: c_out² and the SNR span many orders of magnitude over a schedule.
+    """
+    check_loss_weighting(weighting, min_snr_gamma)
     if weighting == "simple":
-        return torch.ones_like(schedule.betas)
-    return min_snr_weight(snr(schedule), parameterization, float(min_snr_gamma)).to(schedule.betas.dtype)
+        return torch.ones_like(alpha, dtype=torch.float32)
+    alpha, sigma = alpha.double(), sigma.double()
+    c_out = prediction.scalings(alpha, sigma)[1]
+    if weighting == "min_snr":
+        return ((alpha ** 2 / sigma ** 2).clamp(max=float(min_snr_gamma)) * c_out ** 2).float()
+    sigma_data = getattr(prediction, "sigma_data", 1.0)
+    s = sigma / alpha
+    return ((s ** 2 + sigma_data ** 2) / (s * sigma_data) ** 2 * c_out ** 2).float()

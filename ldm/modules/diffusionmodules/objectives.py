@@ -1,10 +1,12 @@
 """Training losses of the diffusion model: the simple loss, the VLB weights and the learned log-variance."""
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.parameterization import check_parameterization
+from ldm.modules.diffusionmodules.denoiser import Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 
 LOSS_TYPES = ("l1", "l2")
@@ -22,31 +24,25 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str) -
     raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
 
 
-def vlb_weights(schedule: NoiseSchedule, parameterization: str) -> torch.Tensor:
+def vlb_weights(schedule: NoiseSchedule, prediction: Union[str, Prediction]) -> torch.Tensor:
     """λ_t such that the VLB term L_{t−1} = λ_t · ||output − target||² (summed over elements), shape (T,).
 
     With σ_t² = posterior_variance fixed, L_{t−1} = ||μ̃_t − μ_θ||² / (2σ_t²) (DDPM eq. 8), and
     μ = coef1 · x_0 + coef2 · x_t (eq. 7) is linear in the x_0 prediction, which is linear in the model
-    output with slope dx_0/d(output): −√(1/ᾱ_t − 1) for ε (eq. 15), 1 for x_0 and −√(1 − ᾱ_t) for v. So
-    λ_t = (coef1 · dx_0/d(output))² / (2σ_t²), i.e. β_t² / (2σ_t² α_t (1 − ᾱ_t)) for ε (DDPM eq. 12),
-    coef1² / (2σ_t²) for x_0 and coef1² (1 − ᾱ_t) / (2σ_t²) for v. (The reference's x_0 weight,
-    0.5·√ᾱ_t / (2·1 − ᾱ_t), has an operator-precedence bug and is not this.)
+    output with slope c_out (`denoiser.py`): −√(1/ᾱ_t − 1) for ε (eq. 15), 1 for x_0 and −√(1 − ᾱ_t) for v.
+    So λ_t = (coef1 · c_out)² / (2σ_t²), i.e. β_t² / (2σ_t² α_t (1 − ᾱ_t)) for ε (DDPM eq. 12). (The
+    reference's x_0 weight, 0.5·√ᾱ_t / (2·1 − ᾱ_t), has an operator-precedence bug and is not this.)
 
     Computed in float64 from buffers that were themselves computed in float64: writing ε's weight with
     1 − ᾱ_t would cancel catastrophically in float32 for small t. σ_0² = 0 makes λ_0 infinite; as the
     reference, entry 0 is set to entry 1.
     """
-    check_parameterization(parameterization)
     if schedule.num_timesteps < 2:
         raise ValueError("vlb_weights needs at least 2 timesteps (entry 0 is copied from entry 1)")
     coef1 = schedule.posterior_mean_coef1.double()
-    if parameterization == "eps":
-        slope = schedule.sqrt_recipm1_alphas_cumprod.double()
-    elif parameterization == "x0":
-        slope = torch.ones_like(coef1)
-    else:
-        slope = schedule.sqrt_one_minus_alphas_cumprod.double()
-    weights = (coef1 * slope) ** 2 / (2 * schedule.posterior_variance.double())
+    c_out = as_prediction(prediction).scalings(schedule.sqrt_alphas_cumprod.double(),
+                                schedule.sqrt_one_minus_alphas_cumprod.double())[1]
+    weights = (coef1 * c_out) ** 2 / (2 * schedule.posterior_variance.double())
     weights[0] = weights[1]
     return weights.to(schedule.betas.dtype)
 

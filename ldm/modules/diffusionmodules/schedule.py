@@ -177,6 +177,11 @@ class NoiseSchedule(nn.Module):
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas, v_posterior=v_posterior)
 
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(√ᾱ_t, √(1 − ᾱ_t)), each (B,): x_t = α·x_0 + σ·ε (DDPM eq. 4), the form every prediction reads."""
+        t = t.to(self.betas.device, torch.long)
+        return self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
+
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) (DDPM eq. 4)."""
         mean = extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
