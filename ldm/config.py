@@ -88,6 +88,17 @@ def describe_key(node: Any, key: str | None = None) -> str:
     return f"'{path}'" + (f" (set in {where})" if where else "")
 
 
+def named_option(spec: Any, option: str) -> tuple[Any, dict[str, Any]]:
+    """(name, parameters) of an option given as a name or as ``{type: name, ...parameters}`` (e.g.
+    `noise_level_density`, `noise_process`); anything else is a ValueError naming `option`."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        return params.pop("type", None), params
+    raise ValueError(f"{option} must be a name or {{type: name, ...}}, got {spec!r}")
+
+
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Import ``package.module.Name`` and return ``Name``."""
     module_name, _, cls = string.rpartition(".")

@@ -78,8 +78,13 @@ def test_expected_calls_follow_the_reference_spacing():
     assert expected_unet_calls("plms", 10, 1000) == 11
     assert expected_unet_calls("heun", 10, 1000) == 19
     assert expected_unet_calls("ddpm", 10, 1000) == 1000
+    assert expected_unet_calls("dpm2", 10, 1000) == 19 and expected_unet_calls("unipc", 10, 1000) == 10
     with pytest.raises(ValueError, match="unknown sampler"):
-        expected_unet_calls("lms", 10, 1000)
+        expected_unet_calls("k_lms", 10, 1000)
+
+
+# A timestep sampler, the ancestral reference, a multistep and a predictor-corrector σ sampler.
+QUICK_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "unipc")
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -104,13 +109,13 @@ def test_unet_calls_are_counted_exactly(sampler, tiny_txt2img_model, tiny_inpain
 def test_quick_run_writes_all_outputs(tmp_path, tiny_txt2img_model, tiny_inpainting_model):
     outdir = tmp_path / "results"
     rows = main(["--quick", "--config", str(tiny_txt2img_model), "--inpaint-config", str(tiny_inpainting_model),
-                 "--device", "cpu", "--steps", "4", "8", "--samplers", *SAMPLERS, "--scales", "1", "3",
+                 "--device", "cpu", "--steps", "4", "8", "--samplers", *QUICK_SAMPLERS, "--scales", "1", "3",
                  "--n-real", "64", "--outdir", str(outdir)])
     with open(outdir / "sampling.csv") as f:
         table = list(csv.DictReader(f))
-    # Real images of both splits; txt2img: 5 samplers x 2 steps + ddpm, 2 scales, 2 splits;
-    # inpainting: the mean-colour fill, then the same 11 sampler runs for each of the two models.
-    assert len(table) == len(rows) == 2 + 1 + 11 * 2 * 2 + 11 * 2
+    # Real images of both splits; txt2img: 3 samplers x 2 steps + ddpm, 2 scales, 2 splits;
+    # inpainting: the mean-colour fill, then the same 7 sampler runs for each of the two models.
+    assert len(table) == len(rows) == 2 + 1 + 7 * 2 * 2 + 7 * 2
     for row in table:
         if row["task"] == "real":
             assert float(row["match_all"]) > 0.9  # the classifier reads real images correctly

@@ -416,7 +416,7 @@ def test_exact_model_is_the_posterior_mean():
 def test_sigma_to_t_inverts_the_table():
     process = DiscreteVP(SCHEDULES["ldm_linear"])
     t = torch.arange(1000, dtype=torch.float32)
-    torch.testing.assert_close(process.sigma_to_t(process.sigmas), t, rtol=0, atol=1e-3)
+    torch.testing.assert_close(process.sigma_to_t(process.sigmas).float(), t, rtol=0, atol=1e-3)
     # Outside the table, σ is clamped to its ends; in between, snapped to the nearest timestep in log σ.
     assert process.sigma_to_t(torch.tensor([1e-4, 1e3])).tolist() == [0.0, 999.0]
     geometric_mid = (process.sigmas[10] * process.sigmas[11]).sqrt() * 1.001
@@ -428,7 +428,7 @@ def test_sigma_grids():
     process = DiscreteVP(SCHEDULES["ldm_linear"])
     sigmas = make_sigmas("uniform", 10, process)
     assert sigmas.shape == (11,) and sigmas[-1] == 0 and (sigmas[1:] < sigmas[:-1]).all()
-    torch.testing.assert_close(sigmas[[0, -2]], process.sigmas[[-1, 0]])
+    torch.testing.assert_close(sigmas[[0, -2]], process.sigmas[[-1, 0]].float())
     rho = 7.0
     k = karras_sigmas(10, 0.03, 14.6, rho=rho)
     assert k.shape == (11,) and k[-1] == 0

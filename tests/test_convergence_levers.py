@@ -355,7 +355,7 @@ def test_sigma_table_has_a_finite_stand_in_for_infinity():
     process = sd_process(16, zero_terminal_snr=True)
     calls = []
     denoiser = Denoiser(lambda x, t: calls.append(t) or torch.zeros_like(x), process, make_prediction("v"))
-    sigmas = process.schedule.sqrt_recipm1_alphas_cumprod.double()
+    sigmas = process.schedule.sigma_table
     assert process.sigma_max == sigmas[-2] ** 2 / sigmas[-3] and torch.isfinite(process.log_sigmas).all()
     assert torch.equal(process.sigmas[:-1], sigmas[:-1])
     for grid in (process.spaced_sigmas(5), karras_sigmas(5, process.sigma_min, process.sigma_max)):

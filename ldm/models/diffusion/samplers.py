@@ -100,6 +100,15 @@ def _steps(sigmas: torch.Tensor, desc: str, disable: bool) -> tqdm:
     return tqdm(range(len(sigmas) - 1), desc=desc, disable=disable, leave=False)
 
 
+def _evaluate(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, i: int,
+              callback: Optional[Callback]) -> torch.Tensor:
+    """D(x, σ_i) for the whole batch, reported to `callback` with the state it was evaluated at."""
+    denoised = denoiser(x, sigmas[i] * x.new_ones(x.shape[0]))
+    if callback is not None:
+        callback(i, x, sigmas[i], denoised)
+    return denoised
+
+
 def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
@@ -132,11 +141,8 @@ def _heun_evals(steps: int, num_timesteps: int) -> int:
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Optional[Callback] = None,
                  disable: bool = False, **_: object) -> torch.Tensor:
-    ones = x.new_ones(x.shape[0])
     for i in _steps(sigmas, "Euler", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         x = x + to_derivative(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -149,11 +155,8 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
                            callback: Optional[Callback] = None, disable: bool = False) -> torch.Tensor:
     """An Euler–Maruyama discretisation of the reverse SDE (k-diffusion's Euler ancestral). No noise is added
     on the step to σ = 0."""
-    ones = x.new_ones(x.shape[0])
     for i in _steps(sigmas, "Euler ancestral", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0 and eta > 0:
@@ -172,9 +175,7 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ca
     there would divide by 0)."""
     ones = x.new_ones(x.shape[0])
     for i in _steps(sigmas, "Heun", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         d = to_derivative(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         x_euler = x + d * dt
@@ -195,9 +196,7 @@ def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ca
     σ = 0 is Euler."""
     ones = x.new_ones(x.shape[0])
     for i in _steps(sigmas, "DPM2", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         d = to_derivative(x, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
@@ -234,13 +233,10 @@ def sample_lms(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cal
                disable: bool = False, order: int = 4, **_: object) -> torch.Tensor:
     """x_{i+1} = x_i + Σ_j c_j d_{i−j}, the slopes of the last `order` steps weighted by the integrals of their
     Lagrange basis over the step (`lms_coefficients`); the order grows from 1 as slopes accumulate."""
-    ones = x.new_ones(x.shape[0])
     sigmas_np = sigmas.detach().double().cpu().numpy()
     slopes: list[torch.Tensor] = []
     for i in _steps(sigmas, "LMS", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         slopes.insert(0, to_derivative(x, sigmas[i], denoised))
         del slopes[order:]
         coefficients = lms_coefficients(sigmas_np, i, len(slopes))
@@ -256,12 +252,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
     x_{i+1} = (σ_{i+1}/σ_i)·x_i − (e^{−h} − 1)·x̂_0 (DPM-Solver++ eq. 9 with α = 1); the multistep variant
     replaces x̂_0 by a linear extrapolation from the previous step's x̂_0, D = (1 + 1/(2r))·x̂_0^i − 1/(2r)·x̂_0^{i−1}
     with r = h_{i−1}/h_i. The first step and the step to σ = 0 are first order (DDIM)."""
-    ones = x.new_ones(x.shape[0])
     old_denoised: Optional[torch.Tensor] = None
     for i in _steps(sigmas, "DPM-Solver++(2M)", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = denoised  # the limit of the update as σ_{i+1} → 0: ratio 0, −(e^{−∞} − 1) = 1
         else:
@@ -286,13 +279,10 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     midpoint form). With h = log(σ_i/σ_{i+1}) and η·h of it given to noise, the first-order exact step is
     x_{i+1} = (σ_{i+1}/σ_i)·e^{−ηh}·x_i + (1 − e^{−(1+η)h})·x̂_0 + σ_{i+1}·√(1 − e^{−2ηh})·z; the second-order
     term adds ½(1 − e^{−(1+η)h})·(x̂_0^i − x̂_0^{i−1})/r with r = h_{i−1}/h. η = 0 is an ODE solver."""
-    ones = x.new_ones(x.shape[0])
     old_denoised: Optional[torch.Tensor] = None
     h_last: Optional[float] = None
     for i in _steps(sigmas, "DPM-Solver++(2M) SDE", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -317,13 +307,10 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     """The exponential-integrator step of `sample_dpmpp_2m_sde` with x̂_0 expanded to second order in λ from
     the last three x̂_0 (first and second divided differences d1, d2), weighted by φ_2(h') = (e^{−h'} − 1)/h' + 1
     and φ_3 = φ_2/h' − ½ with h' = (1 + η)h (Lu et al. 2022, DPM-Solver++(3M); k-diffusion's form)."""
-    ones = x.new_ones(x.shape[0])
     denoised_1 = denoised_2 = None
     h_1 = h_2 = None
     for i in _steps(sigmas, "DPM-Solver++(3M) SDE", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if sigmas[i + 1] == 0:
             x = denoised
             continue
@@ -377,15 +364,12 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, c
     step's own, so UniPC costs one evaluation per step. Orders start at 1 and the last steps lower theirs;
     the step to σ = 0 returns x̂_0.
     """
-    ones = x.new_ones(x.shape[0])
     lambdas = [-math.log(float(s)) if s > 0 else math.inf for s in sigmas]
     history: list[tuple[int, torch.Tensor]] = []  # (step index, x̂_0 there), newest last
     x_prev: Optional[torch.Tensor] = None  # the state the last predictor step started from
     n = len(sigmas) - 1
     for i in _steps(sigmas, "UniPC", disable):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback(i, x, sigmas[i], denoised)
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if x_prev is not None:  # UniC: correct the step just taken, now that x̂_0 at its end is known
             x = _unipc_step(x_prev, history, lambdas, sigmas, i, len(history), corrector=denoised)
         history.append((i, denoised))

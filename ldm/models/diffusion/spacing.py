@@ -12,6 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ldm.modules.diffusionmodules.noise_process import NoiseProcess
+
 DISCRETIZATIONS = ("uniform", "quad", "trailing")
 
 
@@ -127,7 +129,7 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float,
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device=device, dtype=torch.float32)
 
 
-def make_sigmas(spacing: Optional[str], n: int, process: "NoiseProcess",  # noqa: F821
+def make_sigmas(spacing: Optional[str], n: int, process: NoiseProcess,
                 device: Optional[torch.device] = None) -> torch.Tensor:
     """The n + 1 noise levels (ending at 0) of a σ-space run over `process`: ``karras``, ``exponential``, or
     ``uniform`` (evenly spaced along the process's own time: its trained timesteps, or t for continuous

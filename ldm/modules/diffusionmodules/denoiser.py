@@ -22,6 +22,8 @@ from typing import Callable, Union
 
 import torch
 
+from ldm.modules.diffusionmodules.noise_process import NoiseProcess
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -175,7 +177,7 @@ class Denoiser:
     then used) and to the network's input x = c_in·x_σ and time input c_noise; the prediction reads x̂_0.
     """
 
-    def __init__(self, model_fn: ModelFn, process: "NoiseProcess", prediction: Prediction) -> None:  # noqa: F821
+    def __init__(self, model_fn: ModelFn, process: NoiseProcess, prediction: Prediction) -> None:
         self.model_fn = model_fn
         self.process = process
         self.prediction = prediction

@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import torch
 
+from ldm.config import named_option
 from ldm.modules.diffusionmodules.noise_process import NoiseProcess
 
 # Each density's name and the parameters it takes.
@@ -89,13 +90,7 @@ def _check_normal(name: str, mean: float, std: float) -> None:
 
 def make_noise_level_density(spec: Union[str, Mapping], process: NoiseProcess) -> NoiseLevelDensity:
     """The density named by `spec` over `process`: a name, or a mapping with `type` and its parameters."""
-    if isinstance(spec, str):
-        name, params = spec, {}
-    elif isinstance(spec, Mapping):
-        params = dict(spec)
-        name = params.pop("type", None)
-    else:
-        raise ValueError(f"noise_level_density must be a name or {{type: name, ...}}, got {spec!r}")
+    name, params = named_option(spec, "noise_level_density")
     if name not in DENSITY_PARAMETERS:
         raise ValueError(f"unknown noise_level_density type {name!r}; choose one of {', '.join(NOISE_LEVEL_DENSITIES)}")
     unknown = sorted(set(params) - set(DENSITY_PARAMETERS[name]))

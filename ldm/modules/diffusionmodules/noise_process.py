@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 import torch
 
+from ldm.config import named_option
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 
 # Continuous-time processes reach pure noise at t = 1 (s = ∞); σ-space sampling starts at this t instead,
@@ -111,11 +112,11 @@ class DiscreteVP(NoiseProcess):
     def __init__(self, schedule: NoiseSchedule) -> None:
         self.schedule = schedule
         # √(1/ᾱ − 1) = √((1 − ᾱ)/ᾱ): the schedule already holds it, computed in float64 before its cast.
-        # Kept in float64 (from the float32 buffer): the nearest timestep in log σ is then decided exactly.
-        self.sigmas = finite_sigmas(schedule.sqrt_recipm1_alphas_cumprod.detach().cpu().double())
+        # In float64: the nearest timestep in log σ is then decided exactly.
+        self.sigmas = finite_sigmas(schedule.sigma_table)
         self.log_sigmas = self.sigmas.log()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
-        self.alpha_min = 0.0 if schedule.zero_terminal_snr else float(schedule.sqrt_alphas_cumprod[-1])
+        self.alpha_min = schedule.final_sqrt_alpha
 
     @property
     def num_timesteps(self) -> int:
@@ -266,13 +267,7 @@ NOISE_PROCESSES = {cls.name: cls for cls in (DiscreteVP, ContinuousVP, EDM, Rect
 
 def make_noise_process(spec: Union[str, Mapping, None], schedule: NoiseSchedule) -> NoiseProcess:
     """The process named by `spec` (a name or ``{type: name, ...params}``); `discrete_vp` uses `schedule`."""
-    if spec is None or isinstance(spec, str):
-        name, params = spec or "discrete_vp", {}
-    elif isinstance(spec, Mapping):
-        params = dict(spec)
-        name = params.pop("type", None)
-    else:
-        raise ValueError(f"noise_process must be a name or {{type: name, ...}}, got {spec!r}")
+    name, params = named_option(spec or "discrete_vp", "noise_process")
     if name not in NOISE_PROCESSES:
         raise ValueError(f"unknown noise_process {name!r}; choose one of {', '.join(NOISE_PROCESSES)}")
     if name == "discrete_vp":

@@ -160,6 +160,10 @@ class NoiseSchedule(nn.Module):
         }
         for name in self.BUFFER_NAMES:
             self.register_buffer(name, torch.tensor(values[name], dtype=dtype))
+        # Outside the buffers, in float64 on the CPU (so they exist for models built on the meta device): σ_t for
+        # the σ-space samplers (+inf at ᾱ = 0) and the last √ᾱ (0 under zero terminal SNR).
+        self.sigma_table = torch.tensor(sqrt_recipm1_alphas_cumprod, dtype=torch.float64, device="cpu")
+        self.final_sqrt_alpha = float(np.sqrt(alphas_cumprod[-1]))
 
     @classmethod
     def from_config(cls, given_betas: Optional[ArrayLike] = None, beta_schedule: str = "linear",
