@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import load_model  # noqa: E402
+from ldm.model_loading import build_model  # noqa: E402
 from ldm.evaluation.reconstruction import dataset_images, reconstruction_metrics  # noqa: E402
 
 CONFIGS = {
@@ -86,7 +86,7 @@ def main() -> None:
     for kind in opt.configs:
         run, seconds, steps = train(kind, opt.minutes, opt.logdir)
         config = sorted((run / "configs").glob("*-project.yaml"))[-1]
-        model = load_model(config, run / "checkpoints" / "last.ckpt")
+        model = build_model(config, run / "checkpoints" / "last.ckpt")
         metrics = reconstruction_metrics(model, held_out_batches(opt.eval_images), lpips=lpips)
         results["runs"][kind] = {"config": CONFIGS[kind], "run_dir": str(run),
                                  "wall_seconds": round(seconds, 1), "global_step": steps,

@@ -73,7 +73,9 @@ SPLIT_TITLES = {"seen": "seen pairs", "heldout": "held-out pairs"}
 TASKS = ("txt2img", "inpainting")
 # Task names of the rows: the two ways of inpainting, and the real images scored like samples.
 INPAINTING_MODEL, TXT2IMG_KEEP_KNOWN, REAL = "inpainting", "txt2img-keep-known", "real"
-MEAN_FILL = "mean-colour-fill"  # the trivial inpainting baseline: each hole filled with its image's mean known colour
+MEAN_FILL = "mean-colour-fill"
+# What the other text-to-image rows are (a model named by --txt2img-task), for the tables' titles.
+TEXT_TASK_NOTES = {"txt2img-flow": "flow matching, configs/latent-diffusion/txt2img_flow.yaml; see convergence.md"}  # the trivial inpainting baseline: each hole filled with its image's mean known colour
 METRIC_ATTRIBUTES = ("shape", "colour", "size", "position", "num_objects")
 
 # --n by device: about 15 minutes for the whole grid on 2 CPU cores; on a GPU the cost is per call, not per
@@ -200,7 +202,7 @@ class Row:
     """One line of sampling.csv: a configuration run on one prompt set. Shares (match_*) are in [0, 1];
     the masked-region columns are filled for the inpainting tasks only."""
 
-    task: str  # "txt2img", "inpainting", "txt2img-keep-known" or "real"
+    task: str  # "txt2img" (or --txt2img-task), "inpainting", "txt2img-keep-known" or "real"
     split: str
     sampler: str
     steps: int
@@ -295,7 +297,7 @@ def run_configuration(model: nn.Module, config: Configuration, prompts: PromptSe
     start = time.perf_counter()
     with UNetCallCounter(model) as counter:
         for index, part in _chunks(len(prompts.captions), batch_size):
-            if config.task == "txt2img":
+            if is_text_task(config.task):
                 images = text_to_image(model, prompts.captions[part], seed=seed + index, **common)
             else:
                 # The inpainting model's condition is the masked image; the txt2img model takes the caption.
@@ -354,7 +356,7 @@ def configurations(opt: argparse.Namespace, num_timesteps: int) -> list[Configur
                 out += [Configuration(task, sampler, steps, float(scale)) for steps in steps_list]
         return out
 
-    configs = grid("txt2img", opt.scales) if "txt2img" in opt.tasks else []
+    configs = grid(opt.txt2img_task, opt.scales) if "txt2img" in opt.tasks else []
     if "inpainting" in opt.tasks:
         configs += grid(INPAINTING_MODEL, [1.0]) + grid(TXT2IMG_KEEP_KNOWN, [1.0])
     return configs
@@ -380,8 +382,14 @@ def read_csv(path: Path) -> list[Row]:
         return [Row(**{k: types[k](v) for k, v in record.items()}) for record in csv.DictReader(f)]
 
 
+def is_text_task(task: str) -> bool:
+    """Rows of a text-to-image model sampled from captions ("txt2img", or the name --txt2img-task gave it)."""
+    return task.startswith("txt2img") and task != TXT2IMG_KEEP_KNOWN
+
+
 def task_group(row: Row) -> str:
-    """The --tasks entry that produces a row (real-image rows belong to every run)."""
+    """The --tasks entry that produces a row (real-image rows belong to every run); a text-to-image model's
+    rows go by their own task name, so several models' rows live side by side."""
     return "inpainting" if row.task in (INPAINTING_MODEL, TXT2IMG_KEEP_KNOWN, MEAN_FILL) else row.task
 
 
@@ -422,15 +430,17 @@ def markdown(rows: Sequence[Row], settings: dict) -> str:
              "'real images' row is the figure for the same number of real images.", "",
              "**U-Net calls** = network forward passes per sampling run (NFE). With guidance > 1 each call carries "
              "a doubled batch (conditional + unconditional), so the evaluations per sample are twice the calls.", ""]
-    scales = sorted({r.scale for r in rows if r.task == "txt2img"})
-    if scales:
+    text_tasks = sorted({r.task for r in rows if is_text_task(r.task)}, key=lambda t: (t != "txt2img", t))
+    for task in text_tasks:
+        scales = sorted({r.scale for r in rows if r.task == task})
         header = ["sampler", "steps", "U-Net calls"] + [f"g={s:g} {SPLIT_TITLES[split]}" for s in scales
                                                        for split in SPLITS]
-        lines += ["## Text to image", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        title = "## Text to image" if task == "txt2img" else f"## Text to image: `{task}` ({TEXT_TASK_NOTES.get(task, '')})"
+        lines += [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         reals = [_cell(_find(rows, task=REAL, split=split)) for split in SPLITS]
         lines.append("| real images | | | " + " | ".join(reals * len(scales)) + " |")
-        for sampler, steps, calls in _sampler_steps(rows, "txt2img"):
-            cells = [_cell(_find(rows, task="txt2img", sampler=sampler, steps=steps, scale=s, split=split))
+        for sampler, steps, calls in _sampler_steps(rows, task):
+            cells = [_cell(_find(rows, task=task, sampler=sampler, steps=steps, scale=s, split=split))
                      for s in scales for split in SPLITS]
             lines.append(f"| {sampler} | {steps} | {calls} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -573,6 +583,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="inpainting model: built-in name, directory or config .yaml (default: built-in 'inpainting')")
     parser.add_argument("--inpaint-ckpt", default=None, help="weights for --inpaint-config when it is a .yaml")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--txt2img-task", default="txt2img",
+                        help="name of the text-to-image rows (e.g. txt2img-flow for another model: with --update its "
+                             "rows join the csv beside the built-in model's, in their own table)")
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=None,
                         help=f"default: all ({' '.join(SAMPLERS)}); --quick: {' '.join(QUICK['samplers'])}")
     parser.add_argument("--steps", nargs="+", type=int, default=None,
@@ -637,8 +650,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     if inpainting_model is not None:
         warm_up(inpainting_model, inpaint_prompts)
     configs = configurations(opt, num_timesteps)
-    guided = {c: c.task == "txt2img" and c.scale != 1.0 for c in configs}
-    sets = {c: [prompts[s] for s in SPLITS] if c.task == "txt2img" else [inpaint_prompts] for c in configs}
+    guided = {c: is_text_task(c.task) and c.scale != 1.0 for c in configs}
+    sets = {c: [prompts[s] for s in SPLITS] if is_text_task(c.task) else [inpaint_prompts] for c in configs}
     progress = Progress(sum(_work(c, len(p.captions), num_timesteps, guided[c]) for c in configs for p in sets[c]),
                         sum(len(sets[c]) for c in configs))
     for config in configs:
@@ -647,7 +660,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
             images, calls, per_sample, wall = run_configuration(model, config, prompt_set_, seed=opt.sample_seed,
                                                                 batch_size=opt.batch_size)
             metrics = score(classifier, fid_metrics[prompt_set_.split], images, prompt_set_.captions)
-            if config.task != "txt2img":
+            if not is_text_task(config.task):
                 metrics.update(masked_region_errors(images, prompt_set_.images, prompt_set_.masks))
             row = Row(task=config.task, split=prompt_set_.split, sampler=config.sampler, steps=config.steps,
                       scale=config.scale, unet_calls=calls, unet_evaluations_per_sample=per_sample,
@@ -659,13 +672,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
 
     opt.outdir.mkdir(parents=True, exist_ok=True)
     if opt.update and (opt.outdir / "sampling.csv").is_file():
+        groups = {opt.txt2img_task if task == "txt2img" else task for task in opt.tasks}
         kept = [row for row in read_csv(opt.outdir / "sampling.csv")
-                if row.task != REAL and task_group(row) not in opt.tasks]
+                if row.task != REAL and task_group(row) not in groups]
         rows = rows[:len(SPLITS)] + kept + rows[len(SPLITS):]  # real rows, then the rest in task order
         rows = [r for r in rows if r.task != MEAN_FILL] + [r for r in rows if r.task == MEAN_FILL][-1:]
     settings = {
         "command": "python bench/sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "txt2img_model": str(opt.config) + (f" + {opt.ckpt}" if opt.ckpt else ""),
+        "txt2img_model": str(opt.config) + (f" + {opt.ckpt}" if opt.ckpt else ""), "txt2img_task": opt.txt2img_task,
         "inpainting_model": (str(opt.inpaint_config) + (f" + {opt.inpaint_ckpt}" if opt.inpaint_ckpt else "")
                              if inpainting_model is not None else None),
         "num_timesteps": num_timesteps, "precision": opt.precision, "samplers": opt.samplers, "steps": opt.steps,

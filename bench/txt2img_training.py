@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import load_model  # noqa: E402
+from ldm.model_loading import build_model  # noqa: E402
 from ldm.data.shapes import ShapesValidation  # noqa: E402
 from ldm.evaluation.attribute_classifier import load_attribute_classifier  # noqa: E402
 from ldm.evaluation.prompt_following import prompt_match  # noqa: E402
@@ -125,7 +125,7 @@ def copy_logged_images(run: Path, out: Path) -> list[str]:
 def score_samples(run: Path, n: int, scale: float, batch: int = 64, seed: int = 0) -> dict:
     """Generate from held-out captions and read the images with the attribute classifier."""
     config = sorted((run / "configs").glob("*-project.yaml"))[-1]
-    model = load_model(config, run / "checkpoints" / "last.ckpt").eval()
+    model = build_model(config, run / "checkpoints" / "last.ckpt").eval()
     classifier = load_attribute_classifier()
     data = ShapesValidation(size=32, num_samples=n, seed=seed)
     captions = [data[i]["caption"] for i in range(n)]

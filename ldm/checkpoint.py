@@ -111,27 +111,3 @@ def save_safetensors(
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     save_file(tensors, str(path), metadata=meta)
     return path
-
-
-def load_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
-               strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES) -> torch.nn.Module:
-    """Build `model:` from a config file and load weights (.ckpt or .safetensors) into it, in eval mode.
-
-    Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training
-    checkpoints both load. ``model_ema.*`` is ignored too when the model keeps no EMA (``use_ema: false``
-    in an evaluation config for a checkpoint trained with one).
-    """
-    from ldm.config import load_configs
-    from ldm.util import instantiate_from_config
-
-    config = load_configs([config_path])
-    if "model" not in config:
-        raise CheckpointError(f"{config_path} has no 'model:' section")
-    model = instantiate_from_config(config.model)
-    if ckpt_path is not None:
-        ignore = tuple(ignore_prefixes)
-        if not any(k.startswith("model_ema.") for k in model.state_dict()):
-            ignore += ("model_ema.",)
-        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore,
-                     source=str(ckpt_path))
-    return model.to(device).eval()

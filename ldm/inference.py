@@ -67,10 +67,10 @@ def latent_shape(model: LatentDiffusion, height: Optional[int] = None, width: Op
 
 
 def encode_images(model: LatentDiffusion, images: torch.Tensor) -> torch.Tensor:
-    """Latents z = scale_factor · E(x) of images in [−1, 1], taking the posterior's mode (deterministic)."""
+    """The model's latents of images in [−1, 1] (`get_first_stage_encoding` of the posterior's mode: deterministic)."""
     posterior = model.encode_first_stage(images.to(model.device))
     z = posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
-    return model.scale_factor * z
+    return model.get_first_stage_encoding(z)
 
 
 @torch.no_grad()

@@ -2,14 +2,14 @@
 and the Python API (`ldm.inference` re-exports `load_model`)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import TRAINING_ONLY_PREFIXES, load_state_dict, load_weights
+from ldm.checkpoint import TRAINING_ONLY_PREFIXES, CheckpointError, load_state_dict, load_weights
 from ldm.config import load_configs
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
@@ -125,3 +125,26 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
         net.model_ema.copy_to(net.model)
     net.inference_precision = precision
     return net.to(device).eval()
+
+
+def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
+               strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES) -> torch.nn.Module:
+    """Any model (autoencoder, diffusion model, ...) built from a config file's `model:` with weights (.ckpt or
+    .safetensors) loaded exactly as stored, in eval mode; no weights with `ckpt_path` None. `load_model`
+    below is the sampling-ready form for diffusion models (built-in names, model directories, EMA folded in).
+
+    Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training
+    checkpoints both load. ``model_ema.*`` is ignored too when the model keeps no EMA (``use_ema: false``
+    in an evaluation config for a checkpoint trained with one).
+    """
+    config = load_configs([config_path])
+    if "model" not in config:
+        raise CheckpointError(f"{config_path} has no 'model:' section")
+    model = instantiate_from_config(config.model)
+    if ckpt_path is not None:
+        ignore = tuple(ignore_prefixes)
+        if not any(k.startswith("model_ema.") for k in model.state_dict()):
+            ignore += ("model_ema.",)
+        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore,
+                     source=str(ckpt_path))
+    return model.to(device).eval()

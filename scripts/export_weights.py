@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoint import inference_state_dict, load_model, load_state_dict, save_safetensors  # noqa: E402
+from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors  # noqa: E402
+from ldm.model_loading import build_model  # noqa: E402
 from ldm.config import load_configs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,7 +68,7 @@ def main() -> None:
         opt.model_dir.mkdir(parents=True, exist_ok=True)
         config_path = opt.model_dir / "config.yaml"
         OmegaConf.save(config, config_path)
-        model = load_model(config_path, opt.ckpt)
+        model = build_model(config_path, opt.ckpt)
         out = save_safetensors(sampling_state_dict(model, config, DTYPES[opt.dtype]), opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
         print(f"wrote {config_path} and {out} ({out.stat().st_size / 2**20:.2f} MiB)")

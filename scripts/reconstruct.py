@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoint import load_model  # noqa: E402
+from ldm.model_loading import build_model  # noqa: E402
 from ldm.evaluation.reconstruction import dataset_images, reconstruct, reconstruction_metrics  # noqa: E402
 from ldm.visualization import save_image_grid  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     opt = parser.parse_args()
     config, ckpt = resolve(opt)
-    model = load_model(config, ckpt, device=opt.device)
+    model = build_model(config, ckpt, device=opt.device)
     size = opt.size or int(model.encoder.resolution)
     images = load_images(opt, size).to(opt.device)
     recon = reconstruct(model, images)

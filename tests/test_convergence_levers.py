@@ -435,3 +435,25 @@ def test_samplers_reproduce_data_from_pure_noise_at_zero_snr():
         target = DATA.noised(float(schedule.alphas_cumprod[0])) if name == "plms" else DATA
         for statistic, z in moment_z_scores(samples, target).items():
             assert z.abs().max() < Z_LIMIT, (name, statistic, z.tolist())
+
+
+# ---------------------------------------------------------------------------------------------- latent channel norm
+
+def test_latent_channel_norm_standardises_each_channel_and_decodes_back():
+    model = load_tiny_txt2img(["model.params.latent_channel_norm=true", "model.params.scale_by_std=true"])
+    assert model.latent_shift.shape == model.latent_scale.shape == (4, 1, 1)
+    # Measured on the first batch of a fresh run, after scale_by_std.
+    images = torch.rand(16, 32, 32, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model.on_train_batch_start({"image": images}, 0)
+    z = model.get_first_stage_encoding(model.encode_first_stage(images.permute(0, 3, 1, 2)).mode())
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(z.std(dim=(0, 2, 3)), torch.ones(4), rtol=0, atol=1e-5)
+    assert model.latent_shift.abs().sum() > 0 and "latent_shift" in model.state_dict()
+    # Decoding undoes both the channel norm and scale_factor.
+    raw = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(model.decode_first_stage(model.get_first_stage_encoding(raw)),
+                               model.first_stage_model.decode(raw), rtol=1e-4, atol=1e-5)
+    # Off by default: the reference's state dict, z = scale_factor · E(x) exactly.
+    plain = load_tiny_txt2img()
+    assert "latent_shift" not in plain.state_dict() and torch.equal(plain.get_first_stage_encoding(raw),
+                                                                    plain.scale_factor * raw)

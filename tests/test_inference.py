@@ -130,17 +130,20 @@ def test_text_to_image_larger_than_training_and_bad_sizes(txt2img):
         text_to_image(txt2img, "a red circle", progress=False)
 
 
-def test_image_to_image_strength(txt2img, images):
+@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpmpp_2m", "euler_a"])
+def test_image_to_image_strength(txt2img, images, sampler):
     image, _ = images
     prompts = ["a red circle"] * 4
-    light = image_to_image(txt2img, image, prompts, strength=0.25, steps=8, seed=0, progress=False)
-    full = image_to_image(txt2img, image, prompts, strength=1.0, steps=8, seed=0, progress=False)
+    light = image_to_image(txt2img, image, prompts, strength=0.25, steps=8, sampler=sampler, seed=0, progress=False)
+    full = image_to_image(txt2img, image, prompts, strength=1.0, steps=8, sampler=sampler, seed=0, progress=False)
     assert light.shape == image.shape
     # Less strength keeps more of the input (measured against its reconstruction through the first stage).
     recon = txt2img.decode_first_stage(encode_images(txt2img, image)).clamp(-1, 1)
     assert (light - recon).abs().mean() < (full - recon).abs().mean()
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         image_to_image(txt2img, image, prompts, strength=0.0, progress=False)
+    with pytest.raises(ValueError, match="start midway"):
+        image_to_image(txt2img, image, prompts, sampler="ddpm", progress=False)
 
 
 def test_class_conditional_generation_with_guidance(tiny_class_model):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_model, save_safetensors
+from ldm.checkpoint import CheckpointError, save_safetensors
+from ldm.model_loading import build_model
 from ldm.lr_scheduler import LambdaLinearScheduler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
@@ -160,7 +161,7 @@ def test_small_txt2img_checkpoint_loads_strictly(small_txt2img, tmp_path, suffix
     ckpt = write_checkpoint({**state_dict, **TRAINING_JUNK}, tmp_path / f"model{suffix}")
     params = OmegaConf.to_container(OmegaConf.load(config_path).model.params)
     assert_weights_equal(LatentDiffusion(**params, ckpt_path=str(ckpt)), state_dict)
-    loaded = load_model(config_path, ckpt)
+    loaded = build_model(config_path, ckpt)
     assert not loaded.training
     assert_weights_equal(loaded, state_dict)
 
@@ -173,7 +174,7 @@ def test_checkpoint_missing_a_key_is_named(small_txt2img, tmp_path):
     with pytest.raises(CheckpointError, match=f"missing keys \\(1\\): {missing}"):
         LatentDiffusion(**params, ckpt_path=str(ckpt))
     with pytest.raises(CheckpointError, match=missing):
-        load_model(config_path, ckpt)
+        build_model(config_path, ckpt)
 
 
 # ------------------------------------------------------------------------------------ models/ldm

@@ -184,8 +184,8 @@ def test_img2img_bad_inputs(capsys, tmp_path, tiny_txt2img_model):
     for strength in ("0", "1.5"):
         err = run_error(capsys, img2img, [*model, "--init-img", str(broken), "--strength", strength])
         assert "--strength" in err and "not in (0, 1]" in err
-    err = run_error(capsys, img2img, [*model, "--init-img", str(broken), "--plms"])
-    assert "--sampler plms" in err
+    err = run_error(capsys, img2img, [*model, "--init-img", str(broken), "--sampler", "ddpm"])
+    assert "--sampler ddpm" in err and "midway" in err
     assert not tmp_path.joinpath("samples").exists()
 
 

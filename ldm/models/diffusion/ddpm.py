@@ -372,6 +372,9 @@ class DDPM(pl.LightningModule):
                x_T: Optional[torch.Tensor] = None, uncond: Any = None, guidance_scale: float = 1.0,
                progress: bool = False) -> Any:
         """Ancestral samples (DDPM Algorithm 2) in model space, with guidance when `uncond` is given."""
+        if not self.process.discrete:
+            raise ValueError(f"sample() is DDPM's ancestral sampler over the discrete table; this model's noise process "
+                             f"is {self.process.name}: use ldm.inference.sample_latents with a σ-space sampler")
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         x_T = torch.randn(shape, device=self.device) if x_T is None else x_T
         samples, intermediates = ancestral_sample(self.denoiser(cond, uncond, guidance_scale), self.schedule,
@@ -455,7 +458,11 @@ class LatentDiffusion(DDPM):
 
     Latents are z = scale_factor · E(x). With `scale_by_std`, scale_factor = 1/std(z) is measured on the
     first training batch (the latents then have unit variance, as the schedule assumes: LDM paper, appendix
-    G), printed, and stored in the checkpoint as a buffer.
+    G), printed, and stored in the checkpoint as a buffer. `latent_channel_norm` goes one step further: each
+    latent channel is shifted and scaled to zero mean and unit variance on that batch (buffers
+    `latent_shift`, `latent_scale`), so no channel is drowned by the noise earlier than the others (a first
+    stage's channels can differ several-fold in spread; one global factor leaves the quietest channel at a
+    fraction of the others' signal-to-noise ratio at every noise level).
 
     `cache_latents` (true, or ``{dir: path, max_items: n}``) encodes each training item once and reuses its
     posterior on later visits (`ldm.data.latent_cache`, which says what it costs); validation and image
@@ -466,7 +473,8 @@ class LatentDiffusion(DDPM):
                  num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
                  cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
                  conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
-                 cache_latents: Union[bool, Mapping] = False, **kwargs: Any) -> None:
+                 cache_latents: Union[bool, Mapping] = False, latent_channel_norm: bool = False,
+                 **kwargs: Any) -> None:
         if num_timesteps_cond not in (None, 1):
             raise ValueError(f"num_timesteps_cond={num_timesteps_cond}: the reference's noisy-condition schedule "
                              "is not supported; use 1")
@@ -487,6 +495,11 @@ class LatentDiffusion(DDPM):
         else:
             self.scale_factor = scale_factor
         self.instantiate_first_stage(first_stage_config)
+        self.latent_channel_norm = latent_channel_norm
+        if latent_channel_norm:
+            channels = first_stage_config["params"]["embed_dim"]
+            self.register_buffer("latent_shift", torch.zeros(channels, 1, 1))
+            self.register_buffer("latent_scale", torch.ones(channels, 1, 1))
         self.instantiate_cond_stage(cond_stage_config)
         self.latent_cache = LatentCache.from_option(cache_latents)
         if ckpt_path is not None:
@@ -532,7 +545,8 @@ class LatentDiffusion(DDPM):
     # ------------------------------------------------------------------------------------ first stage
 
     def get_first_stage_encoding(self, encoder_posterior: Union[DiagonalGaussianDistribution, torch.Tensor]) -> torch.Tensor:
-        """z = scale_factor · (a posterior sample, or the encoder's tensor output)."""
+        """z = scale_factor · (a posterior sample, or the encoder's tensor output), then per channel
+        (z − latent_shift)·latent_scale with `latent_channel_norm`."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample()
         elif isinstance(encoder_posterior, torch.Tensor):
@@ -540,7 +554,8 @@ class LatentDiffusion(DDPM):
         else:
             raise TypeError(f"encoder output of type {type(encoder_posterior).__name__} is not supported; "
                             "expected DiagonalGaussianDistribution or Tensor")
-        return self.scale_factor * z
+        z = self.scale_factor * z
+        return (z - self.latent_shift) * self.latent_scale if self.latent_channel_norm else z
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
@@ -550,6 +565,8 @@ class LatentDiffusion(DDPM):
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
         if predict_cids:
             raise ValueError("predict_cids needs a codebook-predicting U-Net, which no released LDM uses")
+        if self.latent_channel_norm:
+            z = z / self.latent_scale + self.latent_shift
         # A multiplication by the reciprocal, as the reference: decoding then matches its outputs bit for bit.
         z = 1.0 / self.scale_factor * z
         if isinstance(self.first_stage_model, VQModelInterface):
@@ -646,6 +663,15 @@ class LatentDiffusion(DDPM):
             self.scale_factor.copy_(1.0 / z.flatten().std())
             print(f"scale_by_std: latent std {z.flatten().std():.4f} on the first batch -> "
                   f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint)")
+        if (self.latent_channel_norm and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
+                and not self.restarted_from_ckpt):
+            x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
+            z = self.scale_factor * self.encode_first_stage(x).mode()
+            self.latent_shift.copy_(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1))
+            self.latent_scale.copy_(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1))
+            print("latent_channel_norm: per-channel mean " + ", ".join(f"{v:.3f}" for v in self.latent_shift.flatten())
+                  + "; std " + ", ".join(f"{1 / v:.3f}" for v in self.latent_scale.flatten())
+                  + " on the first batch (stored in the checkpoint)")
 
     def on_fit_start(self) -> None:
         print(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"

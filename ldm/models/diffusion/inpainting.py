@@ -59,6 +59,6 @@ class LatentInpaintDiffusion(LatentDiffusion):
         """The U-Net's concat input for a masked image (N, 3, H, W) in [−1, 1] and its mask (N, 1, H, W)."""
         posterior = self.encode_first_stage(masked_image.to(self.device))
         latent = posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
-        latent = self.scale_factor * latent
+        latent = self.get_first_stage_encoding(latent)  # the same scaling (and channel norm) as z
         mask = F.interpolate(mask.to(latent), size=latent.shape[-2:])
         return torch.cat([latent, mask], dim=1)
