@@ -223,3 +223,18 @@ def test_builds_from_config():
                                        "params": {"size": 64, "num_samples": 10, "with_mask": True}})
     item = dataset[0]
     assert item["image"].shape == (64, 64, 3) and item["mask"].shape == (64, 64, 1)
+
+
+def test_keep_items_makes_each_item_once_and_changes_nothing(monkeypatch):
+    kept, fresh = ShapesTrain(size=32, num_samples=20, keep_items=True), ShapesTrain(size=32, num_samples=20)
+    made = []
+    make = kept._make_item
+    monkeypatch.setattr(kept, "_make_item", lambda index: made.append(index) or make(index))
+    for _ in range(3):
+        for index in (3, 7, 3):
+            item, expected = kept[index], fresh[index]
+            assert np.array_equal(item["image"], expected["image"]) and item["caption"] == expected["caption"]
+            assert np.array_equal(item["attributes"], expected["attributes"])
+    assert made == [3, 7]
+    kept[3]["caption"] = "changed"  # a caller's edit of its copy does not reach the kept item
+    assert kept[3]["caption"] == fresh[3]["caption"]
