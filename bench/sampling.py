@@ -311,12 +311,12 @@ def run_configuration(model: nn.Module, config: Configuration, prompts: PromptSe
 
 
 @torch.no_grad()
-def warm_up(model: nn.Module, prompts: PromptSet) -> None:
+def warm_up(model: nn.Module, prompts: PromptSet, sampler: str) -> None:
     """A short run on two items, so that one-time costs (allocator, kernel selection) stay out of the first row's time."""
     if prompts.masks is not None:
-        inpaint(model, prompts.images[:2], prompts.masks[:2], steps=2, progress=False)
+        inpaint(model, prompts.images[:2], prompts.masks[:2], sampler=sampler, steps=2, progress=False)
     else:
-        text_to_image(model, prompts.captions[:2], scale=3.0, steps=2, progress=False)
+        text_to_image(model, prompts.captions[:2], sampler=sampler, scale=3.0, steps=2, progress=False)
 
 
 class Progress:
@@ -646,10 +646,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     if inpainting_model is not None:
         rows.append(mean_fill_row(classifier, fid_metrics["heldout"], inpaint_prompts))
 
-    warm_up(txt2img_model, prompts["seen"])
-    if inpainting_model is not None:
-        warm_up(inpainting_model, inpaint_prompts)
     configs = configurations(opt, num_timesteps)
+    warm_up(txt2img_model, prompts["seen"], configs[0].sampler)  # the first row's sampler: any process has one
+    if inpainting_model is not None:
+        warm_up(inpainting_model, inpaint_prompts, configs[0].sampler)
     guided = {c: is_text_task(c.task) and c.scale != 1.0 for c in configs}
     sets = {c: [prompts[s] for s in SPLITS] if is_text_task(c.task) else [inpaint_prompts] for c in configs}
     progress = Progress(sum(_work(c, len(p.captions), num_timesteps, guided[c]) for c in configs for p in sets[c]),

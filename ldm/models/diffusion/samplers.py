@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.models.diffusion.spacing import make_ddim_timesteps
+from ldm.modules.diffusionmodules.noise_process import NoiseProcess, ODEClock
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, x, sigma_i, denoised): the state x_σ before step i, its σ and the denoiser's x̂_0 there.
@@ -85,7 +86,21 @@ def keep_known(denoiser: Denoiser, x0: torch.Tensor, mask: torch.Tensor) -> Deno
     """
     if x0.shape[1:] != mask.shape[1:] and mask.shape[1] != 1:
         raise ValueError(f"mask {tuple(mask.shape)} does not fit the known latents {tuple(x0.shape)}")
-    return lambda x, sigma: mask * x0 + (1.0 - mask) * denoiser(x, sigma)
+    return _KeepKnown(denoiser, x0, mask)
+
+
+class _KeepKnown:
+    def __init__(self, denoiser: Denoiser, x0: torch.Tensor, mask: torch.Tensor) -> None:
+        self.denoiser, self.x0, self.mask = denoiser, x0, mask
+        self.ode_clock = ode_clock_of(denoiser)  # the wrapped process's clock
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.mask * self.x0 + (1.0 - self.mask) * self.denoiser(x, sigma)
+
+
+def ode_clock_of(denoiser: Denoiser) -> Callable[[torch.Tensor], ODEClock]:
+    """The denoiser's `ode_clock` (its process's); a plain function D(x, σ) steps along σ (`NoiseProcess`)."""
+    return getattr(denoiser, "ode_clock", NoiseProcess.ode_clock.__get__(NoiseProcess()))
 
 
 def check_sigmas(sigmas: torch.Tensor) -> None:
@@ -171,19 +186,23 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Optional[Callback] = None,
                 disable: bool = False, **_: object) -> torch.Tensor:
-    """An Euler predictor, then the trapezoid of the two slopes; the step to σ = 0 is plain Euler (the slope
-    there would divide by 0)."""
+    """An Euler predictor, then the trapezoid of the two slopes, along the process's own time and scale
+    (`ODEClock`: σ itself on the discrete table and EDM, t on the continuous processes); the step to σ = 0 is
+    plain Euler (the slope there would divide by 0), which lands on D whatever the clock."""
     ones = x.new_ones(x.shape[0])
+    clock = ode_clock_of(denoiser)
     for i in _steps(sigmas, "Heun", disable):
         denoised = _evaluate(denoiser, x, sigmas, i, callback)
-        d = to_derivative(x, sigmas[i], denoised)
-        dt = sigmas[i + 1] - sigmas[i]
-        x_euler = x + d * dt
         if sigmas[i + 1] == 0:
-            x = x_euler
-        else:
-            d_next = to_derivative(x_euler, sigmas[i + 1], denoiser(x_euler, sigmas[i + 1] * ones))
-            x = x + (d + d_next) / 2 * dt
+            x = x + to_derivative(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            continue
+        here, there = clock(sigmas[i]), clock(sigmas[i + 1])
+        dt = there.time - here.time
+        y = here.scale * x
+        slope = here.slope(y, denoised)
+        y_euler = y + slope * dt
+        slope_next = there.slope(y_euler, denoiser(y_euler / there.scale, sigmas[i + 1] * ones))
+        x = (y + (slope + slope_next) / 2 * dt) / there.scale
     return x
 
 

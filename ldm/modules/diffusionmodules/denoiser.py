@@ -22,7 +22,7 @@ from typing import Callable, Union
 
 import torch
 
-from ldm.modules.diffusionmodules.noise_process import NoiseProcess
+from ldm.modules.diffusionmodules.noise_process import NoiseProcess, ODEClock
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -189,6 +189,10 @@ class Denoiser:
     @property
     def sigma_max(self) -> float:
         return self.process.sigma_max
+
+    def ode_clock(self, sigma: torch.Tensor) -> ODEClock:
+        """The time and state scale second-order samplers step along (`NoiseProcess.ode_clock`)."""
+        return self.process.ode_clock(sigma)
 
     def __call__(self, x_sigma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if sigma.dim() != 1 or sigma.shape[0] != x_sigma.shape[0]:
