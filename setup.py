@@ -7,12 +7,13 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=[
-        # Pinned: a newer or unpinned torch pulls gigabytes of CUDA wheels on CPU machines.
-        "torch==2.13.0",
+        # A range, so that a user's own (CUDA) torch survives the install; these machines' set-up script
+        # (scripts/setup_env.sh) installs the exact CPU build first.
+        "torch>=2.4,<3",
         "pytorch-lightning>=2.2,<3",
         "omegaconf>=2.3",
+        "pyyaml>=6",
         "transformers>=4.40",
-        "einops>=0.7",
         "torchmetrics>=1.3",
         "safetensors>=0.4",
         "numpy>=1.24",
