@@ -269,7 +269,8 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
     """Fill the region where `masks` is 1; the result keeps the other pixels exactly.
 
     A model trained for inpainting (`LatentInpaintDiffusion`) is conditioned on the masked image and mask,
-    as the reference's inpaint.py does. Any other model keeps the known latents at every step (RePaint-style
+    as the reference's inpaint.py does, and a text-conditioned one (``hybrid``) also on `prompts`, guided by
+    `scale` against the empty prompt with the masked image kept in both halves. Any other model keeps the known latents at every step (RePaint-style
     replacement, Lugmayr et al. 2022, without resampling): a latent cell counts as known when none of its
     pixels is to be filled. A text model takes `prompts` (default empty, i.e. unconditional).
     """
@@ -280,9 +281,15 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
     if seed is not None:
         torch.manual_seed(seed)
     if isinstance(model, LatentInpaintDiffusion):
-        cond = model.inpainting_condition(images * (1.0 - masks), masks)
-        z = sample_latents(model, n, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, shape=shape,
-                           progress=progress)
+        cond, uncond = model.inpainting_condition(images * (1.0 - masks), masks), None
+        if model.text_conditioned:
+            if isinstance(prompts, str):
+                raise TypeError("prompts must be a list of strings, not one string")
+            captions = [""] * n if prompts is None else list(prompts)
+            cond, uncond = (model.text_condition(cond, captions),
+                            model.text_condition(cond, [""] * n) if scale != 1.0 else None)
+        z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                           spacing=spacing, shape=shape, progress=progress)
     else:
         cond = uncond = None
         if isinstance(model.cond_stage_model, ClassEmbedder):

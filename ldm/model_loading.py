@@ -32,6 +32,10 @@ class ModelNotFound(FileNotFoundError):
     """A model's config or weights are missing; the message says how to make them."""
 
 
+# Model params that name a training run's starting weights; a model's own weights replace them when it loads.
+INIT_PARAMS = ("ckpt_path", "init_from_text_model")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` is CUDA when available, else the CPU; anything else is passed to `torch.device`."""
     if name == "auto":
@@ -111,7 +115,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     state = load_state_dict(weights_path)
     ema_keys = [k for k in state if k.startswith("model_ema.")]
     params["use_ema"] = bool(ema_keys)  # an export already holds the EMA weights as the model's
-    params.pop("ckpt_path", None)  # the weights come from `weights_path`, not the training config's init
+    for init in INIT_PARAMS:
+        params.pop(init, None)  # the weights come from `weights_path`, not the training config's init
     config["model"]["params"] = _resolve_file_params(params)
     net = instantiate_from_config(config["model"])
     ignore = list(TRAINING_ONLY_PREFIXES)

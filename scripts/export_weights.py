@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors  # noqa: E402
-from ldm.model_loading import build_model  # noqa: E402
+from ldm.model_loading import INIT_PARAMS, build_model  # noqa: E402
 from ldm.config import load_configs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,6 +65,9 @@ def main() -> None:
     opt = parser.parse_args()
     if opt.model_dir is not None:
         config = load_configs(opt.config or run_config_files(opt.ckpt))
+        # The directory holds every weight: the training run's starting point is not needed to load it.
+        for init in INIT_PARAMS:
+            OmegaConf.select(config, "model.params", default={}).pop(init, None)
         opt.model_dir.mkdir(parents=True, exist_ok=True)
         config_path = opt.model_dir / "config.yaml"
         OmegaConf.save(config, config_path)

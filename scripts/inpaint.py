@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         parser.error(str(e))
     model = model_from_args(opt)
-    # The inpainting model's condition is the masked image; other conditional models here take text.
-    takes_text = not isinstance(model, LatentInpaintDiffusion) and model.model.conditioning_key is not None
+    # An inpainting model's condition is the masked image (and a caption when it is text-conditioned);
+    # other conditional models here take text.
+    takes_text = (model.text_conditioned if isinstance(model, LatentInpaintDiffusion)
+                  else model.model.conditioning_key is not None)
     prompts = [opt.prompt] if takes_text else None
     if opt.prompt and not takes_text:
         print("note: this model takes no text; --prompt is not used")

@@ -49,6 +49,16 @@ def inpainting_config() -> dict:
     return config
 
 
+def text_inpainting_config() -> dict:
+    """As configs/latent-diffusion/inpainting_txt.yaml: the tiny txt2img model with the masked image and mask
+    stacked on its input (hybrid conditioning)."""
+    config = txt2img_config()
+    config["model"]["target"] = "ldm.models.diffusion.inpainting.LatentInpaintDiffusion"
+    config["model"]["params"]["conditioning_key"] = "hybrid"
+    config["model"]["params"]["unet_config"]["params"]["in_channels"] = 9
+    return config
+
+
 def write_model_dir(directory: Path, config: dict, seed: int = 0) -> Path:
     """Build `config`'s model with seeded random weights and write it as a model directory."""
     torch.manual_seed(seed)

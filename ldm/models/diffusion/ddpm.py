@@ -623,7 +623,7 @@ class LatentDiffusion(DDPM):
         if self.model.conditioning_key is not None:
             xc = c = self.get_raw_condition(batch, cond_key)
             if bs is not None:
-                xc = c = c[:bs]
+                xc = c = _first(c, bs)
             if isinstance(c, torch.Tensor):
                 c = c.to(self.device)
             if not self.cond_stage_trainable or force_c_encode:
@@ -728,6 +728,13 @@ class LatentDiffusion(DDPM):
             names = batch.get("human_label")
             xc = [names[i] if names is not None and names[i] else f"class {label}" for i, label in enumerate(xc.tolist())]
         return render_captions(list(xc), size=max(size, 64)).to(self.device)
+
+
+def _first(condition: Any, n: int) -> Any:
+    """The first n examples of a raw condition (a tensor, a list, or a dict of them)."""
+    if isinstance(condition, dict):
+        return {key: _first(value, n) for key, value in condition.items()}
+    return condition[:n]
 
 
 def _batch_size(batch: Mapping) -> int:
