@@ -4,12 +4,13 @@
     python scripts/inpaint.py --config txt2img --prompt "a purple circle on the left" --scale 3
 
 --indir holds pairs name.png + name_mask.png; in a mask, white (grey level >= 0.5) marks the region to fill
-and black the pixels to keep. Each result is written to <outdir>/name.png, the same size as its input: the
+and black the pixels to keep. A name.txt beside a pair is its prompt for a text-conditioned model, unless
+--prompt gives one for every pair. Each result is written to <outdir>/name.png, the same size as its input: the
 kept pixels are the input's exactly, the filled region is the model's. Unless --skip_grid, <outdir>/grid.png
 shows a row per pair: the masked input the model sees, then the result.
 
 The default model, the built-in "inpainting" one, is conditioned on the masked image and mask (as the
-reference's inpainting model). Any other model (e.g. --config txt2img, with an optional --prompt) fills the
+reference's inpainting model) and on the prompt (as Stable Diffusion's). Any other model (e.g. --config txt2img, with an optional --prompt) fills the
 region by keeping the known latents at every sampling step. Every pair is sampled with the same --seed.
 """
 import argparse
@@ -35,7 +36,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="folder of name.png + name_mask.png pairs (white in the mask = fill)")
     parser.add_argument("--outdir", type=Path, default=Path("outputs/inpainting-samples"), help="where to write")
     parser.add_argument("--prompt", default="",
-                        help="what to paint, for a text-conditional model (the inpainting model takes no text)")
+                        help="what to paint, for every pair, for a text-conditioned model (default: each pair's "
+                             "name.txt, or no text)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="classifier-free guidance scale for --prompt (1 = no guidance)")
     parser.add_argument("--skip_grid", action="store_true", help="do not write grid.png")
@@ -61,6 +63,15 @@ def find_pairs(indir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def pair_prompt(image_path: Path, prompt: str) -> str:
+    """`prompt` when given, else the caption in name.txt beside name.png (as make_inpainting_examples.py writes
+    it), else no text."""
+    caption = image_path.with_suffix(".txt")
+    if prompt or not caption.is_file():
+        return prompt
+    return caption.read_text(encoding="utf-8").strip()
+
+
 def load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The image (1, 3, H, W) in [-1, 1] and its mask (1, 1, H, W), 1 = fill; they must be the same size."""
     image, mask = load_image(image_path), load_mask(mask_path)
@@ -84,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     # other conditional models here take text.
     takes_text = (model.text_conditioned if isinstance(model, LatentInpaintDiffusion)
                   else model.model.conditioning_key is not None)
-    prompts = [opt.prompt] if takes_text else None
     if opt.prompt and not takes_text:
         print("note: this model takes no text; --prompt is not used")
 
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     shown = []
     for (image_path, _), (image, mask) in tqdm(list(zip(pairs, inputs)), desc="Inpainting", unit="image"):
         try:
+            prompts = [pair_prompt(image_path, opt.prompt)] if takes_text else None
             result = inpaint(model, image, mask, prompts, scale=opt.scale, progress=False, **sampler_kwargs(opt))
         except ValueError as e:  # a size the first stage cannot encode, ...
             parser.error(f"{image_path}: {e}")

@@ -1,4 +1,5 @@
-"""Write inpainting example pairs (``name.png`` + ``name_mask.png``) from the built-in held-out test split.
+"""Write inpainting example pairs (``name.png`` + ``name_mask.png``, and the image's caption in ``name.txt``)
+from the built-in held-out test split.
 
     python scripts/make_inpainting_examples.py                       # 6 pairs at 32x32 in data/inpainting_examples
     python scripts/make_inpainting_examples.py --n 16 --size 64 --outdir my_examples
@@ -49,6 +50,7 @@ def write_examples(outdir: Path, n: int, size: int) -> list[tuple[Path, Path]]:
         mask = (item["mask"][:, :, 0] * 255).astype(np.uint8)  # 0/1 -> black keep / white fill
         name = f"shapes_test_{index:03d}"
         pairs.append((save_png(image, outdir / f"{name}.png"), save_png(mask, outdir / f"{name}_mask.png")))
+        (outdir / f"{name}.txt").write_text(item["caption"] + "\n", encoding="utf-8")  # inpaint.py's prompt for it
     return pairs
 
 

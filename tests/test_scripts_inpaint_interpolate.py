@@ -146,6 +146,8 @@ def test_committed_examples_are_the_generators_output(tmp_path):
     generator.main(["--outdir", str(tmp_path / "first")])
     generator.main(["--outdir", str(tmp_path / "second")])
     committed = sorted(p.name for p in (REPO / "data" / "inpainting_examples").glob("*.png"))
+    for caption in sorted((REPO / "data" / "inpainting_examples").glob("*.txt")):
+        assert caption.read_text() == (tmp_path / "first" / caption.name).read_text()
     assert committed == sorted(p.name for p in (tmp_path / "first").glob("*.png"))
     assert len(committed) == 12
     for name in committed:
@@ -171,6 +173,11 @@ def test_examples_are_valid_pairs(tmp_path):
         np.testing.assert_array_equal(mask == 255, item["mask"][:, :, 0] == 1)
         expected = np.round((item["image"] + 1) / 2 * 255)
         assert np.abs(np.asarray(image, dtype=np.float64) - expected).max() <= 1
+        # Its caption beside it is the pair's prompt, unless --prompt gives one.
+        inpaint_script = load_script("inpaint")
+        assert inpaint_script.pair_prompt(image_path, "") == item["caption"]
+        assert inpaint_script.pair_prompt(image_path, "a red circle") == "a red circle"
+    assert load_script("inpaint").pair_prompt(tmp_path / "no_caption.png", "") == ""
 
 
 # ---------------------------------------------------------------------------------------------- inpaint.py
