@@ -300,8 +300,10 @@ def run_configuration(model: nn.Module, config: Configuration, prompts: PromptSe
             if is_text_task(config.task):
                 images = text_to_image(model, prompts.captions[part], seed=seed + index, **common)
             else:
-                # The inpainting model's condition is the masked image; the txt2img model takes the caption.
-                captions = prompts.captions[part] if config.task == TXT2IMG_KEEP_KNOWN else None
+                # The inpainting model's condition is the masked image, and the caption when it reads text
+                # (conditioning_key hybrid); the txt2img model takes the caption.
+                takes_text = config.task == TXT2IMG_KEEP_KNOWN or getattr(model, "text_conditioned", False)
+                captions = prompts.captions[part] if takes_text else None
                 images = inpaint(model, prompts.images[part], prompts.masks[part], captions, seed=seed + index,
                                  **common)
             outputs.append(images.float().cpu())

@@ -24,7 +24,7 @@ BUILTIN_MODELS = {
 # How to make a missing built-in model.
 RECIPES = {
     "txt2img": "configs/latent-diffusion/txt2img.yaml",
-    "inpainting": "configs/latent-diffusion/inpainting.yaml",
+    "inpainting": "configs/latent-diffusion/inpainting_txt.yaml",
 }
 
 

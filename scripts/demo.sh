@@ -3,7 +3,7 @@
 # from it in under 30 minutes on 2 CPU cores (steps sized from measured step times; see README):
 #   1. the KL-f4 first stage (configs/autoencoder/autoencoder_kl_shapes_f4.yaml);
 #   2. text-to-image latent diffusion on it (configs/latent-diffusion/txt2img.yaml);
-#   3. latent inpainting on it (configs/latent-diffusion/inpainting.yaml);
+#   3. text-conditioned latent inpainting, started from the txt2img model (configs/latent-diffusion/inpainting_txt.yaml);
 #   4. txt2img samples for a few prompts and inpainting of data/inpainting_examples/.
 # Each model is exported as a model directory (config.yaml + model.safetensors) under $DEMO_MODELS_DIR
 # (default outputs/demo/models). Training is scripts/train_builtin.sh (the recipe of the models shipped in

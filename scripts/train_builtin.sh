@@ -3,7 +3,7 @@
 # directory (config.yaml + model.safetensors):
 #   1. the KL-f4 first stage   (configs/autoencoder/autoencoder_kl_shapes_f4.yaml)
 #   2. text-to-image LDM on it (configs/latent-diffusion/txt2img.yaml)
-#   3. inpainting LDM on it    (configs/latent-diffusion/inpainting.yaml)
+#   3. text-conditioned inpainting LDM, started from the txt2img model (configs/latent-diffusion/inpainting_txt.yaml)
 #
 #   bash scripts/train_builtin.sh                          # the full recipe (hours on 2 CPU cores)
 #   BUILTIN_MODELS_DIR=models bash scripts/train_builtin.sh   # remake the models shipped in models/
@@ -20,7 +20,7 @@ LOGS="${BUILTIN_LOGDIR:-logs/builtin}"
 STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting}"
 FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-12000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
 TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-16500}"
-INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-12000}"
+INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-6000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
 FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
 # The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
@@ -54,11 +54,18 @@ for stage in $STAGES; do
       train builtin_first_stage configs/autoencoder/autoencoder_kl_shapes_f4.yaml "$FIRST_STAGE_STEPS"
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$FIRST_STAGE" --dtype fp16
       ;;
-    txt2img|inpainting)
-      steps=$([ "$stage" = txt2img ] && echo "$TXT2IMG_STEPS" || echo "$INPAINTING_STEPS")
-      train "builtin_$stage" "configs/latent-diffusion/$stage.yaml" "$steps" \
+    txt2img)
+      train builtin_txt2img configs/latent-diffusion/txt2img.yaml "$TXT2IMG_STEPS" \
         "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors"
-      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/$stage-shapes" \
+      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \
+        --dtype fp16
+      ;;
+    inpainting)
+      # Starts from the txt2img model above (Stable Diffusion's inpainting recipe).
+      train builtin_inpainting configs/latent-diffusion/inpainting_txt.yaml "$INPAINTING_STEPS" \
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
+        "model.params.init_from_text_model=$MODELS/ldm/txt2img-shapes/model.safetensors"
+      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/inpainting-shapes" \
         --dtype fp16
       ;;
     *) echo "unknown stage '$stage' in BUILTIN_STAGES (use first_stage, txt2img, inpainting)" >&2; exit 2 ;;
