@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +81,27 @@ def decode_latents(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_condition(model: LatentDiffusion, prompts: Sequence[str], scale: float) -> tuple[Any, Any]:
-    """(τθ(prompts), τθ of empty prompts when guidance needs it, else None)."""
+def negative_prompts(negative_prompt: Union[str, Sequence[str], None], n: int) -> list[str]:
+    """What guidance steers away from, one per image: the empty prompt by default (plain classifier-free
+    guidance), one string for every image, or a list of n."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return [negative_prompt or ""] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} images; give one per image, or one string")
+    return negatives
+
+
+@torch.no_grad()
+def text_condition(model: LatentDiffusion, prompts: Sequence[str], scale: float,
+                   negative_prompt: Union[str, Sequence[str], None] = None) -> tuple[Any, Any]:
+    """(τθ(prompts), τθ(negative prompts) when guidance needs it, else None). The negative prompts stand where
+    classifier-free guidance puts the empty prompt: the output moves from them towards `prompts`."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
     cond = model.get_learned_conditioning(list(prompts))
-    uncond = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+    uncond = (model.get_learned_conditioning(negative_prompts(negative_prompt, len(prompts))) if scale != 1.0
+              else None)
     return cond, uncond
 
 
@@ -170,13 +185,15 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
 def text_to_image(model: LatentDiffusion, prompts: Sequence[str], *, scale: float = 3.0, sampler: str = "ddim",
                   steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None, height: Optional[int] = None,
                   width: Optional[int] = None, seed: Optional[int] = None, progress: bool = True,
-                  callback: Optional[StepCallback] = None) -> torch.Tensor:
-    """One image per prompt, (len(prompts), 3, H, W) in [−1, 1].
+                  callback: Optional[StepCallback] = None,
+                  negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
+    """One image per prompt, (len(prompts), 3, H, W) in [−1, 1]; guidance (`scale` ≠ 1) steers away from
+    `negative_prompt` (default: the empty prompt).
 
     `height`/`width` (pixels, multiples of the first stage's factor) may exceed the training size: the
     U-Net is convolutional, so it samples a larger latent (LDM paper, sec. 4.3.2).
     """
-    cond, uncond = text_condition(model, prompts, scale)
+    cond, uncond = text_condition(model, prompts, scale, negative_prompt)
     z = sample_latents(model, len(prompts), cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                        spacing=spacing,
                        shape=latent_shape(model, height, width), seed=seed, callback=callback, progress=progress)
@@ -213,7 +230,7 @@ def generate(model: LatentDiffusion, n: int, *, class_labels: Optional[Sequence[
 def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
                    strength: float = 0.75, scale: float = 3.0, sampler: str = "ddim", steps: int = 50,
                    eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
     """SDEdit (Meng et al. 2022) as Stable Diffusion's img2img: the images' latents are noised to step
     `strength · steps` of a `steps`-step run of `sampler`, which then denoises from there.
 
@@ -232,7 +249,7 @@ def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Option
         raise ValueError(f"got {len(prompts)} prompts for {n} images; give one per image (or none)")
     if seed is not None:
         torch.manual_seed(seed)
-    cond, uncond = (text_condition(model, prompts, scale) if model.model.conditioning_key is not None
+    cond, uncond = (text_condition(model, prompts, scale, negative_prompt) if model.model.conditioning_key is not None
                     else (None, None))
     t_enc = max(1, int(strength * steps))
     with precision_scope(model):
@@ -265,12 +282,12 @@ def _check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
 def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
             prompts: Optional[Sequence[str]] = None, *, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
             eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
-            progress: bool = True) -> torch.Tensor:
+            progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
     """Fill the region where `masks` is 1; the result keeps the other pixels exactly.
 
     A model trained for inpainting (`LatentInpaintDiffusion`) is conditioned on the masked image and mask,
     as the reference's inpaint.py does, and a text-conditioned one (``hybrid``) also on `prompts`, guided by
-    `scale` against the empty prompt with the masked image kept in both halves. Any other model keeps the known latents at every step (RePaint-style
+    `scale` against `negative_prompt` (default the empty prompt) with the masked image kept in both halves. Any other model keeps the known latents at every step (RePaint-style
     replacement, Lugmayr et al. 2022, without resampling): a latent cell counts as known when none of its
     pixels is to be filled. A text model takes `prompts` (default empty, i.e. unconditional).
     """
@@ -287,7 +304,7 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
                 raise TypeError("prompts must be a list of strings, not one string")
             captions = [""] * n if prompts is None else list(prompts)
             cond, uncond = (model.text_condition(cond, captions),
-                            model.text_condition(cond, [""] * n) if scale != 1.0 else None)
+                            model.text_condition(cond, negative_prompts(negative_prompt, n)) if scale != 1.0 else None)
         z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                            spacing=spacing, shape=shape, progress=progress)
     else:
@@ -296,7 +313,8 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
             raise ValueError("inpaint() conditions text models on prompts and unconditional models on nothing; "
                              "a class-conditional model is not supported here (use a text or inpainting model)")
         if model.model.conditioning_key is not None:
-            cond, uncond = text_condition(model, [""] * n if prompts is None else list(prompts), scale)
+            cond, uncond = text_condition(model, [""] * n if prompts is None else list(prompts), scale,
+                                          negative_prompt)
         factor = downsampling_factor(model)
         known_mask = 1.0 - F.max_pool2d(masks, factor) if factor > 1 else 1.0 - masks
         z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,

@@ -33,6 +33,12 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
                        help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
 
 
+def add_negative_prompt_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--negative_prompt", default="",
+                        help="what guidance steers away from, in place of the empty prompt (needs --scale > 1; "
+                             "default: none)")
+
+
 def add_sampler_args(parser: argparse.ArgumentParser, default_steps: int = 50, default_sampler: str = "ddim") -> None:
     group = parser.add_argument_group("sampler")
     group.add_argument("--sampler", default=default_sampler, choices=list(SAMPLERS), metavar="SAMPLER",

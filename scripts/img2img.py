@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.image_io import load_image  # noqa: E402
 from ldm.inference import downsampling_factor, image_to_image, latent_shape  # noqa: E402
-from ldm.script_args import (SampleWriter, add_model_args, add_output_args, add_sampler_args,  # noqa: E402
-                             model_from_args, sampler_kwargs, user_errors)
+from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,  # noqa: E402
+                             add_sampler_args, model_from_args, sampler_kwargs, user_errors)
 
 
 def strength(text: str) -> float:
@@ -36,6 +36,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="how much noise to add to the init image, in (0, 1] (1 = ignore it)")
     parser.add_argument("--scale", type=float, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
+    add_negative_prompt_arg(parser)
     parser.add_argument("--H", type=int, default=None, help="resize the init image to this height (pixels)")
     parser.add_argument("--W", type=int, default=None, help="resize the init image to this width (pixels)")
     add_output_args(parser, "outputs/img2img-samples")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for iteration in range(opt.n_iter):
         # One seed per batch: each batch is reproducible on its own and batches differ from each other.
         images = image_to_image(model, init.expand(opt.n_samples, -1, -1, -1), [opt.prompt] * opt.n_samples,
-                                strength=opt.strength, scale=opt.scale,
+                                strength=opt.strength, scale=opt.scale, negative_prompt=opt.negative_prompt,
                                 **{**sampler_kwargs(opt), "seed": opt.seed + iteration})
         writer.add(images)
     writer.finish()

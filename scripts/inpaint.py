@@ -25,7 +25,8 @@ from tqdm import tqdm  # noqa: E402
 from ldm.image_io import load_image, load_mask, save_grid, to_pil  # noqa: E402
 from ldm.inference import inpaint  # noqa: E402
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion  # noqa: E402
-from ldm.script_args import add_model_args, add_sampler_args, model_from_args, sampler_kwargs, user_errors  # noqa: E402
+from ldm.script_args import (add_model_args, add_negative_prompt_arg, add_sampler_args, model_from_args,  # noqa: E402
+                             sampler_kwargs, user_errors)
 
 MASK_SUFFIX = "_mask.png"
 
@@ -40,6 +41,7 @@ def get_parser() -> argparse.ArgumentParser:
                              "name.txt, or no text)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="classifier-free guidance scale for --prompt (1 = no guidance)")
+    add_negative_prompt_arg(parser)
     parser.add_argument("--skip_grid", action="store_true", help="do not write grid.png")
     add_model_args(parser, default_model="inpainting")
     add_sampler_args(parser)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     for (image_path, _), (image, mask) in tqdm(list(zip(pairs, inputs)), desc="Inpainting", unit="image"):
         try:
             prompts = [pair_prompt(image_path, opt.prompt)] if takes_text else None
-            result = inpaint(model, image, mask, prompts, scale=opt.scale, progress=False, **sampler_kwargs(opt))
+            result = inpaint(model, image, mask, prompts, scale=opt.scale, negative_prompt=opt.negative_prompt,
+                             progress=False, **sampler_kwargs(opt))
         except ValueError as e:  # a size the first stage cannot encode, ...
             parser.error(f"{image_path}: {e}")
         out_path = opt.outdir / image_path.name

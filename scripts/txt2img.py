@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.inference import latent_shape, text_to_image  # noqa: E402
-from ldm.script_args import (SampleWriter, add_model_args, add_output_args, add_sampler_args,  # noqa: E402
-                             model_from_args, read_prompt_file, sampler_kwargs, user_errors)
+from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,  # noqa: E402
+                             add_sampler_args, model_from_args, read_prompt_file, sampler_kwargs, user_errors)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="a text file with one prompt per line (blank lines skipped), instead of --prompt")
     parser.add_argument("--scale", type=float, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
+    add_negative_prompt_arg(parser)
     parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
     parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
     add_output_args(parser, "outputs/txt2img-samples")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             seed = opt.seed + iteration * len(prompts) + p
             print(f"iteration {iteration + 1}/{opt.n_iter}, prompt {p + 1}/{len(prompts)}: {prompt!r}")
             images = text_to_image(model, [prompt] * opt.n_samples, scale=opt.scale, height=opt.H, width=opt.W,
-                                   **{**kwargs, "seed": seed})
+                                   negative_prompt=opt.negative_prompt, **{**kwargs, "seed": seed})
             writer.add(images)
     writer.finish()
 

@@ -232,3 +232,24 @@ def test_caption_vocabulary_covers_every_caption():
 def test_shipped_vocabulary_is_what_the_code_writes(tmp_path):
     write_caption_vocabulary(str(tmp_path / "vocab.txt"))
     assert (tmp_path / "vocab.txt").read_text() == (REPO / "ldm" / "data" / "shapes_vocab.txt").read_text()
+
+
+def test_negative_prompt_takes_the_place_of_the_empty_prompt(txt2img, images):
+    run = lambda **kw: text_to_image(txt2img, ["a red circle", "a blue star"], steps=STEPS, seed=0,  # noqa: E731
+                                     progress=False, **kw)
+    plain = run(scale=3.0)
+    assert torch.equal(run(scale=3.0, negative_prompt=""), plain)
+    assert torch.equal(run(scale=3.0, negative_prompt=["", ""]), plain)
+    away = run(scale=3.0, negative_prompt="a green square")
+    assert not torch.allclose(away, plain)
+    assert torch.equal(run(scale=3.0, negative_prompt=["a green square"] * 2), away)
+    # Without guidance there is no second pass for it to stand in.
+    assert torch.equal(run(scale=1.0, negative_prompt="a green square"), run(scale=1.0))
+    with pytest.raises(ValueError, match="2 negative prompts for 3 images"):
+        text_to_image(txt2img, ["a", "b", "c"], negative_prompt=["x", "y"], progress=False)
+    image, mask = images
+    for edit in (lambda **kw: image_to_image(txt2img, image, ["a red circle"] * 4, steps=STEPS, seed=0,
+                                             progress=False, **kw),
+                 lambda **kw: inpaint(txt2img, image, mask, ["a red circle"] * 4, scale=3.0, steps=STEPS, seed=0,
+                                      progress=False, **kw)):
+        assert not torch.allclose(edit(negative_prompt="a green square"), edit())

@@ -276,3 +276,19 @@ def test_sample_diffusion_unconditional(capsys, tmp_path):
     with np.load(outdir / "numpy" / "samples_2x32x32x3.npz") as npz:
         assert npz.files == ["arr_0"] and npz["arr_0"].dtype == np.uint8
     assert sorted(p.name for p in (outdir / "img").iterdir()) == ["sample_000000.png", "sample_000001.png"]
+
+
+def test_txt2img_and_img2img_negative_prompt(tmp_path, tiny_txt2img_model, inputs):
+    """--negative_prompt changes guided samples; the same run without it is the plain guided one."""
+    def txt2img(name: str, *extra: str) -> np.ndarray:
+        load_script("txt2img").main(["--config", str(tiny_txt2img_model), "--n_samples", "1", "--steps", STEPS,
+                                     "--skip_grid", "--outdir", str(tmp_path / name), *extra])
+        return pixels(tmp_path / name / "samples" / "00000.png")
+
+    plain = txt2img("plain")
+    np.testing.assert_array_equal(txt2img("empty", "--negative_prompt", ""), plain)
+    assert not np.array_equal(txt2img("away", "--negative_prompt", "a green square"), plain)
+    load_script("img2img").main(["--config", str(tiny_txt2img_model), "--init-img", str(inputs["init"]), "--n_samples", "1",
+                                 "--steps", STEPS, "--negative_prompt", "a green square", "--skip_grid",
+                                 "--outdir", str(tmp_path / "img2img")])
+    assert (tmp_path / "img2img" / "samples" / "00000.png").is_file()

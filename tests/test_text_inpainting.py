@@ -108,6 +108,10 @@ def test_inpaint_follows_the_prompt_and_keeps_the_known_pixels(inpainting_model,
         assert torch.equal(out * (1 - mask), image * (1 - mask))
     assert not torch.allclose(red, blue)
     assert torch.equal(run(None), run([""] * 4))  # no prompt is the empty prompt
+    guided = inpaint(inpainting_model, image, mask, ["a red circle"] * 4, scale=3.0, negative_prompt="a blue star",
+                     sampler="dpmpp_2m", steps=STEPS, seed=0, progress=False)
+    assert not torch.allclose(guided, run(["a red circle"] * 4, scale=3.0))
+    assert torch.equal(guided * (1 - mask), image * (1 - mask))
     with pytest.raises(TypeError, match="list of strings"):
         inpaint(inpainting_model, image, mask, "a red circle", steps=STEPS, progress=False)
 
