@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_configs
+from ldm.divergence import SafeCheckpointIO, TrainingDiverged
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.util import instantiate_from_config
 
@@ -257,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     loggers = [CSVLogger(str(logdir), name="", version="csv"),
                TensorBoardLogger(str(logdir), name="", version="tensorboard")]
     callbacks = build_callbacks(lightning_config, model, opt, now, logdir, ckptdir, cfgdir, config)
-    trainer = pl.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(logdir))
+    # Checkpoints: finite weights only, written atomically (ldm/divergence.py).
+    trainer = pl.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(logdir),
+                         plugins=[SafeCheckpointIO()])
 
     data = instantiate_from_config(config.data)
     learning_rate(model, config, trainer, opt.scale_lr)
@@ -289,6 +292,11 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        if "-d" in sys.argv or "--debug" in sys.argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except (CheckpointError, FileNotFoundError) as e:
         # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
         if "-d" in sys.argv or "--debug" in sys.argv:

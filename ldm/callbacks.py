@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
+from ldm.divergence import TrainingDiverged, non_finite_tensors
 from ldm.checkpoint import inference_state_dict, save_safetensors
 from ldm.visualization import make_grid, save_png, to_uint8
 
@@ -64,6 +65,13 @@ class LastCheckpoint(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        if isinstance(exception, TrainingDiverged) or non_finite_tensors(pl_module.state_dict()):
+            # The weights may already hold the divergence: the checkpoint there is the last good one.
+            if trainer.is_global_zero:
+                kept = f"kept {self.path}" if self.path.is_file() else "no checkpoint was written"
+                print(f"\n[ldm] training diverged at global step {trainer.global_step}; {kept} (the diverged "
+                      "weights are not saved)", flush=True)
             return
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if trainer.is_global_zero:

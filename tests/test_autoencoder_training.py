@@ -5,6 +5,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
+from ldm.divergence import TrainingDiverged
 from ldm.models.autoencoder import AutoencoderKL, VQModel
 
 RESOLUTION = 16
@@ -182,7 +183,7 @@ def test_non_finite_loss_stops_training_with_a_message():
     model = kl_model()
     data = loader(2)
     data.dataset[1]["image"][0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"autoencoder loss is nan at batch step 0 .*train/rec_loss"):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at the autoencoder step of batch step 0 .*train/rec_loss"):
         trainer(1).fit(model, data)
 
 

@@ -16,6 +16,7 @@ DIFFUSION_CONFIGS = {
     "class2img": "configs/latent-diffusion/class2img.yaml",
     "unconditional": "configs/latent-diffusion/unconditional.yaml",
     "inpainting": "configs/latent-diffusion/inpainting.yaml",
+    "inpainting_txt": "configs/latent-diffusion/inpainting_txt.yaml",
     "pixel": "configs/ddpm/pixel_shapes.yaml",
 }
 # A handful of steps on tiny batches; 50 timesteps so the sampling in the image logs is quick.
@@ -47,10 +48,13 @@ def test_shipped_diffusion_config_trains(name, tmp_path):
         assert "scale_by_std" in proc.stdout
         assert float(state["scale_factor"]) != 1.0
         assert not any(k.startswith("first_stage_model.loss.") for k in state)
-    if name in ("txt2img", "txt2img_flow", "txt2img_minilm", "class2img"):
+    if name in ("txt2img", "txt2img_flow", "txt2img_minilm", "class2img", "inpainting_txt"):
         assert {"conditioning", "samples_cfg_scale_3.00"} <= grids, grids
-    if name == "inpainting":
-        assert "conditioning" in grids  # the masked image
+    if name.startswith("inpainting"):
+        assert "conditioning" in grids  # the masked image (and the caption)
+    if name == "inpainting_txt":
+        assert "initialised from the text-to-image model" in proc.stdout
+        assert "scale_by_std: latent std" not in proc.stdout  # the text model's scale_factor is kept
 
 
 def test_txt2img_resume_continues_and_keeps_scale_factor(tmp_path):

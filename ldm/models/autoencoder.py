@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
+from ldm.divergence import raise_if_not_finite
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -222,14 +223,8 @@ class FirstStageModule(pl.LightningModule):
                 scheduler.step()
 
     def _raise_if_not_finite(self, loss: torch.Tensor, log: Mapping[str, Any], which: str) -> None:
-        if torch.isfinite(loss).all():
-            return
-        bad = {k: float(v) for k, v in log.items() if not torch.isfinite(torch.as_tensor(v)).all()}
-        raise FloatingPointError(
-            f"{which} loss is {loss.item()} at batch step {self.batch_step} (global_step {self.global_step}); "
-            f"non-finite terms: {bad or 'none logged'}. Training stopped. With 16-bit mixed precision this is "
-            "usually an overflow: train with precision 'bf16-mixed' or 32, or lower the learning rate."
-        )
+        raise_if_not_finite(loss, log, f"the {which} step of batch step {self.batch_step} (global_step "
+                                       f"{self.global_step})")
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._log_validation_losses(batch, suffix="")

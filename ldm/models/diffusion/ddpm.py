@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
+from ldm.divergence import raise_if_not_finite
 from ldm.data.latent_cache import LatentCache
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
@@ -320,6 +321,7 @@ class DDPM(pl.LightningModule):
 
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         loss, log = self.shared_step(batch)
+        raise_if_not_finite(loss, log, f"global step {self.global_step}")
         self.log_dict(log, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=_batch_size(batch))
         self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
         if self.scheduler_config is not None:

@@ -24,6 +24,7 @@ from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 
+_LEARNED_PREFIXES = ("model.", "model_ema.", "cond_stage_model.", "first_stage_model.")
 # The U-Net's first convolution, as a model key and as its EMA copy (LitEma drops the dots).
 _FIRST_CONV_KEYS = ("model.diffusion_model.input_blocks.0.0.weight", "model_ema.diffusion_modelinput_blocks00weight")
 
@@ -82,6 +83,8 @@ class LatentInpaintDiffusion(LatentDiffusion):
         # A model directory's weights hold the EMA already folded into `model.*`: the EMA then starts from them.
         has_ema = any(k.startswith("model_ema.") for k in state_dict)
         ignore = ("loss.", "first_stage_model.loss.") + (() if self.use_ema and has_ema else ("model_ema.",))
+        # The noise schedule's tables are this config's own (they are made from it, not learned).
+        ignore += tuple(k for k in own if not k.startswith(_LEARNED_PREFIXES) and k != "scale_factor")
         if not any(k.startswith("first_stage_model.") for k in state_dict):
             ignore += ("first_stage_model.",)  # a model directory leaves the first stage to its own file
         load_weights(self, state_dict, strict=True, ignore_prefixes=ignore, source=str(path))
