@@ -42,8 +42,9 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's message runs to many lines
         raise CheckpointError(
-            f"cannot read {path} as a weights-only checkpoint ({e.__class__.__name__}: {e}). "
+            f"cannot read {path} as a weights-only checkpoint ({e.__class__.__name__}: {reason[:200]}). "
             "Only tensors and plain containers are loaded, never arbitrary pickled objects; "
             "convert it to .safetensors with a trusted copy of the code that wrote it."
         ) from e

@@ -14,6 +14,7 @@ run's config (model, data and lightning sections), so `main.py --base <dir>/conf
 """
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors  # noqa: E402
 from ldm.model_loading import INIT_PARAMS, build_model  # noqa: E402
 from ldm.config import load_configs  # noqa: E402
+from ldm.script_args import user_errors  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,11 +70,16 @@ def main() -> None:
         # The directory holds every weight: the training run's starting point is not needed to load it.
         for init in INIT_PARAMS:
             OmegaConf.select(config, "model.params", default={}).pop(init, None)
+        # The checkpoint is read (and fits the config) before anything is written: a bad checkpoint leaves a
+        # model directory that was there as it was.
+        with tempfile.TemporaryDirectory() as scratch:
+            OmegaConf.save(config, Path(scratch) / "config.yaml")
+            model = build_model(Path(scratch) / "config.yaml", opt.ckpt)
+        state = sampling_state_dict(model, config, DTYPES[opt.dtype])
         opt.model_dir.mkdir(parents=True, exist_ok=True)
         config_path = opt.model_dir / "config.yaml"
         OmegaConf.save(config, config_path)
-        model = build_model(config_path, opt.ckpt)
-        out = save_safetensors(sampling_state_dict(model, config, DTYPES[opt.dtype]), opt.model_dir / "model.safetensors",
+        out = save_safetensors(state, opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
         print(f"wrote {config_path} and {out} ({out.stat().st_size / 2**20:.2f} MiB)")
         return
@@ -85,4 +92,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -212,6 +212,15 @@ def test_export_model_dir_holds_the_ema_weights_without_the_first_stage(tmp_path
     b = text_to_image(exported, ["a red circle"], steps=STEPS, seed=0, progress=False)
     assert (a - b).abs().max() < 0.02
 
+    # A broken checkpoint is a one-line error, and the model directory already there is left as it was.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (run / "checkpoints" / "broken.ckpt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "broken.ckpt"),
+                           "--model-dir", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read") and "broken.ckpt" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
 
 def test_caption_vocabulary_covers_every_caption():
     """The built-in txt2img model's small WordPiece vocabulary reads every training caption without [UNK]."""
