@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +34,28 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
                        help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
 
 
+def guidance_scale(text: str) -> float:
+    """argparse type of --scale: a finite number (nan or inf would make every image black)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number; use e.g. 3 (1 = no guidance)")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type of --seed: an integer torch accepts (0 to 2**63 − 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use 0 to {2 ** 63 - 1}")
+    return value
+
+
 def add_negative_prompt_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative_prompt", default="",
                         help="what guidance steers away from, in place of the empty prompt (needs --scale > 1; "
@@ -51,7 +74,7 @@ def add_sampler_args(parser: argparse.ArgumentParser, default_steps: int = 50, d
     group.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=0.0,
                        help="DDIM eta (0 = deterministic) / Euler ancestral noise scale")
     group.add_argument("--plms", action="store_true", help="use the PLMS sampler (same as --sampler plms)")
-    group.add_argument("--seed", type=int, default=42, help="random seed (same seed, same images)")
+    group.add_argument("--seed", type=seed, default=42, help="random seed (same seed, same images)")
 
 
 @contextlib.contextmanager

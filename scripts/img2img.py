@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.image_io import load_image  # noqa: E402
 from ldm.inference import downsampling_factor, image_to_image, latent_shape  # noqa: E402
-from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,  # noqa: E402
-                             add_sampler_args, model_from_args, sampler_kwargs, user_errors)
+from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg,  # noqa: E402
+                             add_output_args, add_sampler_args, guidance_scale, model_from_args,
+                             sampler_kwargs, user_errors)
 
 
 def strength(text: str) -> float:
@@ -34,7 +35,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
     parser.add_argument("--strength", type=strength, default=0.75,
                         help="how much noise to add to the init image, in (0, 1] (1 = ignore it)")
-    parser.add_argument("--scale", type=float, default=3.0,
+    parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     add_negative_prompt_arg(parser)
     parser.add_argument("--H", type=int, default=None, help="resize the init image to this height (pixels)")

@@ -25,8 +25,8 @@ from tqdm import tqdm  # noqa: E402
 from ldm.image_io import load_image, load_mask, save_grid, to_pil  # noqa: E402
 from ldm.inference import inpaint  # noqa: E402
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion  # noqa: E402
-from ldm.script_args import (add_model_args, add_negative_prompt_arg, add_sampler_args, model_from_args,  # noqa: E402
-                             sampler_kwargs, user_errors)
+from ldm.script_args import (add_model_args, add_negative_prompt_arg, add_sampler_args,  # noqa: E402
+                             guidance_scale, model_from_args, sampler_kwargs, user_errors)
 
 MASK_SUFFIX = "_mask.png"
 
@@ -39,7 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="",
                         help="what to paint, for every pair, for a text-conditioned model (default: each pair's "
                              "name.txt, or no text)")
-    parser.add_argument("--scale", type=float, default=1.0,
+    parser.add_argument("--scale", type=guidance_scale, default=1.0,
                         help="classifier-free guidance scale for --prompt (1 = no guidance)")
     add_negative_prompt_arg(parser)
     parser.add_argument("--skip_grid", action="store_true", help="do not write grid.png")

@@ -31,7 +31,8 @@ from ldm.image_io import next_index, load_image, save_grid  # noqa: E402
 from ldm.inference import downsampling_factor  # noqa: E402
 from ldm.interpolation import INTERPOLATION_SAMPLERS, interpolate, progressive_generation, start_step  # noqa: E402
 from ldm.models.diffusion.ddpm import LatentDiffusion  # noqa: E402
-from ldm.script_args import add_model_args, add_sampler_args, model_from_args, sampler_kwargs, user_errors  # noqa: E402
+from ldm.script_args import (add_model_args, add_sampler_args, guidance_scale, model_from_args,  # noqa: E402
+                             sampler_kwargs, user_errors)
 
 MODES = ("interpolate", "progressive")
 
@@ -50,7 +51,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="mix the noisy latents spherically instead of linearly")
     parser.add_argument("--prompt", default="", help="a prompt, for text-conditional models")
     parser.add_argument("--class_label", type=int, default=None, help="a class index, for class-conditional models")
-    parser.add_argument("--scale", type=float, default=3.0,
+    parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale for --prompt / --class_label (1 = no guidance)")
     parser.add_argument("--n_samples", type=int, default=4, help="progressive mode: rows (samples) in the strip")
     parser.add_argument("--outdir", type=Path, default=Path("outputs/interpolations"), help="where to write")

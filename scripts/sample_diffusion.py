@@ -34,7 +34,8 @@ from ldm.inference import generate, text_to_image  # noqa: E402
 from ldm.models.diffusion.ddpm import LatentDiffusion  # noqa: E402
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion  # noqa: E402
 from ldm.modules.encoders.modules import ClassEmbedder  # noqa: E402
-from ldm.script_args import add_model_args, add_sampler_args, model_from_args, read_prompt_file, sampler_kwargs, user_errors  # noqa: E402
+from ldm.script_args import (add_model_args, add_sampler_args, guidance_scale, model_from_args,  # noqa: E402
+                             read_prompt_file, sampler_kwargs, user_errors)
 from main import _resolve_resume  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=16, help="samples per batch")
     parser.add_argument("--class_label", type=int, action="extend", nargs="+", default=None,
                         help="class(es) to sample, cycled through (repeatable; default: all classes evenly)")
-    parser.add_argument("--scale", type=float, default=1.0,
+    parser.add_argument("--scale", type=guidance_scale, default=1.0,
                         help="classifier-free guidance scale for conditional models (1 = no guidance)")
     parser.add_argument("--from-file", type=Path, default=None,
                         help="text-conditional models: prompts, one per line, cycled (default: the built-in "

@@ -15,8 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.inference import latent_shape, text_to_image  # noqa: E402
-from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,  # noqa: E402
-                             add_sampler_args, model_from_args, read_prompt_file, sampler_kwargs, user_errors)
+from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg,  # noqa: E402
+                             add_output_args, add_sampler_args, guidance_scale, model_from_args,
+                             read_prompt_file, sampler_kwargs, user_errors)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -24,7 +25,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
     parser.add_argument("--from-file", type=Path, default=None,
                         help="a text file with one prompt per line (blank lines skipped), instead of --prompt")
-    parser.add_argument("--scale", type=float, default=3.0,
+    parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     add_negative_prompt_arg(parser)
     parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
