@@ -16,7 +16,7 @@ OUT="${DEMO_OUTDIR:-outputs/demo}"
 export BUILTIN_MODELS_DIR="$MODELS" BUILTIN_LOGDIR="${DEMO_LOGDIR:-logs/demo}"
 export BUILTIN_FIRST_STAGE_STEPS="${DEMO_FIRST_STAGE_STEPS:-5000}"  # optimizer steps, 2 per batch
 export BUILTIN_TXT2IMG_STEPS="${DEMO_TXT2IMG_STEPS:-3000}"
-export BUILTIN_INPAINTING_STEPS="${DEMO_INPAINTING_STEPS:-2000}"
+export BUILTIN_INPAINTING_STEPS="${DEMO_INPAINTING_STEPS:-1500}"  # a fine-tune of the txt2img model: 0.17 s a step
 START=$(date +%s)
 stage() { echo; echo "=== [$(( ($(date +%s) - START) / 60 )) min] $*"; }
 
