@@ -297,8 +297,8 @@ def test_txt2img_and_img2img_negative_prompt(tmp_path, tiny_txt2img_model, input
 BAD_FLAGS = [("--scale", "nan", "--scale: nan is not a finite number"),
              ("--scale", "inf", "--scale: inf is not a finite number"),
              ("--seed", str(2 ** 64), "--seed: 18446744073709551616 is out of range")]
-SCRIPT_FLAGS = [(script, *bad) for script in ("txt2img", "img2img", "inpaint", "sample_diffusion") for bad in BAD_FLAGS]
-SCRIPT_FLAGS += [("interpolate", *bad) for bad in BAD_FLAGS if bad[0] == "--scale"]  # it has no --seed
+SCRIPT_FLAGS = [(script, *bad) for script in ("txt2img", "img2img", "inpaint", "sample_diffusion", "interpolate")
+                for bad in BAD_FLAGS]
 
 
 @pytest.mark.parametrize("script, flag, value, message", SCRIPT_FLAGS)
