@@ -90,7 +90,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="resume from a log directory or a checkpoint inside one")
     parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
                         help="config files, merged left to right; later ones override earlier ones")
-    parser.add_argument("-t", "--train", type=_str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("-t", "--train", type=_str2bool, const=True, default=None, nargs="?",
+                        help="train (the default with -r; -t false resumes without training)")
     parser.add_argument("--no-test", dest="no_test", type=_str2bool, const=True, default=False, nargs="?",
                         help="skip testing after training")
     parser.add_argument("-d", "--debug", type=_str2bool, nargs="?", const=True, default=False,
@@ -220,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = None
     if opt.resume:
         logdir, ckpt_path = _resolve_resume(opt.resume)
-        opt.base = sorted(str(p) for p in (logdir / "configs").glob("*-project.yaml"))[-1:] + list(opt.base)
+        # The run's own configs, project then lightning (trainer, callbacks), as the reference's main.py merges
+        # every configs/*.yaml of the run; -b files and key=value overrides come on top.
+        configs = logdir / "configs"
+        opt.base = (sorted(str(p) for p in configs.glob("*-project.yaml"))[-1:]
+                    + sorted(str(p) for p in configs.glob("*-lightning.yaml"))[-1:] + list(opt.base))
         nowname = logdir.name
     else:
         if opt.name:
@@ -233,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         logdir = Path(opt.logdir) / nowname
     if not opt.base:
         parser.error("no config given: use --base configs/<...>.yaml (or -r a previous run)")
+    if opt.train is None:
+        opt.train = bool(opt.resume)  # resuming a run means training it on
     ckptdir, cfgdir = logdir / "checkpoints", logdir / "configs"
 
     import pytorch_lightning as pl

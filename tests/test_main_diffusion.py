@@ -72,6 +72,20 @@ def test_txt2img_resume_continues_and_keeps_scale_factor(tmp_path):
     assert second["lr_schedulers"][0]["last_epoch"] == 5
 
 
+def test_resume_restores_the_whole_run_and_trains(tmp_path):
+    """`-r <run>` alone (no -t, none of the first run's flags) restores the run's lightning config too: its
+    trainer options (here validation every 2 steps, which the config's 1,000 would refuse on 16 batches an
+    epoch) and callbacks (image logging off), and trains on; `-t false` resumes without training."""
+    run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "-t", "--no-test", "--max_steps", "3", *FAST,
+              "lightning.callbacks.image_logger.params.disabled=true"], tmp_path)
+    logdir = only_run(tmp_path)
+    run_main(["-r", str(logdir), "--no-test", "--max_steps", "5"], tmp_path)
+    assert load_ckpt(logdir / "checkpoints" / "last.ckpt")["global_step"] == 5
+    assert not (logdir / "images" / "train").exists() or not list((logdir / "images" / "train").glob("*.png"))
+    run_main(["-r", str(logdir), "-t", "false", "--no-test", "--max_steps", "7"], tmp_path)
+    assert load_ckpt(logdir / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
 def test_missing_first_stage_says_how_to_make_it(tmp_path):
     missing = tmp_path / "nowhere" / "model.safetensors"
     proc = run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "-t", "--max_steps", "1", *FAST,
