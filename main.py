@@ -136,6 +136,31 @@ def resolve_trainer_options(lightning_config: DictConfig, opt: argparse.Namespac
     return options
 
 
+CLAIMED_RUN_DIRS: list[Path] = []
+
+
+def release_empty_run_dirs() -> None:
+    """Remove the run directories this process claimed and never wrote into (it stopped on a user error)."""
+    for path in CLAIMED_RUN_DIRS:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def claim_run_name(logdir: Path, now: str, suffix: str) -> str:
+    """`now`, or `now-2`, `now-3`, ... : the first whose run directory `logdir/<now><suffix>` did not exist, made
+    here (atomically, so two runs started in the same second never share a directory)."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = now if attempt == 1 else f"{now}-{attempt}"
+        try:
+            (logdir / f"{candidate}{suffix}").mkdir()
+            CLAIMED_RUN_DIRS.append(logdir / f"{candidate}{suffix}")
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"999 runs named {now}{suffix} already exist in {logdir}; pick another -n/--name")
+
+
 def _resolve_resume(resume: str) -> tuple[Path, Path]:
     """(logdir, checkpoint) for `-r logs/<run>` or `-r logs/<run>/checkpoints/x.ckpt`."""
     path = Path(resume)
@@ -217,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if opt.debug else logging.INFO, format="[%(name)s] %(message)s")
 
     # Child processes of a DDP launch re-run this script: they must reuse the parent's run directory.
+    first_process = "LDM_RUN_NOW" not in os.environ
     now = os.environ.setdefault("LDM_RUN_NOW", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
     ckpt_path = None
     if opt.resume:
@@ -234,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             name = "_" + Path(opt.base[0]).stem
         else:
             name = ""
+        if first_process and opt.base:
+            now = claim_run_name(Path(opt.logdir), now, name + opt.postfix)
+            os.environ["LDM_RUN_NOW"] = now  # what DDP's child processes read
         nowname = now + name + opt.postfix
         logdir = Path(opt.logdir) / nowname
     if not opt.base:
@@ -295,18 +324,21 @@ def data_has_split(data: Any, split: str) -> bool:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        if "-d" in sys.argv or "--debug" in sys.argv:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (CheckpointError, FileNotFoundError) as e:
-        # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
-        if "-d" in sys.argv or "--debug" in sys.argv:
-            raise
-        print(f"error: {e}\n(run with -d for the traceback)", file=sys.stderr)
-        sys.exit(2)
+        try:
+            sys.exit(main())
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except TrainingDiverged as e:
+            if "-d" in sys.argv or "--debug" in sys.argv:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except (CheckpointError, FileNotFoundError) as e:
+            # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
+            if "-d" in sys.argv or "--debug" in sys.argv:
+                raise
+            print(f"error: {e}\n(run with -d for the traceback)", file=sys.stderr)
+            sys.exit(2)
+    finally:
+        release_empty_run_dirs()  # a run that stopped before writing anything leaves no empty directory

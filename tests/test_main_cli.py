@@ -1,4 +1,8 @@
 """main.py's argument handling, without training."""
+import os
+import subprocess
+import sys
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -56,3 +60,22 @@ def test_resume_needs_an_existing_run(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
         main._resolve_resume(str(tmp_path / "run"))
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
+    names = [main.claim_run_name(tmp_path, "2026-01-01T00-00-00", "_txt2img") for _ in range(3)]
+    assert names == ["2026-01-01T00-00-00", "2026-01-01T00-00-00-2", "2026-01-01T00-00-00-3"]
+    assert {p.name for p in tmp_path.iterdir()} == {f"{n}_txt2img" for n in names}
+    # Claimed but never written into (a run stopped by a user error): removed on the way out.
+    (tmp_path / f"{names[0]}_txt2img" / "configs").mkdir()
+    main.release_empty_run_dirs()
+    assert {p.name for p in tmp_path.iterdir()} == {f"{names[0]}_txt2img"}
+
+
+def test_a_config_error_leaves_no_run_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"}
+    proc = subprocess.run([sys.executable, "main.py", "--base", "configs/latent-diffusion/txt2img.yaml",
+                           "model.params.no_such_key=1", "-l", str(tmp_path)], cwd=main.Path(main.__file__).parent,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "unknown parameter 'no_such_key'" in proc.stderr
+    assert not list(tmp_path.iterdir())
