@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_configs
+from ldm.csv_logger import ResumableCSVLogger
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.util import instantiate_from_config
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     if opt.debug:
         torch.autograd.set_detect_anomaly(True)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_options["strategy"] = "ddp_find_unused_parameters_true"
         print(f"[ldm] {type(model).__name__} leaves some parameters without gradients in each backward pass: "
               "using strategy ddp_find_unused_parameters_true")
-    loggers = [CSVLogger(str(logdir), name="", version="csv"),
+    loggers = [ResumableCSVLogger(str(logdir), name="", version="csv"),
                TensorBoardLogger(str(logdir), name="", version="tensorboard")]
     callbacks = build_callbacks(lightning_config, model, opt, now, logdir, ckptdir, cfgdir, config)
     # Checkpoints: finite weights only, written atomically (ldm/divergence.py).

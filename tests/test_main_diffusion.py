@@ -1,4 +1,5 @@
 """Short `main.py -t` runs of every shipped diffusion config on the built-in data, and `-r` resume."""
+import csv
 import os
 import subprocess
 import sys
@@ -79,8 +80,14 @@ def test_resume_restores_the_whole_run_and_trains(tmp_path):
     run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "-t", "--no-test", "--max_steps", "3", *FAST,
               "lightning.callbacks.image_logger.params.disabled=true"], tmp_path)
     logdir = only_run(tmp_path)
+    first_rows = (logdir / "csv" / "metrics.csv").read_text().splitlines()
     run_main(["-r", str(logdir), "--no-test", "--max_steps", "5"], tmp_path)
     assert load_ckpt(logdir / "checkpoints" / "last.ckpt")["global_step"] == 5
+    # metrics.csv continues: the first run's rows, then the resumed steps'.
+    rows = list(csv.DictReader((logdir / "csv" / "metrics.csv").open()))
+    assert len(rows) > len(first_rows) - 1
+    steps = [int(row["step"]) for row in rows if row.get("train/loss_simple_step")]
+    assert steps == sorted(steps) and {0, 1, 2, 3, 4} <= set(steps), steps
     assert not (logdir / "images" / "train").exists() or not list((logdir / "images" / "train").glob("*.png"))
     run_main(["-r", str(logdir), "-t", "false", "--no-test", "--max_steps", "7"], tmp_path)
     assert load_ckpt(logdir / "checkpoints" / "last.ckpt")["global_step"] == 5
