@@ -29,8 +29,8 @@ from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F4
 from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_configs
 from ldm.csv_logger import ResumableCSVLogger
-from ldm.divergence import SafeCheckpointIO, TrainingDiverged
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
+from ldm.divergence import SafeCheckpointIO, TrainingDiverged
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("ldm")
@@ -162,6 +162,13 @@ def claim_run_name(logdir: Path, now: str, suffix: str) -> str:
     raise FileExistsError(f"999 runs named {now}{suffix} already exist in {logdir}; pick another -n/--name")
 
 
+def run_config_files(logdir: Path) -> list[Path]:
+    """The run's latest saved configs, project then lightning (trainer, callbacks): what `-r` restores, as the
+    reference's main.py merges every configs/*.yaml of the run."""
+    configs = logdir / "configs"
+    return [path for kind in ("project", "lightning") for path in sorted(configs.glob(f"*-{kind}.yaml"))[-1:]]
+
+
 def _resolve_resume(resume: str) -> tuple[Path, Path]:
     """(logdir, checkpoint) for `-r logs/<run>` or `-r logs/<run>/checkpoints/x.ckpt`."""
     path = Path(resume)
@@ -248,11 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = None
     if opt.resume:
         logdir, ckpt_path = _resolve_resume(opt.resume)
-        # The run's own configs, project then lightning (trainer, callbacks), as the reference's main.py merges
-        # every configs/*.yaml of the run; -b files and key=value overrides come on top.
-        configs = logdir / "configs"
-        opt.base = (sorted(str(p) for p in configs.glob("*-project.yaml"))[-1:]
-                    + sorted(str(p) for p in configs.glob("*-lightning.yaml"))[-1:] + list(opt.base))
+        # -b files and key=value overrides come on top of the run's own configs.
+        opt.base = [str(p) for p in run_config_files(logdir)] + list(opt.base)
         nowname = logdir.name
     else:
         if opt.name:
@@ -324,22 +328,22 @@ def data_has_split(data: Any, split: str) -> bool:
 
 
 if __name__ == "__main__":
+    debug = "-d" in sys.argv or "--debug" in sys.argv
     try:
-        try:
-            sys.exit(main())
-        except ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except TrainingDiverged as e:
-            if "-d" in sys.argv or "--debug" in sys.argv:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        except (CheckpointError, FileNotFoundError) as e:
-            # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
-            if "-d" in sys.argv or "--debug" in sys.argv:
-                raise
-            print(f"error: {e}\n(run with -d for the traceback)", file=sys.stderr)
-            sys.exit(2)
+        sys.exit(main())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (CheckpointError, FileNotFoundError) as e:
+        # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
+        if debug:
+            raise
+        print(f"error: {e}\n(run with -d for the traceback)", file=sys.stderr)
+        sys.exit(2)
     finally:
         release_empty_run_dirs()  # a run that stopped before writing anything leaves no empty directory

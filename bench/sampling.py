@@ -60,7 +60,7 @@ from ldm.data.shapes import ShapesTest, ShapesValidation  # noqa: E402
 from ldm.evaluation.attribute_classifier import AttributeClassifier, load_attribute_classifier  # noqa: E402
 from ldm.evaluation.prompt_following import prompt_match  # noqa: E402
 from ldm.evaluation.reconstruction import dataset_images  # noqa: E402
-from ldm.inference import inpaint, load_model, resolve_device, text_to_image  # noqa: E402
+from ldm.inference import inpaint, load_model, reads_prompts, resolve_device, text_to_image  # noqa: E402
 from ldm.models.diffusion.samplers import SAMPLERS as REGISTRY  # noqa: E402
 from ldm.script_args import PRECISION_ALIASES, add_model_args  # noqa: E402
 
@@ -300,10 +300,7 @@ def run_configuration(model: nn.Module, config: Configuration, prompts: PromptSe
             if is_text_task(config.task):
                 images = text_to_image(model, prompts.captions[part], seed=seed + index, **common)
             else:
-                # The inpainting model's condition is the masked image, and the caption when it reads text
-                # (conditioning_key hybrid); the txt2img model takes the caption.
-                takes_text = config.task == TXT2IMG_KEEP_KNOWN or getattr(model, "text_conditioned", False)
-                captions = prompts.captions[part] if takes_text else None
+                captions = prompts.captions[part] if reads_prompts(model) else None
                 images = inpaint(model, prompts.images[part], prompts.masks[part], captions, seed=seed + index,
                                  **common)
             outputs.append(images.float().cpu())

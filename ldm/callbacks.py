@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from ldm.divergence import TrainingDiverged, non_finite_tensors
 from ldm.checkpoint import inference_state_dict, save_safetensors
+from ldm.divergence import TrainingDiverged, non_finite_tensors
 from ldm.visualization import make_grid, save_png, to_uint8
 
 log = logging.getLogger("ldm")

@@ -80,7 +80,6 @@ def decode_latents(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
         return model.decode_first_stage(z).float().clamp(-1.0, 1.0)
 
 
-@torch.no_grad()
 def negative_prompts(negative_prompt: Union[str, Sequence[str], None], n: int) -> list[str]:
     """What guidance steers away from, one per image: the empty prompt by default (plain classifier-free
     guidance), one string for every image, or a list of n."""
@@ -94,15 +93,25 @@ def negative_prompts(negative_prompt: Union[str, Sequence[str], None], n: int) -
 
 @torch.no_grad()
 def text_condition(model: LatentDiffusion, prompts: Sequence[str], scale: float,
-                   negative_prompt: Union[str, Sequence[str], None] = None) -> tuple[Any, Any]:
+                   negative_prompt: Union[str, Sequence[str], None] = None,
+                   encode: Optional[Callable[[list[str]], Any]] = None) -> tuple[Any, Any]:
     """(τθ(prompts), τθ(negative prompts) when guidance needs it, else None). The negative prompts stand where
-    classifier-free guidance puts the empty prompt: the output moves from them towards `prompts`."""
+    classifier-free guidance puts the empty prompt: the output moves from them towards `prompts`. `encode`
+    replaces `model.get_learned_conditioning` (a text-conditioned inpainting model adds its masked image)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
-    cond = model.get_learned_conditioning(list(prompts))
-    uncond = (model.get_learned_conditioning(negative_prompts(negative_prompt, len(prompts))) if scale != 1.0
-              else None)
+    encode = encode or model.get_learned_conditioning
+    cond = encode(list(prompts))
+    uncond = encode(negative_prompts(negative_prompt, len(prompts))) if scale != 1.0 else None
     return cond, uncond
+
+
+def reads_prompts(model: LatentDiffusion) -> bool:
+    """Whether `inpaint` conditions `model` on prompts: a text-conditioned inpainting model, or any other
+    conditional model (which keeps the known latents)."""
+    if isinstance(model, LatentInpaintDiffusion):
+        return model.text_conditioned
+    return model.model.conditioning_key is not None
 
 
 @torch.no_grad()
@@ -287,9 +296,10 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
 
     A model trained for inpainting (`LatentInpaintDiffusion`) is conditioned on the masked image and mask,
     as the reference's inpaint.py does, and a text-conditioned one (``hybrid``) also on `prompts`, guided by
-    `scale` against `negative_prompt` (default the empty prompt) with the masked image kept in both halves. Any other model keeps the known latents at every step (RePaint-style
-    replacement, Lugmayr et al. 2022, without resampling): a latent cell counts as known when none of its
-    pixels is to be filled. A text model takes `prompts` (default empty, i.e. unconditional).
+    `scale` against `negative_prompt` (default the empty prompt) with the masked image kept in both halves.
+    Any other model keeps the known latents at every step (RePaint-style replacement, Lugmayr et al. 2022,
+    without resampling): a latent cell counts as known when none of its pixels is to be filled. A text model
+    takes `prompts` (default empty, i.e. unconditional).
     """
     _check_masks(images, masks)
     images, masks = images.to(model.device), (masks >= 0.5).to(model.device, images.dtype)
@@ -297,14 +307,13 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
     shape = latent_shape(model, images.shape[-2], images.shape[-1])
     if seed is not None:
         torch.manual_seed(seed)
+    prompts = [""] * n if prompts is None else prompts
     if isinstance(model, LatentInpaintDiffusion):
-        cond, uncond = model.inpainting_condition(images * (1.0 - masks), masks), None
+        concat = model.inpainting_condition(images * (1.0 - masks), masks)
+        cond, uncond = concat, None
         if model.text_conditioned:
-            if isinstance(prompts, str):
-                raise TypeError("prompts must be a list of strings, not one string")
-            captions = [""] * n if prompts is None else list(prompts)
-            cond, uncond = (model.text_condition(cond, captions),
-                            model.text_condition(cond, negative_prompts(negative_prompt, n)) if scale != 1.0 else None)
+            cond, uncond = text_condition(model, prompts, scale, negative_prompt,
+                                          encode=lambda captions: model.text_condition(concat, captions))
         z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                            spacing=spacing, shape=shape, progress=progress)
     else:
@@ -313,8 +322,7 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
             raise ValueError("inpaint() conditions text models on prompts and unconditional models on nothing; "
                              "a class-conditional model is not supported here (use a text or inpainting model)")
         if model.model.conditioning_key is not None:
-            cond, uncond = text_condition(model, [""] * n if prompts is None else list(prompts), scale,
-                                          negative_prompt)
+            cond, uncond = text_condition(model, prompts, scale, negative_prompt)
         factor = downsampling_factor(model)
         known_mask = 1.0 - F.max_pool2d(masks, factor) if factor > 1 else 1.0 - masks
         z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,

@@ -26,16 +26,18 @@ from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetenso
 from ldm.model_loading import INIT_PARAMS, build_model  # noqa: E402
 from ldm.config import load_configs  # noqa: E402
 from ldm.script_args import user_errors  # noqa: E402
+from main import run_config_files  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def run_config_files(ckpt: Path) -> list[Path]:
+def ckpt_run_configs(ckpt: Path) -> list[Path]:
     """The project and lightning configs main.py saved for the run that wrote `ckpt` (logs/<run>/configs/)."""
-    configs = ckpt.resolve().parent.parent / "configs"
-    files = sorted(configs.glob("*-project.yaml"))[-1:] + sorted(configs.glob("*-lightning.yaml"))[-1:]
+    run = ckpt.resolve().parent.parent
+    files = run_config_files(run)
     if not files:
-        raise SystemExit(f"error: no run config beside {ckpt} (expected {configs}/*-project.yaml); pass --config")
+        raise SystemExit(f"error: no run config beside {ckpt} (expected {run / 'configs'}/*-project.yaml); "
+                         "pass --config")
     return files
 
 
@@ -66,7 +68,7 @@ def main() -> None:
                         help="with --model-dir: type of the stored parameters (fp16 halves the file)")
     opt = parser.parse_args()
     if opt.model_dir is not None:
-        config = load_configs(opt.config or run_config_files(opt.ckpt))
+        config = load_configs(opt.config or ckpt_run_configs(opt.ckpt))
         # The directory holds every weight: the training run's starting point is not needed to load it.
         for init in INIT_PARAMS:
             OmegaConf.select(config, "model.params", default={}).pop(init, None)

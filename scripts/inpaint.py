@@ -10,8 +10,9 @@ kept pixels are the input's exactly, the filled region is the model's. Unless --
 shows a row per pair: the masked input the model sees, then the result.
 
 The default model, the built-in "inpainting" one, is conditioned on the masked image and mask (as the
-reference's inpainting model) and on the prompt (as Stable Diffusion's). Any other model (e.g. --config txt2img, with an optional --prompt) fills the
-region by keeping the known latents at every sampling step. Every pair is sampled with the same --seed.
+reference's inpainting model) and on the prompt (as Stable Diffusion's). Any other model (e.g. --config
+txt2img, with an optional --prompt) fills the region by keeping the known latents at every sampling step.
+Every pair is sampled with the same --seed.
 """
 import argparse
 import sys
@@ -23,8 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm.image_io import load_image, load_mask, save_grid, to_pil  # noqa: E402
-from ldm.inference import inpaint  # noqa: E402
-from ldm.models.diffusion.inpainting import LatentInpaintDiffusion  # noqa: E402
+from ldm.inference import inpaint, reads_prompts  # noqa: E402
 from ldm.script_args import (add_model_args, add_negative_prompt_arg, add_sampler_args,  # noqa: E402
                              guidance_scale, model_from_args, sampler_kwargs, user_errors)
 
@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         parser.error(str(e))
     model = model_from_args(opt)
-    # An inpainting model's condition is the masked image (and a caption when it is text-conditioned);
-    # other conditional models here take text.
-    takes_text = (model.text_conditioned if isinstance(model, LatentInpaintDiffusion)
-                  else model.model.conditioning_key is not None)
+    takes_text = reads_prompts(model)
     if opt.prompt and not takes_text:
         print("note: this model takes no text; --prompt is not used")
 

@@ -20,8 +20,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
-from ldm.divergence import raise_if_not_finite
 from ldm.data.latent_cache import LatentCache
+from ldm.divergence import raise_if_not_finite
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.guidance import drop_conditions, guided_model

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.models.diffusion.spacing import make_ddim_timesteps
-from ldm.modules.diffusionmodules.noise_process import NoiseProcess, ODEClock
+from ldm.modules.diffusionmodules.noise_process import ODEClock, sigma_clock
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # callback(i, x, sigma_i, denoised): the state x_σ before step i, its σ and the denoiser's x̂_0 there.
@@ -99,8 +99,8 @@ class _KeepKnown:
 
 
 def ode_clock_of(denoiser: Denoiser) -> Callable[[torch.Tensor], ODEClock]:
-    """The denoiser's `ode_clock` (its process's); a plain function D(x, σ) steps along σ (`NoiseProcess`)."""
-    return getattr(denoiser, "ode_clock", NoiseProcess.ode_clock.__get__(NoiseProcess()))
+    """The denoiser's `ode_clock` (its process's); a plain function D(x, σ) steps along σ (`sigma_clock`)."""
+    return getattr(denoiser, "ode_clock", sigma_clock)
 
 
 def check_sigmas(sigmas: torch.Tensor) -> None:

@@ -52,6 +52,12 @@ class ODEClock(NamedTuple):
         return self.dlog_scale * y + self.dlog_sigma * (y - self.scale * denoised)
 
 
+def sigma_clock(sigma: torch.Tensor) -> ODEClock:
+    """Second-order steps along σ itself on x_σ (τ = σ, s = 1): k-diffusion's Heun, EDM Table 1's choice for its
+    own process, and what a plain denoiser function D(x, σ) gets."""
+    return ODEClock(sigma, torch.ones_like(sigma), torch.zeros_like(sigma), 1 / sigma)
+
+
 class NoiseProcess:
     """The interface every process implements; levels are 1-D tensors, one per example."""
 
@@ -89,9 +95,8 @@ class NoiseProcess:
         raise NotImplementedError
 
     def ode_clock(self, sigma: torch.Tensor) -> ODEClock:
-        """Second-order steps along σ itself on x_σ (τ = σ, s = 1): k-diffusion's Heun, EDM Table 1's choice for
-        its own process; processes whose σ reaches the hundreds take their own time instead."""
-        return ODEClock(sigma, torch.ones_like(sigma), torch.zeros_like(sigma), 1 / sigma)
+        """`sigma_clock` by default; processes whose σ reaches the hundreds take their own time instead."""
+        return sigma_clock(sigma)
 
     def level_at_fraction(self, u: torch.Tensor) -> torch.Tensor:
         """The level a fraction u ∈ [0, 1] along the process's own time axis (0 clean, 1 noisiest)."""
