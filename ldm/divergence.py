@@ -6,11 +6,13 @@ Two guards, one per place a diverged run can do harm:
 - `SafeCheckpointIO`, the Trainer's checkpoint writer (main.py): it refuses to write a checkpoint whose
   weights are not all finite, so the last good one stays in place, and it writes atomically (a temporary
   file in the target's own directory, flushed to disk, then renamed over the target), so a run killed while
-  saving leaves the previous checkpoint whole and no temporary file behind.
+  saving leaves the previous checkpoint whole and no temporary file behind. Reading a damaged checkpoint
+  (`-r`) is a one-line `CheckpointError`, not a traceback.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from ldm.checkpoint import CheckpointError
 
 
 class TrainingDiverged(FloatingPointError):
@@ -46,7 +50,16 @@ def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer with two guarantees: finite weights only, written atomically."""
+    """Lightning's torch checkpoint writer with two guarantees: finite weights only, written atomically; and a
+    checkpoint that cannot be read (damaged, or not a checkpoint) is a `CheckpointError` naming the file."""
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"cannot read {path} ({e.__class__.__name__}: {reason}): it is damaged or not a "
+                                  "checkpoint; resume from another one with -r <run>/checkpoints/<file>.ckpt") from e
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         bad = non_finite_tensors(checkpoint.get("state_dict", {}))

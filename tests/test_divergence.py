@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.callbacks import LastCheckpoint
+from ldm.checkpoint import CheckpointError
 from ldm.data.shapes import ShapesTrain
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, non_finite_tensors, raise_if_not_finite
 from ldm.util import instantiate_from_config
@@ -44,6 +45,11 @@ def test_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    # A damaged file (cut short, as by a copy that did not finish) is named, not a traceback from deep in torch.
+    (tmp_path / "cut.ckpt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read .*cut.ckpt .*damaged or not a checkpoint"):
+        io.load_checkpoint(tmp_path / "cut.ckpt")
+    assert io.load_checkpoint(path)["global_step"] == 2
 
 
 def _fit(model, ckptdir: Path, steps: int) -> None:
