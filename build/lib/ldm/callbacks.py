@@ -1,0 +1,182 @@
+"""Lightning callbacks used by `main.py`: run directory set-up, image grids, checkpoint on interrupt.
+
+Every file written here is written by global rank 0 only, so multi-process runs do not race.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+
+from ldm.checkpoint import inference_state_dict, save_safetensors
+from ldm.divergence import TrainingDiverged, non_finite_tensors
+from ldm.visualization import make_grid, save_png, to_uint8
+
+log = logging.getLogger("ldm")
+
+
+class SetupCallback(Callback):
+    """Creates ``logdir/{checkpoints,configs,images}`` and saves the merged configs there (rank 0)."""
+
+    def __init__(self, now: str, logdir: str, ckptdir: str, cfgdir: str,
+                 config: DictConfig, lightning_config: DictConfig) -> None:
+        super().__init__()
+        self.now = now
+        self.logdir = Path(logdir)
+        self.ckptdir = Path(ckptdir)
+        self.cfgdir = Path(cfgdir)
+        self.config = config
+        self.lightning_config = lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
+            d.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
+                       self.cfgdir / f"{self.now}-lightning.yaml")
+        log.info("Run directory: %s", self.logdir)
+
+
+class LastCheckpoint(Callback):
+    """Makes ``last.ckpt`` the state training stopped in: at the end of training, and on Ctrl-C, SIGTERM or
+    an exception.
+
+    ModelCheckpoint's ``save_last`` only writes when it saves a monitored checkpoint (at validation), so
+    the steps after the last validation would otherwise be lost. Lightning routes KeyboardInterrupt and its
+    SIGTERM handling (``SIGTERMException``) through ``on_exception``; there the checkpoint is written by
+    rank 0 without a collective barrier, because other ranks may already be gone.
+    """
+
+    def __init__(self, ckptdir: str) -> None:
+        super().__init__()
+        self.path = Path(ckptdir) / "last.ckpt"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and not trainer.interrupted:
+            trainer.save_checkpoint(self.path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        if isinstance(exception, TrainingDiverged) or non_finite_tensors(pl_module.state_dict()):
+            # The weights may already hold the divergence: the checkpoint there is the last good one.
+            if trainer.is_global_zero:
+                kept = f"kept {self.path}" if self.path.is_file() else "no checkpoint was written"
+                print(f"\n[ldm] training diverged at global step {trainer.global_step}; {kept} (the diverged "
+                      "weights are not saved)", flush=True)
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
+            print(f"\n[ldm] training interrupted ({exception.__class__.__name__}) at global step "
+                  f"{trainer.global_step}; saved {self.path}. Resume with: python main.py -r {self.path.parent.parent}",
+                  flush=True)
+
+
+class ImageLogger(Callback):
+    """Writes PNG grids of whatever ``pl_module.log_images(batch, split=...)`` returns.
+
+    Grids go to ``<trainer.default_root_dir>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png`` and to TensorBoard
+    when it is among the loggers. With ``increase_log_steps`` the first grids come at steps 1, 2, 4, ...
+    (as the reference does) so a new run shows something early. ``log_images_kwargs`` go to ``log_images``:
+    for diffusion models e.g. ``{sampler: ddim, steps: 50}`` (default DPM-Solver++(2M), 20 steps).
+
+    A run that received SIGTERM logs nothing more: no new grids, and a diffusion model's sampling stops at
+    its next step, so stopping never waits for pictures (Ctrl-C interrupts sampling directly).
+    """
+
+    def __init__(self, batch_frequency: int = 1000, max_images: int = 8, clamp: bool = True,
+                 increase_log_steps: bool = True, rescale: bool = True, disabled: bool = False,
+                 log_on_batch_idx: bool = False, log_first_step: bool = False,
+                 log_images_kwargs: Optional[dict] = None, nrow: int = 4) -> None:
+        super().__init__()
+        self.batch_freq = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        # As the reference: `rescale` means the module returns images in [-1, 1]; without it, in [0, 1].
+        self.value_range = (-1.0, 1.0) if rescale else (0.0, 1.0)
+        self.disabled = disabled
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.nrow = nrow
+        self.log_steps = [2 ** n for n in range(int(math.log2(batch_frequency)) + 1)]
+        if not increase_log_steps:
+            self.log_steps = [self.batch_freq]
+
+    def _due(self, step: int) -> bool:
+        if (step % self.batch_freq == 0 or step in self.log_steps) and (step > 0 or self.log_first_step):
+            if step in self.log_steps:
+                self.log_steps.remove(step)
+            return True
+        return False
+
+    @torch.no_grad()
+    def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                split: str = "train") -> list[Path]:
+        """Ask the module for images and write one grid per key; returns the files written."""
+        if self.disabled or not hasattr(pl_module, "log_images") or self.max_images <= 0:
+            return []
+        if not trainer.is_global_zero:  # sampling is for the pictures only: one rank makes them
+            return []
+        if trainer.received_sigterm:
+            return []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        finally:
+            pl_module.train(was_training)
+        if trainer.received_sigterm:  # arrived while sampling: the grids are incomplete and the run is stopping
+            return []
+        root = Path(trainer.default_root_dir)  # main.py sets it to the run's log directory
+        written = []
+        for key, value in images.items():
+            if not isinstance(value, torch.Tensor) or value.ndim != 4:
+                continue
+            value = value[: self.max_images].detach().float().cpu()
+            if self.clamp:
+                value = value.clamp(*self.value_range)
+            name = f"{key}_gs-{trainer.global_step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
+            grid = to_uint8(make_grid(value, nrow=self.nrow), self.value_range)
+            written.append(save_png(grid, root / "images" / split / name))
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_image"):
+                    experiment.add_image(f"{split}/{key}", grid, trainer.global_step, dataformats="HWC")
+        return written
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = batch_idx if self.log_on_batch_idx else trainer.global_step
+        if self._due(step):
+            self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking and trainer.global_step > 0:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class ExportSafetensors(Callback):
+    """Writes ``checkpoints/last.safetensors`` (weights only, no pickle) when training ends (rank 0)."""
+
+    def __init__(self, ckptdir: str) -> None:
+        super().__init__()
+        self.path = Path(ckptdir) / "last.safetensors"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_safetensors(inference_state_dict(pl_module.state_dict()), self.path, metadata={
+                "class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                "global_step": trainer.global_step})
+            print(f"[ldm] wrote weights-only {self.path}")

@@ -1,0 +1,114 @@
+"""Reading and writing model weights safely.
+
+`.ckpt` files are pickles and can run code when unpickled, so they are always read with
+``weights_only=True``; `.safetensors` is the format we write for sharing. Loading reports missing and
+unexpected keys by name instead of failing deep inside ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+# Weights only training needs: the first stage's LPIPS network and discriminator live under `loss.`.
+TRAINING_ONLY_PREFIXES = ("loss.",)
+
+
+def inference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the training-only weights (`TRAINING_ONLY_PREFIXES`)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a `.safetensors` file or a Lightning/PyTorch `.ckpt`/`.pt`/`.pth` file.
+
+    A `.ckpt` holding a ``state_dict`` entry (Lightning, CompVis releases) yields that entry; a bare
+    state dict is returned as is. Pickled non-tensor objects are refused by ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device=str(map_location))
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's message runs to many lines
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only checkpoint ({e.__class__.__name__}: {reason[:200]}). "
+            "Only tensors and plain containers are loaded, never arbitrary pickled objects; "
+            "convert it to .safetensors with a trusted copy of the code that wrote it."
+        ) from e
+    if isinstance(data, Mapping) and "state_dict" in data:
+        data = data["state_dict"]
+    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return dict(data)
+
+
+def _summarise(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_weights(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    ignore_prefixes: Iterable[str] = (),
+    source: Optional[str] = None,
+) -> tuple[list[str], list[str]]:
+    """Load `state_dict` into `module`, dropping keys that start with any of `ignore_prefixes`.
+
+    With `strict`, missing or unexpected keys and shape mismatches raise `CheckpointError` listing them.
+    Returns ``(missing, unexpected)``.
+    """
+    ignore = tuple(ignore_prefixes)
+    state = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not (ignore and k.startswith(ignore))]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    where = f" from {source}" if source else ""
+    if mismatched:
+        raise CheckpointError(f"shape mismatch loading weights{where}: {_summarise(mismatched)}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_summarise(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
+        raise CheckpointError(
+            f"checkpoint{where} does not fit {module.__class__.__name__}: " + "; ".join(parts)
+            + ". Check that the config matches the checkpoint, or pass ignore_keys for parts to drop."
+        )
+    module.load_state_dict(state, strict=False)
+    return missing, unexpected
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Optional[Mapping[str, object]] = None
+) -> Path:
+    """Write weights to `.safetensors` (contiguous CPU copies; shared tensors cloned).
+
+    Non-string metadata values are stored as JSON.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    save_file(tensors, str(path), metadata=meta)
+    return path

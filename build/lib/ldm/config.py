@@ -1,0 +1,228 @@
+"""OmegaConf configs: loading and merging with provenance, and `target:`/`params:` instantiation.
+
+Configs follow the CompVis reference: every buildable node is ``{target: dotted.path, params: {...}}``.
+Errors name the config key path (``model.params.lossconfig.params.disc_start``) and, when the config was
+loaded from files, the file that set that key, so a typo in a merged stack of YAMLs is found at once.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+# Root config id -> {dotted key path -> file that set it last}. Filled by `load_configs`; nested nodes
+# find their root through OmegaConf's parent links, so a sub-config handed to a model constructor still
+# knows where it came from.
+_SOURCES: dict[int, dict[str, str]] = {}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message names the key path and the file that set it."""
+
+
+def _flatten_keys(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, Mapping):
+        keys = []
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            keys.append(path)
+            keys.extend(_flatten_keys(v, path))
+        return keys
+    return []
+
+
+def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
+    """Load YAML files, merge them left to right, then apply dotlist overrides (``a.b.c=1``).
+
+    Remembers which file (or ``command line``) set each key, for error messages.
+    """
+    sources: dict[str, str] = {}
+    configs = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml.ScannerError and friends: keep the parser's line/column
+            raise ConfigError(f"cannot parse config file {path}: {e}") from e
+        for key in _flatten_keys(OmegaConf.to_container(cfg)):
+            sources[key] = str(path)
+        configs.append(cfg)
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise ConfigError(f"cannot parse command-line override(s) {list(overrides)}: {e}") from e
+    for key in _flatten_keys(OmegaConf.to_container(cli)):
+        sources[key] = "command line"
+    merged = OmegaConf.merge(*configs, cli)
+    _SOURCES[id(merged)] = sources
+    return merged
+
+
+def _key_path(node: Any) -> str:
+    if isinstance(node, (DictConfig, ListConfig)):
+        return node._get_full_key(None) or "<root>"
+    return "<config>"
+
+
+def describe_key(node: Any, key: str | None = None) -> str:
+    """``'model.params.x' (set in configs/a.yaml)`` for a node of a loaded config, or just the path."""
+    path = _key_path(node)
+    if key is not None:
+        path = key if path == "<root>" else f"{path}.{key}"
+    where = None
+    if isinstance(node, (DictConfig, ListConfig)):
+        sources = _SOURCES.get(id(node._get_root()), {})
+        # The key itself, or the nearest parent that a file set (a missing key was not set anywhere).
+        probe = path
+        while probe and where is None:
+            where = sources.get(probe)
+            probe = probe.rpartition(".")[0]
+    return f"'{path}'" + (f" (set in {where})" if where else "")
+
+
+def named_option(spec: Any, option: str) -> tuple[Any, dict[str, Any]]:
+    """(name, parameters) of an option given as a name or as ``{type: name, ...parameters}`` (e.g.
+    `noise_level_density`, `noise_process`); anything else is a ValueError naming `option`."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        params = dict(spec)
+        return params.pop("type", None), params
+    raise ValueError(f"{option} must be a name or {{type: name, ...}}, got {spec!r}")
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Import ``package.module.Name`` and return ``Name``."""
+    module_name, _, cls = string.rpartition(".")
+    if not module_name:
+        raise ImportError(f"'{string}' is not a dotted path like 'package.module.ClassName'")
+    module = importlib.import_module(module_name)
+    if reload:
+        module = importlib.reload(module)
+    if not hasattr(module, cls):
+        raise ImportError(f"module '{module_name}' has no attribute '{cls}'")
+    return getattr(module, cls)
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a type hint. Unknown or complex hints accept anything."""
+    if hint is inspect.Parameter.empty or hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_accepts(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    container = origin or hint
+    if container in (list, tuple, Sequence, typing.Sequence):
+        return isinstance(value, (list, tuple, ListConfig))
+    if container in (dict, Mapping, typing.Mapping):
+        return isinstance(value, (dict, DictConfig))
+    return True
+
+
+def _constructor_fields(cls: Any) -> tuple[dict[str, inspect.Parameter], set[str], dict[str, Any], bool]:
+    """Accepted parameters, the required ones, type hints and open-endedness of a constructor.
+
+    A subclass whose ``__init__`` passes ``**kwargs`` up (``LatentDiffusion(DDPM)``, as the reference)
+    also accepts its bases' parameters, so those are followed along the MRO until a constructor that
+    takes no ``**kwargs``; only then is an unknown name known to be wrong. Only the class's own
+    required parameters are required: a subclass may supply its bases' itself.
+    """
+    functions = [c.__init__ for c in cls.__mro__ if "__init__" in vars(c)] if inspect.isclass(cls) else [cls]
+    fields: dict[str, inspect.Parameter] = {}
+    required: set[str] = set()
+    hints: dict[str, Any] = {}
+    for depth, function in enumerate(functions):
+        parameters = inspect.signature(function).parameters
+        try:
+            hints = {**typing.get_type_hints(function), **hints}
+        except Exception:  # unresolvable forward references: skip type checks, keep the other checks
+            pass
+        for name, field in parameters.items():
+            if name == "self" or field.kind in (field.VAR_POSITIONAL, field.VAR_KEYWORD):
+                continue
+            fields.setdefault(name, field)
+            if depth == 0 and field.default is field.empty:
+                required.add(name)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return fields, required, hints, False
+    return fields, required, hints, True
+
+
+def _check_params(cls: Any, params: Mapping, node: Any) -> None:
+    """Missing required params, unknown params and wrong types, each named by key path and file."""
+    try:
+        fields, required, hints, takes_kwargs = _constructor_fields(cls)
+    except (TypeError, ValueError):  # builtins without a signature: let the call itself decide
+        return
+    params_node = node.get("params") if isinstance(node, DictConfig) else None
+    where = params_node if isinstance(params_node, DictConfig) else node
+    sub = None if where is params_node else "params"
+    for name in fields:
+        if name in required and name not in params:
+            raise ConfigError(
+                f"{describe_key(where, f'{sub}.{name}' if sub else name)}: missing required parameter "
+                f"'{name}' of {cls.__module__}.{cls.__qualname__}; add it under 'params:'"
+            )
+    for name, value in params.items():
+        if name not in fields:
+            if takes_kwargs:
+                continue
+            allowed = ", ".join(fields)
+            raise ConfigError(
+                f"{describe_key(where, f'{sub}.{name}' if sub else name)}: unknown parameter '{name}' for "
+                f"{cls.__module__}.{cls.__qualname__}; it accepts: {allowed}"
+            )
+        hint = hints.get(name, fields[name].annotation)
+        if isinstance(hint, str):  # unresolved string annotation
+            continue
+        if not _accepts(value, hint):
+            raise ConfigError(
+                f"{describe_key(where, f'{sub}.{name}' if sub else name)}: expected {_hint_name(hint)} for "
+                f"'{name}' of {cls.__module__}.{cls.__qualname__}, got {type(value).__name__} {value!r}"
+            )
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def instantiate_from_config(config: Any, /, **extra: Any) -> Any:
+    """Build ``config.target(**config.params, **extra)``, as the reference's helper does.
+
+    The reference's sentinels keep working: ``__is_first_stage__`` and ``__is_unconditional__`` return
+    None. Errors are `ConfigError` naming the key path and file.
+    """
+    if isinstance(config, str) and config in ("__is_first_stage__", "__is_unconditional__"):
+        return None
+    if not isinstance(config, (Mapping, DictConfig)):
+        raise ConfigError(f"expected a mapping with a 'target:' key, got {config!r}")
+    if "target" not in config:
+        raise ConfigError(f"{describe_key(config)}: expected key 'target' to instantiate (with optional 'params:')")
+    target = config["target"]
+    try:
+        cls = get_obj_from_str(target)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{describe_key(config, 'target')}: unknown target '{target}': {e}") from e
+    params = config.get("params", None) or {}
+    if not isinstance(params, (Mapping, DictConfig)):
+        raise ConfigError(f"{describe_key(config, 'params')}: 'params' must be a mapping, got {params!r}")
+    _check_params(cls, {**params, **extra}, config)
+    return cls(**params, **extra)

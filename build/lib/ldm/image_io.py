@@ -1,0 +1,74 @@
+"""Reading user images and masks, and writing samples as numbered PNGs and grids.
+
+Images are float tensors NCHW in [−1, 1]; masks N1HW of 0/1, **1 = the region to fill** (white in a mask
+PNG), as the reference's inpainting examples.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ldm.visualization import make_grid, save_png, to_uint8
+
+Size = Union[int, tuple[int, int], None]  # an int for square, (height, width), or None to keep the file's size
+
+
+def _open(path: Union[str, Path], mode: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image ({e}); give a PNG or JPEG file") from e
+
+
+def _resized(image: Image.Image, size: Size, resample: int) -> Image.Image:
+    if size is None:
+        return image
+    height, width = (size, size) if isinstance(size, int) else size
+    return image if image.size == (width, height) else image.resize((width, height), resample)
+
+
+def load_image(path: Union[str, Path], size: Size = None) -> torch.Tensor:
+    """An RGB image as (1, 3, H, W) in [−1, 1], resized (bicubic) to `size` when given."""
+    array = np.asarray(_resized(_open(path, "RGB"), size, Image.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(array / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def load_mask(path: Union[str, Path], size: Size = None) -> torch.Tensor:
+    """A mask as (1, 1, H, W) of 0/1: grey level ≥ 0.5 (white) is 1, the region to fill (nearest resize)."""
+    array = np.asarray(_resized(_open(path, "L"), size, Image.NEAREST), dtype=np.float32) / 255.0
+    return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """NCHW in [−1, 1] as RGB PIL images."""
+    return [Image.fromarray(to_uint8(image)) for image in images]
+
+
+def next_index(directory: Union[str, Path], prefix: str = "") -> int:
+    """One past the highest number N of the files `<prefix>N.png` in `directory` (0 for none), so new files
+    never overwrite earlier ones, even when some were deleted."""
+    directory = Path(directory)
+    numbered = re.compile(rf"^{re.escape(prefix)}(\d+)\.png$")
+    numbers = [int(m[1]) for p in directory.iterdir() if (m := numbered.match(p.name))] if directory.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+def save_images(images: torch.Tensor, directory: Union[str, Path], start: Optional[int] = None) -> list[Path]:
+    """One PNG per image, numbered 00000.png, 00001.png, ... from `start` (default: after the existing ones)."""
+    directory = Path(directory)
+    start = next_index(directory) if start is None else start
+    return [save_png(to_uint8(image), directory / f"{start + i:05d}.png") for i, image in enumerate(images)]
+
+
+def save_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:
+    """All images tiled in one PNG, `nrow` per row."""
+    return save_png(to_uint8(make_grid(images.float().cpu(), nrow=nrow)), path)

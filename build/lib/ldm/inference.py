@@ -1,0 +1,330 @@
+"""Sampling from trained latent diffusion models: the API the scripts use, for notebooks in three lines.
+
+    from ldm.inference import load_model, text_to_image
+    from ldm.image_io import save_images
+    save_images(text_to_image(load_model("txt2img"), ["a red circle above a blue square"]), "outputs/nb")
+
+Images are float tensors NCHW in [−1, 1]; inpainting masks are N1HW with **1 = the region to fill** (the
+reference's `scripts/inpaint.py` convention, `masked_image = (1 − mask) · image`). Every sampler of
+the registry (`ldm.models.diffusion.samplers.SAMPLERS`) is reachable by name with classifier-free guidance,
+and every one keeps known latents when inpainting with a model not trained for it.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ldm.model_loading import (BUILTIN_MODELS, PRECISIONS, ModelNotFound, load_model,  # noqa: F401 (the API)
+                               resolve_device)
+from ldm.models.diffusion.ancestral import ancestral_sample
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
+from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.samplers import SAMPLERS, SamplerInfo, get_sampler, keep_known
+from ldm.models.diffusion.spacing import make_sigmas
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.encoders.modules import ClassEmbedder
+
+# Callback of every sampler here: (step index, current x̂_0 in latent space).
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def precision_scope(model: LatentDiffusion) -> Iterator[None]:
+    """Autocast to the model's `inference_precision` (nothing for fp32)."""
+    dtype = PRECISIONS[getattr(model, "inference_precision", "fp32")]
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(model.device.type, dtype=dtype):
+            yield
+
+
+def downsampling_factor(model: LatentDiffusion) -> int:
+    """Pixels per latent cell along each axis (1 for pixel-space models)."""
+    encoder = getattr(model.first_stage_model, "encoder", None)
+    return 2 ** (encoder.num_resolutions - 1) if encoder is not None else 1
+
+
+def latent_shape(model: LatentDiffusion, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
+    """(C, h, w) of the latents of an image of `height` × `width` pixels (default: the training size)."""
+    factor = downsampling_factor(model)
+    size = model.image_size * factor
+    height, width = height or size, width or size
+    for name, value in (("height", height), ("width", width)):
+        if value % factor:
+            raise ValueError(f"{name} {value} is not a multiple of the first stage's downsampling factor {factor}; "
+                             f"use e.g. {max(factor, value // factor * factor)}")
+    return model.channels, height // factor, width // factor
+
+
+def encode_images(model: LatentDiffusion, images: torch.Tensor) -> torch.Tensor:
+    """The model's latents of images in [−1, 1] (`get_first_stage_encoding` of the posterior's mode: deterministic)."""
+    posterior = model.encode_first_stage(images.to(model.device))
+    z = posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
+    return model.get_first_stage_encoding(z)
+
+
+@torch.no_grad()
+def decode_latents(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
+    """Images in [−1, 1] (float32) from latents."""
+    with precision_scope(model):
+        return model.decode_first_stage(z).float().clamp(-1.0, 1.0)
+
+
+def negative_prompts(negative_prompt: Union[str, Sequence[str], None], n: int) -> list[str]:
+    """What guidance steers away from, one per image: the empty prompt by default (plain classifier-free
+    guidance), one string for every image, or a list of n."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return [negative_prompt or ""] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} images; give one per image, or one string")
+    return negatives
+
+
+@torch.no_grad()
+def text_condition(model: LatentDiffusion, prompts: Sequence[str], scale: float,
+                   negative_prompt: Union[str, Sequence[str], None] = None,
+                   encode: Optional[Callable[[list[str]], Any]] = None) -> tuple[Any, Any]:
+    """(τθ(prompts), τθ(negative prompts) when guidance needs it, else None). The negative prompts stand where
+    classifier-free guidance puts the empty prompt: the output moves from them towards `prompts`. `encode`
+    replaces `model.get_learned_conditioning` (a text-conditioned inpainting model adds its masked image)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    encode = encode or model.get_learned_conditioning
+    cond = encode(list(prompts))
+    uncond = encode(negative_prompts(negative_prompt, len(prompts))) if scale != 1.0 else None
+    return cond, uncond
+
+
+def reads_prompts(model: LatentDiffusion) -> bool:
+    """Whether `inpaint` conditions `model` on prompts: a text-conditioned inpainting model, or any other
+    conditional model (which keeps the known latents)."""
+    if isinstance(model, LatentInpaintDiffusion):
+        return model.text_conditioned
+    return model.model.conditioning_key is not None
+
+
+@torch.no_grad()
+def class_condition(model: LatentDiffusion, labels: torch.Tensor, scale: float) -> tuple[Any, Any]:
+    """(τθ(labels), τθ of the null class when guidance needs it, else None) for a class-conditional model."""
+    cond = model.get_learned_conditioning(labels)
+    uncond = None
+    if scale != 1.0:
+        uncond = model.get_learned_conditioning(torch.full_like(labels, model.cond_stage_model.null_class))
+    return cond, uncond
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def _sampler_for(model: LatentDiffusion, sampler: str, spacing: Optional[str]) -> SamplerInfo:
+    """The registered sampler, checked against the model's noise process and the run's options."""
+    info = get_sampler(sampler)
+    if info.timestep and not model.process.discrete:
+        raise ValueError(f"the {sampler} sampler steps over the discrete DDPM table; this model's noise process is "
+                         f"{model.process.name}: use " + ", ".join(n for n, i in SAMPLERS.items() if not i.timestep))
+    if info.timestep and spacing is not None:
+        raise ValueError(f"a sigma spacing ({spacing}) applies to the σ-space samplers, not to {sampler}")
+    return info
+
+
+@torch.no_grad()
+def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *, uncond: Any = None,
+                   scale: float = 1.0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                   spacing: Optional[str] = None, shape: Optional[Sequence[int]] = None,
+                   x_T: Optional[torch.Tensor] = None, known: Optional[torch.Tensor] = None,
+                   known_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                   callback: Optional[StepCallback] = None, progress: bool = True) -> torch.Tensor:
+    """Latents (batch_size, *shape) from `sampler` with classifier-free guidance at `scale` (when `uncond`).
+
+    `shape` is the latent (C, h, w), default the training size. `known` with `known_mask` (latent space,
+    **1 = keep**) keeps the known latents at every step, for every sampler, and exactly at the end. `eta`
+    is DDIM's noise (0 = deterministic) and the stochastic σ-space samplers' (0 = their default, 1). `spacing`
+    picks the σ-space samplers' noise levels (`ldm.models.diffusion.spacing.SIGMA_SPACINGS`; default the
+    process's own). `ddpm` is the DDPM paper's ancestral sampler over all T steps (`steps` is ignored).
+    `callback(i, x̂_0)` runs after each step. DDIM and PLMS use trailing timesteps for a zero-terminal-SNR
+    model (Lin et al. 2024, sec. 3.3: start at its pure noise).
+    """
+    info = _sampler_for(model, sampler, spacing)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if (known is None) != (known_mask is None):
+        raise ValueError("keeping known latents needs both `known` and `known_mask` (1 = keep)")
+    shape = tuple(shape) if shape is not None else (model.channels, model.image_size, model.image_size)
+    if seed is not None:
+        torch.manual_seed(seed)
+    x_T = torch.randn((batch_size, *shape), device=model.device) if x_T is None else x_T.to(model.device)
+    with precision_scope(model):
+        if sampler in ("ddim", "plms"):
+            ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
+            discretize = "trailing" if model.schedule.zero_terminal_snr else "uniform"
+            z, _ = ddim.sample(S=steps, batch_size=batch_size, shape=shape, conditioning=cond, eta=eta, x_T=x_T,
+                               ddim_discretize=discretize,
+                               unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                               mask=known_mask, x0=known, verbose=progress,
+                               img_callback=None if callback is None else lambda x0, i: callback(i, x0))
+        elif sampler == "ddpm":
+            z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), model.schedule, model.prediction, x_T,
+                                    progress=progress, mask=known_mask, x0=known,
+                                    callback=None if callback is None else
+                                    lambda t, x, x0: callback(model.num_timesteps - 1 - t, x0))
+        else:
+            denoiser = model.sigma_denoiser(cond, uncond, scale)
+            if known is not None:
+                denoiser = keep_known(denoiser, known, known_mask)
+            sigmas = make_sigmas(spacing, steps, model.process, device=model.device)
+            z = info.fn(denoiser, x_T * sigmas[0], sigmas, eta=eta if eta > 0 else 1.0, disable=not progress,
+                        callback=None if callback is None else lambda i, x, sigma, x0: callback(i, x0))
+    if known is not None:
+        z = known_mask * known + (1.0 - known_mask) * z
+    return z.float()
+
+
+@torch.no_grad()
+def text_to_image(model: LatentDiffusion, prompts: Sequence[str], *, scale: float = 3.0, sampler: str = "ddim",
+                  steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None, height: Optional[int] = None,
+                  width: Optional[int] = None, seed: Optional[int] = None, progress: bool = True,
+                  callback: Optional[StepCallback] = None,
+                  negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
+    """One image per prompt, (len(prompts), 3, H, W) in [−1, 1]; guidance (`scale` ≠ 1) steers away from
+    `negative_prompt` (default: the empty prompt).
+
+    `height`/`width` (pixels, multiples of the first stage's factor) may exceed the training size: the
+    U-Net is convolutional, so it samples a larger latent (LDM paper, sec. 4.3.2).
+    """
+    cond, uncond = text_condition(model, prompts, scale, negative_prompt)
+    z = sample_latents(model, len(prompts), cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                       spacing=spacing,
+                       shape=latent_shape(model, height, width), seed=seed, callback=callback, progress=progress)
+    return decode_latents(model, z)
+
+
+@torch.no_grad()
+def generate(model: LatentDiffusion, n: int, *, class_labels: Optional[Sequence[int]] = None, scale: float = 1.0,
+             sampler: str = "ddim", steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None,
+             seed: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """`n` unconditional samples, or one per entry of `class_labels` (len n) for a class-conditional model,
+    made `batch_size` at a time; guidance (`scale` ≠ 1) uses the model's null class."""
+    if class_labels is not None and len(class_labels) != n:
+        raise ValueError(f"got {len(class_labels)} class labels for n = {n} samples; give one per sample")
+    if class_labels is None and model.model.conditioning_key is not None:
+        raise ValueError(f"this model is conditioned on {model.cond_stage_key!r}; give class_labels "
+                         "(or use text_to_image for text)")
+    if seed is not None:
+        torch.manual_seed(seed)
+    images = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        cond = uncond = None
+        if class_labels is not None:
+            labels = torch.as_tensor(list(class_labels[start:start + count]), device=model.device)
+            cond, uncond = class_condition(model, labels, scale)
+        z = sample_latents(model, count, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                           spacing=spacing, progress=progress)
+        images.append(decode_latents(model, z))
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
+                   strength: float = 0.75, scale: float = 3.0, sampler: str = "ddim", steps: int = 50,
+                   eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
+                   progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022) as Stable Diffusion's img2img: the images' latents are noised to step
+    `strength · steps` of a `steps`-step run of `sampler`, which then denoises from there.
+
+    DDIM and PLMS noise by DDIM's forward process (the reference's img2img); a σ-space sampler starts from
+    z + σ·ε at the first noise level it runs. `ddpm` runs all T steps and cannot start midway.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (the share of the steps to redo), got {strength}")
+    info = _sampler_for(model, sampler, spacing)
+    if sampler == "ddpm":
+        raise ValueError("image_to_image needs a sampler that can start midway: ddim, plms or a σ-space sampler "
+                         "(euler, dpmpp_2m, ...), not ddpm")
+    n = images.shape[0]
+    prompts = [""] * n if prompts is None else list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for {n} images; give one per image (or none)")
+    if seed is not None:
+        torch.manual_seed(seed)
+    cond, uncond = (text_condition(model, prompts, scale, negative_prompt) if model.model.conditioning_key is not None
+                    else (None, None))
+    t_enc = max(1, int(strength * steps))
+    with precision_scope(model):
+        z = encode_images(model, images)
+        if info.timestep:
+            ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
+            ddim.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+            # Noised to the step decoding starts from (position t_enc − 1); the reference's img2img noises one
+            # step further than it denoises from.
+            z = ddim.stochastic_encode(z, torch.full((n,), t_enc - 1, device=model.device))
+            z = ddim.decode(z, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
+                            progress=progress)
+        else:
+            sigmas = make_sigmas(spacing, steps, model.process, device=model.device)[steps - t_enc:]
+            z = info.fn(model.sigma_denoiser(cond, uncond, scale), z + torch.randn_like(z) * sigmas[0], sigmas,
+                        eta=eta if eta > 0 else 1.0, disable=not progress)
+    return decode_latents(model, z.float())
+
+
+def _check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
+    if images.dim() != 4 or masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(f"images must be (N, 3, H, W) and masks (N, 1, H, W); got {tuple(images.shape)} and "
+                         f"{tuple(masks.shape)}")
+    if images.shape[0] != masks.shape[0] or images.shape[-2:] != masks.shape[-2:]:
+        raise ValueError(f"each image needs a mask of its size: images {tuple(images.shape)}, masks "
+                         f"{tuple(masks.shape)}")
+
+
+@torch.no_grad()
+def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
+            prompts: Optional[Sequence[str]] = None, *, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
+            eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
+            progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
+    """Fill the region where `masks` is 1; the result keeps the other pixels exactly.
+
+    A model trained for inpainting (`LatentInpaintDiffusion`) is conditioned on the masked image and mask,
+    as the reference's inpaint.py does, and a text-conditioned one (``hybrid``) also on `prompts`, guided by
+    `scale` against `negative_prompt` (default the empty prompt) with the masked image kept in both halves.
+    Any other model keeps the known latents at every step (RePaint-style replacement, Lugmayr et al. 2022,
+    without resampling): a latent cell counts as known when none of its pixels is to be filled. A text model
+    takes `prompts` (default empty, i.e. unconditional).
+    """
+    _check_masks(images, masks)
+    images, masks = images.to(model.device), (masks >= 0.5).to(model.device, images.dtype)
+    n = images.shape[0]
+    shape = latent_shape(model, images.shape[-2], images.shape[-1])
+    if seed is not None:
+        torch.manual_seed(seed)
+    prompts = [""] * n if prompts is None else prompts
+    if isinstance(model, LatentInpaintDiffusion):
+        concat = model.inpainting_condition(images * (1.0 - masks), masks)
+        cond, uncond = concat, None
+        if model.text_conditioned:
+            cond, uncond = text_condition(model, prompts, scale, negative_prompt,
+                                          encode=lambda captions: model.text_condition(concat, captions))
+        z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                           spacing=spacing, shape=shape, progress=progress)
+    else:
+        cond = uncond = None
+        if isinstance(model.cond_stage_model, ClassEmbedder):
+            raise ValueError("inpaint() conditions text models on prompts and unconditional models on nothing; "
+                             "a class-conditional model is not supported here (use a text or inpainting model)")
+        if model.model.conditioning_key is not None:
+            cond, uncond = text_condition(model, prompts, scale, negative_prompt)
+        factor = downsampling_factor(model)
+        known_mask = 1.0 - F.max_pool2d(masks, factor) if factor > 1 else 1.0 - masks
+        z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                           spacing=spacing, shape=shape, known=encode_images(model, images), known_mask=known_mask, progress=progress)
+    return images * (1.0 - masks) + masks * decode_latents(model, z)

@@ -1,0 +1,155 @@
+"""Loading trained models: built-in names, model directories and configs with their weights, for every script
+and the Python API (`ldm.inference` re-exports `load_model`)."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import TRAINING_ONLY_PREFIXES, CheckpointError, load_state_dict, load_weights
+from ldm.config import load_configs
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.util import instantiate_from_config
+
+REPO = Path(__file__).resolve().parents[1]
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Built-in models: a directory holding config.yaml and model.safetensors (written by scripts/export_weights.py).
+BUILTIN_MODELS = {
+    "txt2img": Path("models/ldm/txt2img-shapes"),
+    "inpainting": Path("models/ldm/inpainting-shapes"),
+}
+# How to make a missing built-in model.
+RECIPES = {
+    "txt2img": "configs/latent-diffusion/txt2img.yaml",
+    "inpainting": "configs/latent-diffusion/inpainting_txt.yaml",
+}
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model's config or weights are missing; the message says how to make them."""
+
+
+# Model params that name a training run's starting weights; a model's own weights replace them when it loads.
+INIT_PARAMS = ("ckpt_path", "init_from_text_model")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is CUDA when available, else the CPU; anything else is passed to `torch.device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+    return device
+
+
+def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> tuple[Path, Path, Optional[str]]:
+    """(config, weights, built-in name or None) for `load_model`'s arguments."""
+    name = str(model) if str(model) in BUILTIN_MODELS else None
+    path = _repo_path(BUILTIN_MODELS[name]) if name else Path(model)
+    if path.suffix in (".yaml", ".yml"):
+        config = path
+        weights = Path(ckpt) if ckpt is not None else path.with_name("model.safetensors")
+    else:
+        config = path / "config.yaml"
+        weights = Path(ckpt) if ckpt is not None else path / "model.safetensors"
+    for needed in (config, weights):
+        if not needed.is_file():
+            raise ModelNotFound(_missing_model_message(needed, name, config))
+    return config, weights, name
+
+
+def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> str:
+    if name is not None:
+        target = BUILTIN_MODELS[name]
+        return (f"the built-in {name!r} model is missing ({missing} does not exist). Make it with the main job,\n"
+                f"  bash scripts/demo.sh            (trains the first stage, txt2img and inpainting: ~30 min on 2 cores)\n"
+                f"or train it alone and export its weights:\n"
+                f"  python main.py --base {RECIPES[name]} -t\n"
+                f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt --model-dir {target}")
+    if missing == config:
+        return f"no model config at {config}: pass a config .yaml, or a directory holding config.yaml and model.safetensors"
+    return (f"no weights at {missing}: pass --ckpt (a .safetensors export or a Lightning .ckpt), or export a run with\n"
+            f"  python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --model-dir {config.parent}")
+
+
+def _repo_path(path: Path) -> Path:
+    """A relative path as given when it exists from here, else under the repository root (scripts run anywhere)."""
+    return path if path.is_absolute() or path.exists() or not (REPO / path).exists() else REPO / path
+
+
+def _resolve_file_params(node: Any) -> Any:
+    """Config file references (`ckpt_path`, `tokenizer_path`) made to work from any working directory."""
+    if isinstance(node, Mapping):
+        return {k: (str(_repo_path(Path(v))) if k in ("ckpt_path", "tokenizer_path") and isinstance(v, str)
+                    else _resolve_file_params(v)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_resolve_file_params(v) for v in node]
+    return node
+
+
+def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
+               device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> LatentDiffusion:
+    """A trained model, in eval mode on `device`, ready for the functions below.
+
+    `model` is a built-in name (`BUILTIN_MODELS`), a directory holding config.yaml and model.safetensors,
+    or a config .yaml (then `ckpt` names the weights: a weights-only export or a training .ckpt, whose EMA
+    weights are used when it has them). An export may leave out the frozen first stage when its config
+    names the first stage's own checkpoint (`first_stage_config.params.ckpt_path`): it is loaded from there.
+    `precision` ("fp32", "bf16", "fp16") is kept as `model.inference_precision`: sampling then runs under
+    autocast in that type while the weights stay float32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    device = resolve_device(device) if isinstance(device, str) else device
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 autocast needs a GPU; on the CPU use precision bf16 (or fp32)")
+    config_path, weights_path, _ = _model_files(model, ckpt)
+    config = OmegaConf.to_container(load_configs([config_path]), resolve=True)
+    if "model" not in config:
+        raise ValueError(f"{config_path} has no 'model:' section")
+    params = config["model"].setdefault("params", {})
+    state = load_state_dict(weights_path)
+    ema_keys = [k for k in state if k.startswith("model_ema.")]
+    params["use_ema"] = bool(ema_keys)  # an export already holds the EMA weights as the model's
+    for init in INIT_PARAMS:
+        params.pop(init, None)  # the weights come from `weights_path`, not the training config's init
+    config["model"]["params"] = _resolve_file_params(params)
+    net = instantiate_from_config(config["model"])
+    ignore = list(TRAINING_ONLY_PREFIXES)
+    first_stage_params = params.get("first_stage_config", {}).get("params", {})
+    if first_stage_params.get("ckpt_path") and not any(k.startswith("first_stage_model.") for k in state):
+        ignore.append("first_stage_model.")
+        if net.cond_stage_model is net.first_stage_model:
+            ignore.append("cond_stage_model.")
+    load_weights(net, state, strict=True, ignore_prefixes=ignore, source=str(weights_path))
+    if ema_keys:
+        net.model_ema.copy_to(net.model)
+    net.inference_precision = precision
+    return net.to(device).eval()
+
+
+def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
+               strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES) -> torch.nn.Module:
+    """Any model (autoencoder, diffusion model, ...) built from a config file's `model:` with weights (.ckpt or
+    .safetensors) loaded exactly as stored, in eval mode; no weights with `ckpt_path` None. `load_model`
+    below is the sampling-ready form for diffusion models (built-in names, model directories, EMA folded in).
+
+    Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training
+    checkpoints both load. ``model_ema.*`` is ignored too when the model keeps no EMA (``use_ema: false``
+    in an evaluation config for a checkpoint trained with one).
+    """
+    config = load_configs([config_path])
+    if "model" not in config:
+        raise CheckpointError(f"{config_path} has no 'model:' section")
+    model = instantiate_from_config(config.model)
+    if ckpt_path is not None:
+        ignore = tuple(ignore_prefixes)
+        if not any(k.startswith("model_ema.") for k in model.state_dict()):
+            ignore += ("model_ema.",)
+        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore,
+                     source=str(ckpt_path))
+    return model.to(device).eval()

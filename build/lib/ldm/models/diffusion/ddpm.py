@@ -1,0 +1,788 @@
+"""`DDPM` (pixel space) and `LatentDiffusion` Lightning modules, with the reference's parameters and API.
+
+The modules orchestrate; the math lives in small parts shared with the samplers:
+`ldm.modules.diffusionmodules.schedule` (the reference's β table), `.noise_process` (how x_t is made, which
+noise levels exist), `.denoiser` (what the network predicts: ε/x_0/v/flow/EDM), `.noise_levels` and
+`.loss_weighting` (the training density and weights), `.objectives` (L_simple, VLB weights), `.likelihood` (bits/dim), `ldm.models.diffusion.guidance`
+(condition dropout, guided outputs) and `ldm.models.diffusion.ancestral` (sampling for `log_images`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from ldm.checkpoint import load_state_dict, load_weights
+from ldm.config import instantiate_from_config
+from ldm.data.latent_cache import LatentCache
+from ldm.divergence import raise_if_not_finite
+from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
+from ldm.models.diffusion.ancestral import ancestral_sample
+from ldm.models.diffusion.guidance import drop_conditions, guided_model
+from ldm.modules.diffusionmodules.likelihood import variational_bound
+from ldm.modules.diffusionmodules.denoiser import Denoiser, make_prediction
+from ldm.modules.diffusionmodules.loss_weighting import check_loss_weighting, loss_weights
+from ldm.modules.diffusionmodules.noise_levels import make_noise_level_density
+from ldm.modules.diffusionmodules.noise_process import EDM, NoiseProcess, make_noise_process
+from ldm.modules.diffusionmodules.objectives import elementwise_loss, reweight_by_logvar, vlb_weights
+from ldm.modules.diffusionmodules.offset_noise import OffsetNoise
+from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, apply_speed_options
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.ema import LitEma
+from ldm.optim import adamw
+from ldm.visualization import make_grid, render_captions
+
+CONDITIONING_KEYS = ("concat", "crossattn", "hybrid", "adm")
+
+
+def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    """Replacement for `train()` on frozen parts, so Lightning's `model.train()` leaves them in eval mode."""
+    return self
+
+
+class DiffusionWrapper(nn.Module):
+    """The denoising network (`diffusion_model`) and how conditions reach it (the `conditioning_key`):
+    ``concat`` stacks them with x on channels, ``crossattn`` feeds them as the U-Net's context (token axis
+    concatenation), ``hybrid`` does both, ``adm`` passes a class vector as the U-Net's `y`."""
+
+    def __init__(self, diff_model_config: Mapping, conditioning_key: Optional[str]) -> None:
+        super().__init__()
+        if conditioning_key not in (None, *CONDITIONING_KEYS):
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; choose one of "
+                             f"{', '.join(CONDITIONING_KEYS)} (or leave it unset for an unconditional model)")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
+                c_crossattn: Optional[list] = None) -> torch.Tensor:
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key in ("concat", "hybrid"):
+            x = torch.cat([x, *c_concat], dim=1)
+        if key == "concat":
+            return self.diffusion_model(x, t)
+        if key == "adm":
+            return self.diffusion_model(x, t, y=c_crossattn[0])
+        context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, dim=1)  # no copy of one
+        return self.diffusion_model(x, t, context=context)
+
+
+class DDPM(pl.LightningModule):
+    """Denoising diffusion on data x (images in [-1, 1] here; latents in `LatentDiffusion`).
+
+    Training minimises L_simple (DDPM eq. 14, in the chosen parameterization), optionally reweighted by a
+    learned per-timestep log-variance, plus `original_elbo_weight` times the VLB term L_{t−1} (eq. 5) with
+    the correct weight for the parameterization. `ucg_training` drops conditions for classifier-free
+    guidance. `validation_bpd_timesteps` adds the variational bound in bits/dim to validation (Table 1).
+    `speed_options` (ldm.modules.diffusionmodules.speed) are applied to the U-Net: channels-last by default,
+    `compile` on request; none changes the weights or the state dict.
+
+    Convergence levers, all off by default: `noise_level_density` (how t is drawn: uniform, EDM's
+    lognormal, SD3's logit-normal; `noise_levels`), `loss_weighting` (`min_snr`: Hang et al. 2023, with
+    `min_snr_gamma`; `loss_weighting`), `offset_noise_strength` (Guttenberg 2023; `offset_noise`) and
+    `zero_terminal_snr` (Lin et al. 2024: ᾱ_T = 0, needs v or x0; `schedule.rescale_zero_terminal_snr`).
+    """
+
+    def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
+                 loss_type: str = "l2", ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (),
+                 load_only_unet: bool = False, monitor: Optional[str] = "val/loss", use_ema: bool = True,
+                 first_stage_key: str = "image", image_size: int = 256, channels: int = 3, log_every_t: int = 100,
+                 clip_denoised: bool = True, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                 cosine_s: float = 8e-3, given_betas: Optional[Sequence[float]] = None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: Optional[str] = None, parameterization: str = "eps",
+                 scheduler_config: Optional[Mapping] = None, use_positional_encodings: bool = False,
+                 learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
+                 ucg_training: Optional[Mapping] = None, validation_bpd_timesteps: int = 0,
+                 speed_options: Sequence[str] = DEFAULT_SPEED_OPTIONS,
+                 noise_level_density: Union[str, Mapping] = "uniform", loss_weighting: str = "simple",
+                 min_snr_gamma: float = 5.0, offset_noise_strength: float = 0.0,
+                 zero_terminal_snr: bool = False, noise_process: Union[str, Mapping, None] = "discrete_vp") -> None:
+        super().__init__()
+        if use_positional_encodings:
+            raise ValueError("use_positional_encodings needs the reference's coordinate conditioning, which is "
+                             "not part of ldm; set it to false")
+        self.parameterization = parameterization
+        self.cond_stage_model: Optional[nn.Module] = None
+        self.clip_denoised = clip_denoised
+        self.log_every_t = log_every_t
+        self.first_stage_key = first_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        apply_speed_options(self.model.diffusion_model, speed_options)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+            print(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
+        self.scheduler_config = scheduler_config
+        self.v_posterior = v_posterior
+        self.original_elbo_weight = original_elbo_weight
+        self.l_simple_weight = l_simple_weight
+        self.loss_type = loss_type
+        self.ucg_training = dict(ucg_training) if ucg_training else None
+        self.validation_bpd_timesteps = validation_bpd_timesteps
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas=given_betas, beta_schedule=beta_schedule, timesteps=timesteps,
+                               linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s,
+                               zero_terminal_snr=zero_terminal_snr, noise_process=noise_process)
+        self.noise_level_density = make_noise_level_density(noise_level_density, self.process)
+        self.loss_weighting, self.min_snr_gamma = check_loss_weighting(loss_weighting, min_snr_gamma), min_snr_gamma
+        if not self.process.discrete and (learn_logvar or original_elbo_weight > 0):
+            raise ValueError(f"learn_logvar and original_elbo_weight index tables by timestep and need noise_process "
+                             f"discrete_vp, not {self.process.name}")
+        self.training_noise = OffsetNoise(offset_noise_strength)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        # Learned: a parameter saved as `logvar`; fixed: a plain tensor, absent from the state_dict (reference).
+        self.logvar = nn.Parameter(logvar) if learn_logvar else logvar
+        # The reference's own schedule keys sit at the top level of its checkpoints (`betas`, ...).
+        self.register_state_dict_post_hook(_schedule_keys_to_top_level)
+        self.register_load_state_dict_pre_hook(_schedule_keys_from_top_level)
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+            self.restarted_from_ckpt = True
+
+    # ------------------------------------------------------------------------------------ schedule
+
+    def register_schedule(self, given_betas: Optional[Sequence[float]] = None, beta_schedule: str = "linear",
+                          timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                          cosine_s: float = 8e-3, zero_terminal_snr: bool = False,
+                          noise_process: Union[str, Mapping, None] = "discrete_vp") -> None:
+        """Build the reference's β table (`self.schedule`), the noise process (`self.process`), what the
+        network predicts (`self.prediction`) and the VLB weights."""
+        self.schedule = NoiseSchedule.from_config(given_betas=given_betas, beta_schedule=beta_schedule,
+                                                  timesteps=timesteps, linear_start=linear_start,
+                                                  linear_end=linear_end, cosine_s=cosine_s,
+                                                  v_posterior=self.v_posterior, zero_terminal_snr=zero_terminal_snr)
+        self.process: NoiseProcess = make_noise_process(noise_process, self.schedule)
+        # EDM's preconditioning assumes the data's std that its process normalises the input by.
+        params = {"sigma_data": self.process.sigma_data} if (self.parameterization == "edm"
+                                                            and isinstance(self.process, EDM)) else {}
+        self.prediction = make_prediction(self.parameterization, **params)
+        self.prediction.check_alpha(self.process.alpha_min)
+        self.num_timesteps = self.schedule.num_timesteps
+        self.linear_start, self.linear_end = linear_start, linear_end
+        self.register_buffer("lvlb_weights", vlb_weights(self.schedule, self.prediction), persistent=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # `model.alphas_cumprod` and friends, as users' scripts written for the reference read them.
+        if name in NoiseSchedule.BUFFER_NAMES:
+            return getattr(self.schedule, name)
+        return super().__getattr__(name)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (DDPM eq. 4)."""
+        return self.schedule.q_sample(x_start, t, torch.randn_like(x_start) if noise is None else noise)
+
+    # ------------------------------------------------------------------------------------ weights
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        """Initialise from a `.ckpt` (weights only) or `.safetensors`; missing or unexpected keys are errors.
+
+        `loss.*` (a first stage's training loss) is never needed; `model_ema.*` is used only when this model
+        keeps an EMA. With `only_model`, the checkpoint holds the DiffusionWrapper alone (`diffusion_model.*`).
+        """
+        state_dict = load_state_dict(path)
+        ignore = tuple(ignore_keys) + ("loss.", "first_stage_model.loss.")
+        if not self.use_ema:
+            ignore += ("model_ema.",)
+        target = self.model if only_model else self
+        load_weights(target, state_dict, strict=True, ignore_prefixes=ignore, source=str(path))
+        print(f"Restored from {path}")
+
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None) -> Iterator[None]:
+        """Run the body with the EMA weights in the model (no-op without EMA); the trained weights come back after."""
+        if self.use_ema:
+            self.model_ema.store(self.model.parameters())
+            self.model_ema.copy_to(self.model)
+            if context is not None:
+                print(f"{context}: Switched to EMA weights")
+        try:
+            yield
+        finally:
+            if self.use_ema:
+                self.model_ema.restore(self.model.parameters())
+                if context is not None:
+                    print(f"{context}: Restored training weights")
+
+    # ------------------------------------------------------------------------------------ model calls
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """The network's output at (x_t, t). `cond` is a tensor, a list, or a dict with `c_concat`/`c_crossattn`."""
+        if cond is None or isinstance(cond, dict):
+            return self.model(x_noisy, t, **(cond or {}))
+        key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+        return self.model(x_noisy, t, **{key: cond if isinstance(cond, list) else [cond]})
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss at noise levels t (of `self.process`) and its parts, logged under `train/` or `val/`.
+
+        `noise` defaults to `training_noise` (offset noise when configured), which is also what an ε, v or
+        flow target is made of. `loss_simple` is logged unweighted (comparable across weightings); the loss
+        weights it per sample (`loss_weighting`) before the learned log-variance. The VLB term is unweighted.
+        """
+        noise = self.training_noise(x_start) if noise is None else noise
+        x_noisy = self.process.add_noise(x_start, noise, t)
+        model_output = self.apply_model(x_noisy, self.process.model_time(t), cond)
+        alpha, sigma = self.process.coefficients(t)
+        target = self.prediction.target(x_start, noise, alpha, sigma)
+        prefix = "train" if self.training else "val"
+        loss_simple = elementwise_loss(model_output, target, self.loss_type).flatten(1).mean(1)
+        log = {f"{prefix}/loss_simple": loss_simple.mean()}
+        weights = loss_weights(self.loss_weighting, self.prediction, alpha, sigma, self.min_snr_gamma)
+        loss = weights.to(loss_simple) * loss_simple
+        if self.process.discrete:
+            loss = reweight_by_logvar(loss, self.logvar.to(x_start.device)[t])
+        loss = self.l_simple_weight * loss.mean()
+        if self.learn_logvar:
+            log[f"{prefix}/loss_gamma"] = loss
+            log["logvar"] = self.logvar.data.mean()
+        if self.original_elbo_weight > 0:
+            # The VLB term is a KL between Gaussians: always the squared error, whatever loss_type is.
+            squared_error = elementwise_loss(model_output, target, "l2").flatten(1).mean(1)
+            loss_vlb = (self.lvlb_weights[t] * squared_error).mean()
+            log[f"{prefix}/loss_vlb"] = loss_vlb
+            loss = loss + self.original_elbo_weight * loss_vlb
+        log[f"{prefix}/loss"] = loss
+        return loss, log
+
+    def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = self.noise_level_density(x.shape[0], device=self.device)
+        return self.p_losses(x, c, t)
+
+    def denoiser(self, cond: Any = None, uncond: Any = None,
+                 guidance_scale: float = 1.0) -> Any:
+        """`f(x, time) -> network output` with classifier-free guidance when `uncond` is given (the t-space
+        samplers: DDIM, PLMS, ancestral)."""
+        return guided_model(self.apply_model, cond, uncond, guidance_scale)
+
+    def sigma_denoiser(self, cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0) -> Denoiser:
+        """D(x_σ, σ) ≈ E[x_0 | x_σ] with guidance, for the σ-space samplers (`ldm.models.diffusion.samplers`)."""
+        return Denoiser(self.denoiser(cond, uncond, guidance_scale), self.process, self.prediction)
+
+    # ------------------------------------------------------------------------------------ likelihood
+
+    @property
+    def data_is_pixels(self) -> bool:
+        """Whether x is 8-bit image data in [-1, 1] (so the bound's L_0 uses the discretized decoder)."""
+        return True
+
+    @torch.no_grad()
+    def bits_per_dim(self, x_start: torch.Tensor, cond: Any = None, timesteps: Optional[Sequence[int]] = None,
+                     ) -> dict[str, torch.Tensor]:
+        """The variational bound on −log p(x) in bits/dim for each example of a batch (DDPM Table 1).
+
+        All T terms by default (T network calls); a subset of `timesteps` in 1..T−1 gives an unbiased estimate
+        of the sum of the middle terms. Pixel data uses the discretized Gaussian decoder for L_0 (DDPM
+        sec. 3.3); latents use a continuous Gaussian, so their figure is a bound on the latents' density.
+        """
+        if not self.process.discrete:
+            raise ValueError(f"the variational bound is computed on the discrete DDPM table; this model's noise "
+                             f"process is {self.process.name}")
+        return variational_bound(lambda x, t: self.apply_model(x, t, cond), self.schedule, x_start,
+                                 self.prediction, discretized=self.data_is_pixels, timesteps=timesteps)
+
+    def _bpd_timesteps(self) -> list[int]:
+        """`validation_bpd_timesteps` evenly spread over 1..T−1 (a stratified estimate of the middle terms)."""
+        k = min(self.validation_bpd_timesteps, self.num_timesteps - 1)
+        return torch.linspace(1, self.num_timesteps - 1, k).round().long().tolist()
+
+    # ------------------------------------------------------------------------------------ Lightning
+
+    def get_input(self, batch: Mapping, k: str) -> torch.Tensor:
+        """`batch[k]` as a float NCHW tensor (datasets give NHWC images, as the reference's)."""
+        x = batch[k]
+        if x.dim() == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def prepare_batch(self, batch: Mapping) -> Mapping:
+        """The batch with conditions dropped for classifier-free guidance (training only)."""
+        if self.ucg_training and self.training:
+            batch = drop_conditions(dict(batch), self.ucg_training)
+        return batch
+
+    def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.get_input(self.prepare_batch(batch), self.first_stage_key)
+        return self(x)
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        loss, log = self.shared_step(batch)
+        raise_if_not_finite(loss, log, f"global step {self.global_step}")
+        self.log_dict(log, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=_batch_size(batch))
+        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        if self.scheduler_config is not None:
+            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True,
+                     on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        batch_size = _batch_size(batch)
+        _, log = self.shared_step(batch)
+        with self.ema_scope():
+            _, log_ema = self.shared_step(batch)
+        log.update({f"{k}_ema": v for k, v in log_ema.items()})
+        if self.validation_bpd_timesteps > 0:
+            with self.ema_scope():
+                log["val/bpd"] = self.validation_bits_per_dim(batch).mean()
+        self.log_dict(log, prog_bar=False, logger=True, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def validation_bits_per_dim(self, batch: Mapping) -> torch.Tensor:
+        x = self.get_input(batch, self.first_stage_key)
+        return self.bits_per_dim(x, timesteps=self._bpd_timesteps())["total_bpd"]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self) -> Any:
+        opt = adamw(self.trainable_parameters(), lr=self.learning_rate)
+        if self.scheduler_config is None:
+            return opt
+        scheduler = instantiate_from_config(self.scheduler_config)
+        print("Setting up LambdaLR scheduler...")
+        return [opt], [{"scheduler": LambdaLR(opt, lr_lambda=scheduler.schedule), "interval": "step", "frequency": 1}]
+
+    # ------------------------------------------------------------------------------------ images
+
+    def decode_for_display(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from model-space samples (clamped pixels here; `LatentDiffusion` decodes latents)."""
+        return x.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def sample(self, cond: Any = None, batch_size: int = 16, return_intermediates: bool = False,
+               x_T: Optional[torch.Tensor] = None, uncond: Any = None, guidance_scale: float = 1.0,
+               progress: bool = False) -> Any:
+        """Ancestral samples (DDPM Algorithm 2) in model space, with guidance when `uncond` is given."""
+        if not self.process.discrete:
+            raise ValueError(f"sample() is DDPM's ancestral sampler over the discrete table; this model's noise process "
+                             f"is {self.process.name}: use ldm.inference.sample_latents with a σ-space sampler")
+        shape = (batch_size, self.channels, self.image_size, self.image_size)
+        x_T = torch.randn(shape, device=self.device) if x_T is None else x_T
+        samples, intermediates = ancestral_sample(self.denoiser(cond, uncond, guidance_scale), self.schedule,
+                                                  self.prediction, x_T, clip_denoised=self.clip_denoised,
+                                                  log_every_t=self.log_every_t, progress=progress)
+        return (samples, intermediates["pred_x0"]) if return_intermediates else samples
+
+    def diffusion_row(self, x_start: torch.Tensor, n_steps: int = 5) -> torch.Tensor:
+        """One grid: each row an input noised at increasing levels (the forward process), shown as images."""
+        rows = []
+        for u in torch.linspace(0, 1, n_steps, dtype=torch.float64):
+            level = self.process.level_at_fraction(u.expand(x_start.shape[0])).to(self.device)
+            rows.append(self.decode_for_display(self.process.add_noise(x_start, torch.randn_like(x_start), level)))
+        return _rows_to_grid(rows)
+
+    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
+        """The "no condition" input matching `cond` (empty captions, null classes), or None if not trained for it."""
+        return None
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping, N: int = 8, n_row: int = 2, sample: bool = True,
+                   return_keys: Optional[Sequence[str]] = None, guidance_scale: float = 3.0,
+                   sampler: str = "dpmpp_2m", steps: int = 20, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Images for the ImageLogger (NCHW in [-1, 1]): inputs, reconstructions, the conditioning, a diffusion
+        row, samples (EMA weights), a denoise row (x̂_0 along the sampling run) and, for a model trained with
+        condition dropout, guided samples.
+
+        Samples come from `sampler` in `steps` steps (`ldm.inference.sample_latents`; `ddpm` is the 1000-step
+        ancestral sampler): DPM-Solver++(2M) in 20 steps by default, 50× fewer U-Net calls than ancestral
+        sampling. When the run this module trains in receives SIGTERM, sampling stops at the next step and the
+        sample grids are left out, so a stopping run never waits for pictures.
+        """
+        log: dict[str, torch.Tensor] = {}
+        x, cond, shown = self.log_inputs(batch, N)
+        log.update(shown)
+        log["diffusion_row"] = self.diffusion_row(x[:n_row])
+        if sample:
+            try:
+                with self.ema_scope():
+                    log.update(self._sample_grids(cond, x.shape[0], n_row, guidance_scale, sampler, steps))
+            except SamplingInterrupted:
+                pass  # Lightning stops the run after this batch
+        if return_keys:
+            log = {k: v for k, v in log.items() if k in return_keys}
+        return log
+
+    def _sample_grids(self, cond: Any, n: int, n_row: int, guidance_scale: float, sampler: str,
+                      steps: int) -> dict[str, torch.Tensor]:
+        """`samples`, `denoise_row` and, for a model trained with condition dropout, guided samples."""
+        from ldm.inference import sample_latents  # imported here: ldm.inference imports this module
+
+        def stop_if_terminated(i: int, x0: torch.Tensor) -> None:
+            if self._trainer is not None and self._trainer.received_sigterm:
+                raise SamplingInterrupted
+
+        denoised: list[torch.Tensor] = []
+
+        def step(i: int, x0: torch.Tensor) -> None:
+            stop_if_terminated(i, x0)
+            denoised.append(x0[:n_row])
+
+        samples = sample_latents(self, n, cond, sampler=sampler, steps=steps, callback=step, progress=False)
+        out = {"samples": self.decode_for_display(samples),
+               "denoise_row": _rows_to_grid([self.decode_for_display(z) for z in _evenly_spaced(denoised, 6)])}
+        uncond = self.unconditional_guidance_inputs(cond, n)
+        if uncond is not None:
+            guided = sample_latents(self, n, cond, uncond=uncond, scale=guidance_scale, sampler=sampler, steps=steps,
+                                    callback=stop_if_terminated, progress=False)
+            out[f"samples_cfg_scale_{guidance_scale:.2f}"] = self.decode_for_display(guided)
+        return out
+
+    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """(model-space inputs, their conditioning, images to show for them)."""
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
+        return x, None, {"inputs": x}
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen first stage (Rombach et al. 2022), conditioned through a
+    condition encoder τθ (`cond_stage_model`), trained jointly when `cond_stage_trainable`.
+
+    Latents are z = scale_factor · E(x). With `scale_by_std`, scale_factor = 1/std(z) is measured on the
+    first training batch (the latents then have unit variance, as the schedule assumes: LDM paper, appendix
+    G), printed, and stored in the checkpoint as a buffer. `latent_channel_norm` goes one step further: each
+    latent channel is shifted and scaled to zero mean and unit variance on that batch (buffers
+    `latent_shift`, `latent_scale`), so no channel is drowned by the noise earlier than the others (a first
+    stage's channels can differ several-fold in spread; one global factor leaves the quietest channel at a
+    fraction of the others' signal-to-noise ratio at every noise level).
+
+    `cache_latents` (true, or ``{dir: path, max_items: n}``) encodes each training item once and reuses its
+    posterior on later visits (`ldm.data.latent_cache`, which says what it costs); validation and image
+    logging always encode.
+    """
+
+    def __init__(self, first_stage_config: Mapping, cond_stage_config: Union[Mapping, str],
+                 num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
+                 cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
+                 conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 cache_latents: Union[bool, Mapping] = False, latent_channel_norm: bool = False,
+                 **kwargs: Any) -> None:
+        if num_timesteps_cond not in (None, 1):
+            raise ValueError(f"num_timesteps_cond={num_timesteps_cond}: the reference's noisy-condition schedule "
+                             "is not supported; use 1")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode = concat_mode
+        self.cond_stage_trainable = cond_stage_trainable
+        self.cond_stage_key = cond_stage_key
+        self.cond_stage_forward = cond_stage_forward
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.instantiate_first_stage(first_stage_config)
+        self.latent_channel_norm = latent_channel_norm
+        if latent_channel_norm:
+            channels = first_stage_config["params"]["embed_dim"]
+            self.register_buffer("latent_shift", torch.zeros(channels, 1, 1))
+            self.register_buffer("latent_scale", torch.ones(channels, 1, 1))
+        self.instantiate_cond_stage(cond_stage_config)
+        self.latent_cache = LatentCache.from_option(cache_latents)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+    # ------------------------------------------------------------------------------------ parts
+
+    def instantiate_first_stage(self, config: Mapping) -> None:
+        ckpt_path = (config.get("params") or {}).get("ckpt_path")
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            # Checked before building: the autoencoder's own loader cannot say how to make the file.
+            raise FileNotFoundError(_missing_first_stage_message(config))
+        model = instantiate_from_config(config)
+        self.first_stage_model = model.eval()
+        self.first_stage_model.train = disabled_train
+        for param in self.first_stage_model.parameters():
+            param.requires_grad = False
+
+    def instantiate_cond_stage(self, config: Union[Mapping, str]) -> None:
+        if config == "__is_first_stage__":
+            if self.cond_stage_trainable:
+                raise ValueError("cond_stage_config '__is_first_stage__' uses the frozen first stage; "
+                                 "set cond_stage_trainable: false")
+            print("Using first stage also as cond stage.")
+            self.cond_stage_model = self.first_stage_model
+        elif config == "__is_unconditional__":
+            print(f"Training {self.__class__.__name__} as an unconditional model.")
+            self.cond_stage_model = None
+        else:
+            model = instantiate_from_config(config)
+            if not self.cond_stage_trainable:
+                model = model.eval()
+                model.train = disabled_train
+                for param in model.parameters():
+                    param.requires_grad = False
+            self.cond_stage_model = model
+
+    @property
+    def data_is_pixels(self) -> bool:
+        return isinstance(self.first_stage_model, IdentityFirstStage) and float(self.scale_factor) == 1.0
+
+    # ------------------------------------------------------------------------------------ first stage
+
+    def get_first_stage_encoding(self, encoder_posterior: Union[DiagonalGaussianDistribution, torch.Tensor]) -> torch.Tensor:
+        """z = scale_factor · (a posterior sample, or the encoder's tensor output), then per channel
+        (z − latent_shift)·latent_scale with `latent_channel_norm`."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder output of type {type(encoder_posterior).__name__} is not supported; "
+                            "expected DiagonalGaussianDistribution or Tensor")
+        z = self.scale_factor * z
+        return (z - self.latent_shift) * self.latent_scale if self.latent_channel_norm else z
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor) -> Any:
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False) -> torch.Tensor:
+        if predict_cids:
+            raise ValueError("predict_cids needs a codebook-predicting U-Net, which no released LDM uses")
+        if self.latent_channel_norm:
+            z = z / self.latent_scale + self.latent_shift
+        # A multiplication by the reciprocal, as the reference: decoding then matches its outputs bit for bit.
+        z = 1.0 / self.scale_factor * z
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=force_not_quantize)
+        return self.first_stage_model.decode(z)
+
+    def decode_for_display(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode_first_stage(z).clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------------------------ conditioning
+
+    def get_learned_conditioning(self, c: Any) -> Any:
+        """τθ(c): the condition encoder's output for raw conditions (captions, class labels, images)."""
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
+            c = self.cond_stage_model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return self.cond_stage_model(c)
+
+    def get_raw_condition(self, batch: Mapping, key: Optional[str] = None) -> Any:
+        """The raw condition of a batch: captions as a list, labels as a tensor, images as NCHW."""
+        key = key or self.cond_stage_key
+        if key not in batch:
+            raise KeyError(f"cond_stage_key {key!r} is not in the batch (it has {sorted(batch)}); set "
+                           "model.params.cond_stage_key to one of them")
+        value = batch[key]
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            return self.get_input(batch, key)
+        return value
+
+    def get_input(self, batch: Mapping, k: str, return_first_stage_outputs: bool = False,
+                  force_c_encode: bool = False, cond_key: Optional[str] = None, return_original_cond: bool = False,
+                  bs: Optional[int] = None) -> Any:
+        """As the reference: ``[z, c]`` for the first-stage key `k`, then ``x, xrec`` with
+        `return_first_stage_outputs` and the raw condition ``xc`` with `return_original_cond`.
+
+        c is encoded by τθ here unless the encoder is trained jointly (then `forward` encodes it, inside
+        the graph), or when `force_c_encode`. `bs` keeps the first `bs` examples. In training, with
+        `cache_latents`, the posterior of an item seen before comes from the cache.
+        """
+        x = DDPM.get_input(self, batch, k)
+        if bs is not None:
+            x = x[:bs]
+        x = x.to(self.device)
+        if self.latent_cache is not None and self.training:
+            keys = batch.get("index")
+            posterior = self.latent_cache.encode(keys if bs is None or keys is None else keys[:bs], x,
+                                                 self.encode_first_stage)
+        else:
+            posterior = self.encode_first_stage(x)
+        z = self.get_first_stage_encoding(posterior).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            xc = c = self.get_raw_condition(batch, cond_key)
+            if bs is not None:
+                xc = c = _first(c, bs)
+            if isinstance(c, torch.Tensor):
+                c = c.to(self.device)
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(c)
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(self.prepare_batch(batch), self.first_stage_key)
+        return self(z, c)
+
+    def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.model.conditioning_key is not None and self.cond_stage_trainable:
+            c = self.get_learned_conditioning(c)  # inside the graph: τθ trains with the U-Net
+        return super().forward(x, c)
+
+    def validation_bits_per_dim(self, batch: Mapping) -> torch.Tensor:
+        z, c = self.get_input(batch, self.first_stage_key, force_c_encode=True)
+        return self.bits_per_dim(z, c, timesteps=self._bpd_timesteps())["total_bpd"]
+
+    # ------------------------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        # scale_by_std: measure the latents' std on the very first batch of a fresh run (LDM paper, app. G).
+        if (self.scale_by_std and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
+                and not self.restarted_from_ckpt):
+            if float(self.scale_factor) != 1.0:
+                raise ValueError("scale_by_std measures scale_factor itself; remove the custom scale_factor "
+                                 f"({float(self.scale_factor)}) from the config")
+            x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+            self.scale_factor.copy_(1.0 / z.flatten().std())
+            print(f"scale_by_std: latent std {z.flatten().std():.4f} on the first batch -> "
+                  f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint)")
+        if (self.latent_channel_norm and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
+                and not self.restarted_from_ckpt):
+            x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
+            z = self.scale_factor * self.encode_first_stage(x).mode()
+            self.latent_shift.copy_(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1))
+            self.latent_scale.copy_(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1))
+            print("latent_channel_norm: per-channel mean " + ", ".join(f"{v:.3f}" for v in self.latent_shift.flatten())
+                  + "; std " + ", ".join(f"{1 / v:.3f}" for v in self.latent_scale.flatten())
+                  + " on the first batch (stored in the checkpoint)")
+
+    def on_fit_start(self) -> None:
+        print(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"
+              + (" (scale_by_std: measured on the first batch of a fresh run)" if self.scale_by_std else ""))
+
+    def on_train_start(self) -> None:
+        # The train loader exists from here on (not yet in on_fit_start).
+        if self.latent_cache is not None:
+            data_configs = getattr(self.trainer.datamodule, "dataset_configs", {})
+            self.latent_cache.open(self.first_stage_model, self.trainer.train_dataloader.dataset,
+                                   data_configs.get("train"))
+            print(f"cache_latents: {len(self.latent_cache)} latents cached"
+                  + (f", disk cache {self.latent_cache.path}" if self.latent_cache.path else ", in memory"))
+
+    def on_train_epoch_end(self) -> None:
+        if self.latent_cache is not None and self.trainer.is_global_zero:
+            self.latent_cache.save()
+
+    def on_train_end(self) -> None:
+        # A run stopped by max_steps ends inside an epoch.
+        if self.latent_cache is not None and self.trainer.is_global_zero:
+            self.latent_cache.save()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable and self.cond_stage_model is not None:
+            print(f"{self.__class__.__name__}: also optimizing the parameters of {type(self.cond_stage_model).__name__}")
+            params.extend(self.cond_stage_model.parameters())
+        return params
+
+    # ------------------------------------------------------------------------------------ images
+
+    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
+        if not self.ucg_training or self.cond_stage_key not in self.ucg_training:
+            return None
+        value = self.ucg_training[self.cond_stage_key].get("val", "")
+        raw = [value] * n if isinstance(value, str) else torch.full((n,), value, device=self.device, dtype=torch.long)
+        return self.get_learned_conditioning(raw)
+
+    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        shown = {"inputs": x, "reconstruction": xrec.clamp(-1.0, 1.0)}
+        if self.model.conditioning_key is not None:
+            shown["conditioning"] = self.render_condition(xc, x.shape[-1], batch)
+        return z, c, shown
+
+    def render_condition(self, xc: Any, size: int, batch: Mapping) -> torch.Tensor:
+        """The raw condition as images: captions or class names written out, images as they are."""
+        if isinstance(xc, torch.Tensor) and xc.dim() == 4:
+            return xc[:, :3] if xc.shape[1] >= 3 else xc[:, :1].expand(-1, 3, -1, -1)
+        if isinstance(xc, torch.Tensor):
+            # Datasets name their classes under the reference's `human_label` key.
+            names = batch.get("human_label")
+            xc = [names[i] if names is not None and names[i] else f"class {label}" for i, label in enumerate(xc.tolist())]
+        return render_captions(list(xc), size=max(size, 64)).to(self.device)
+
+
+def _first(condition: Any, n: int) -> Any:
+    """The first n examples of a raw condition (a tensor, a list, or a dict of them)."""
+    if isinstance(condition, dict):
+        return {key: _first(value, n) for key, value in condition.items()}
+    return condition[:n]
+
+
+def _batch_size(batch: Mapping) -> int:
+    for value in batch.values():
+        if hasattr(value, "__len__"):
+            return len(value)
+    raise ValueError("cannot tell the batch size: the batch has no sized values")
+
+
+class SamplingInterrupted(Exception):
+    """Raised inside `log_images`' sampling when the run received SIGTERM; `log_images` catches it."""
+
+
+def _evenly_spaced(items: Sequence[Any], k: int) -> list[Any]:
+    """At most `k` of `items`, evenly spaced, the first and the last included."""
+    if len(items) <= k:
+        return list(items)
+    return [items[i] for i in torch.linspace(0, len(items) - 1, k).round().long().tolist()]
+
+
+def _rows_to_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rows of images (each (n, C, H, W)) as one image, the i-th row holding example i across the row list."""
+    stacked = torch.stack(list(rows), dim=1)  # (n, steps, C, H, W)
+    grid = make_grid(stacked.flatten(0, 1), nrow=stacked.shape[1])
+    return grid[None]
+
+
+def _missing_first_stage_message(config: Mapping) -> str:
+    """Which file is missing, and the commands that make it (from the recipe beside it, when present)."""
+    ckpt = Path(str(config["params"]["ckpt_path"]))
+    recipe = ckpt.parent / "config.yaml"
+    train_config = recipe if recipe.is_file() else Path("configs/autoencoder/<your first-stage config>.yaml")
+    return (f"first-stage checkpoint missing: no file at {ckpt}. Make it by training the first stage and "
+            f"exporting its weights:\n  python main.py --base {train_config} -t\n"
+            f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt -o {ckpt}\n"
+            "or point first_stage_config.params.ckpt_path at an existing first-stage checkpoint.")
+
+
+def _schedule_keys_to_top_level(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name in NoiseSchedule.BUFFER_NAMES:
+        key = f"{prefix}schedule.{name}"
+        if key in state_dict:
+            state_dict[prefix + name] = state_dict.pop(key)
+
+
+def _schedule_keys_from_top_level(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for name in NoiseSchedule.BUFFER_NAMES:
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}schedule.{name}"] = state_dict.pop(prefix + name)

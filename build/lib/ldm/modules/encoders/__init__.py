@@ -1,0 +1,1 @@
+"""Conditioning encoders (`modules`) and the offline lookup of the BERT vocabulary (`vocabulary`)."""

@@ -1,0 +1,139 @@
+"""Command-line options every sampling script shares: which model, where it runs, which sampler."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ldm.checkpoint import CheckpointError
+from ldm.image_io import next_index, save_grid, save_images
+from ldm.inference import PRECISIONS, load_model
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.samplers import SAMPLERS, sampler_help
+from ldm.models.diffusion.spacing import SIGMA_SPACINGS
+
+# Stable Diffusion's scripts say "full" / "autocast".
+PRECISION_ALIASES = {"full": "fp32", "autocast": "bf16"}
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str] = "txt2img") -> None:
+    group = parser.add_argument_group("model")
+    default = f"the built-in {default_model!r} model" if default_model else "none"
+    group.add_argument("--config", default=default_model,
+                       help=f"a built-in model name, a model directory (config.yaml + model.safetensors) or a "
+                            f"config .yaml (default: {default})")
+    group.add_argument("--ckpt", default=None,
+                       help="weights (.safetensors or a training .ckpt); default: model.safetensors beside the config")
+    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    group.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *PRECISION_ALIASES],
+                       help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
+
+
+def guidance_scale(text: str) -> float:
+    """argparse type of --scale: a finite number (nan or inf would make every image black)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number; use e.g. 3 (1 = no guidance)")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type of --seed: an integer torch accepts (0 to 2**63 − 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: use 0 to {2 ** 63 - 1}")
+    return value
+
+
+def add_negative_prompt_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--negative_prompt", default="",
+                        help="what guidance steers away from, in place of the empty prompt (needs --scale > 1; "
+                             "default: none)")
+
+
+def add_sampler_args(parser: argparse.ArgumentParser, default_steps: int = 50, default_sampler: str = "ddim") -> None:
+    group = parser.add_argument_group("sampler")
+    group.add_argument("--sampler", default=default_sampler, choices=list(SAMPLERS), metavar="SAMPLER",
+                       help=f"(default {default_sampler}) {sampler_help()}")
+    group.add_argument("--spacing", default=None, choices=SIGMA_SPACINGS,
+                       help="noise levels of the σ-space samplers (default: the model's own; karras for VP models, "
+                            "uniform t for flow models)")
+    group.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=default_steps,
+                       help="number of sampling steps")
+    group.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=0.0,
+                       help="DDIM eta (0 = deterministic) / Euler ancestral noise scale")
+    group.add_argument("--plms", action="store_true", help="use the PLMS sampler (same as --sampler plms)")
+    group.add_argument("--seed", type=seed, default=42, help="random seed (same seed, same images)")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Problems with the user's input (a missing model or file, a bad size, a step count the schedule cannot
+    take) end the script with their message and exit status 1 instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
+        raise SystemExit(f"error: {e}") from e
+
+
+def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
+    precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
+    with user_errors():
+        return load_model(opt.config, opt.ckpt, opt.device, precision)
+
+
+def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--outdir", type=Path, default=Path(default_outdir), help="where to write")
+    group.add_argument("--n_samples", type=int, default=4, help="samples per batch (grid columns)")
+    group.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    group.add_argument("--skip_grid", action="store_true", help="do not write the grid")
+    group.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
+
+
+class SampleWriter:
+    """Writes each batch as numbered PNGs in <outdir>/samples/ as soon as it exists (an interrupted run keeps
+    what it made), then one grid <outdir>/grid-NNNN.png of all batches, a row each (the reference's layout)."""
+
+    def __init__(self, opt: argparse.Namespace) -> None:
+        self.opt = opt
+        self.batches: list[torch.Tensor] = []
+
+    def add(self, images: torch.Tensor) -> None:
+        if not self.opt.skip_save:
+            save_images(images, self.opt.outdir / "samples")
+        self.batches.append(images.cpu())
+
+    def finish(self) -> None:
+        if not self.opt.skip_save:
+            print(f"samples: {self.opt.outdir / 'samples'}")
+        if not self.opt.skip_grid:
+            path = self.opt.outdir / f"grid-{next_index(self.opt.outdir, 'grid-'):04}.png"
+            save_grid(torch.cat(self.batches), path, nrow=self.opt.n_samples)
+            print(f"grid ({len(self.batches)} rows x {self.opt.n_samples}): {path}")
+
+
+def read_prompt_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
+    """The non-blank lines of a --from-file prompt file; a missing or empty file is a usage error."""
+    if not path.is_file():
+        parser.error(f"--from-file {path}: no such file (give a text file with one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        parser.error(f"--from-file {path} has no prompts (write one prompt per line)")
+    return prompts
+
+
+def sampler_kwargs(opt: argparse.Namespace) -> dict[str, Any]:
+    return {"sampler": "plms" if opt.plms else opt.sampler, "steps": opt.steps, "eta": opt.eta,
+            "spacing": opt.spacing, "seed": opt.seed}

@@ -1,0 +1,78 @@
+"""Image grids and PNG writing without torchvision (which has no CPU build for our torch here)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
+    """Tile a batch NCHW into one CHW image, `nrow` images per row (torchvision's layout)."""
+    if images.ndim != 4:
+        raise ValueError(f"make_grid expects a batch NCHW, got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    if c == 1:
+        images = images.expand(n, 3, h, w)
+        c = 3
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = images.new_full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        top, left = r * (h + padding) + padding, k * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def to_uint8(image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """CHW float in `value_range` to HWC uint8 (clamped)."""
+    lo, hi = value_range
+    x = ((image.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write an HWC uint8 array as PNG (creating the folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def save_image_grid(
+    images: torch.Tensor, path: str | Path, nrow: int = 8, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> Path:
+    """Write a batch NCHW as one PNG grid; returns the path."""
+    return save_png(to_uint8(make_grid(images, nrow=nrow), value_range), path)
+
+
+def render_captions(captions: list[str], size: int = 64, chars_per_line: int | None = None) -> torch.Tensor:
+    """Each caption written black on white in a `size`×`size` square, as NCHW in [-1, 1] (the conditioning
+    shown beside samples in image logs). Long captions wrap; what does not fit is cut with an ellipsis."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox("Mg")
+    char_w, line_h = max(1, (right - left) // 2), bottom - top + 2
+    chars_per_line = chars_per_line or max(1, (size - 4) // char_w)
+    max_lines = max(1, (size - 4) // line_h)
+    images = []
+    for caption in captions:
+        words, lines, line = str(caption).split(), [], ""
+        for word in words:
+            candidate = f"{line} {word}".strip()
+            if len(candidate) > chars_per_line and line:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            lines[-1] = lines[-1][: max(0, chars_per_line - 3)] + "..."
+        canvas = Image.new("RGB", (size, size), "white")
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(lines):
+            draw.text((2, 2 + i * line_h), text, fill="black", font=font)
+        images.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
+    return torch.stack(images).float() / 127.5 - 1.0
