@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ldm import assets
+
 
 # Weights only training needs: the first stage's LPIPS network and discriminator live under `loss.`.
 TRAINING_ONLY_PREFIXES = ("loss.",)
@@ -34,7 +36,7 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     A `.ckpt` holding a ``state_dict`` entry (Lightning, CompVis releases) yields that entry; a bare
     state dict is returned as is. Pickled non-tensor objects are refused by ``weights_only=True``.
     """
-    path = Path(path)
+    path = assets.resolve(path)  # configs name the built-in weights relative to the repository root
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

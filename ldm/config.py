@@ -16,6 +16,8 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm import assets
+
 # Root config id -> {dotted key path -> file that set it last}. Filled by `load_configs`; nested nodes
 # find their root through OmegaConf's parent links, so a sub-config handed to a model constructor still
 # knows where it came from.
@@ -45,7 +47,7 @@ def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
     sources: dict[str, str] = {}
     configs = []
     for path in paths:
-        path = Path(path)
+        path = assets.resolve(path)  # `--base configs/...` works from any directory, and from a wheel
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -99,11 +101,17 @@ def named_option(spec: Any, option: str) -> tuple[Any, dict[str, Any]]:
     raise ValueError(f"{option} must be a name or {{type: name, ...}}, got {spec!r}")
 
 
+# The reference's module names that live elsewhere here: its `main.py` is `ldm.cli.train` (a checkout's main.py
+# only calls it), so `main.DataModuleFromConfig` resolves in an installed wheel, from any directory.
+REFERENCE_MODULES = {"main": "ldm.cli.train"}
+
+
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Import ``package.module.Name`` and return ``Name``."""
     module_name, _, cls = string.rpartition(".")
     if not module_name:
         raise ImportError(f"'{string}' is not a dotted path like 'package.module.ClassName'")
+    module_name = REFERENCE_MODULES.get(module_name, module_name)
     module = importlib.import_module(module_name)
     if reload:
         module = importlib.reload(module)

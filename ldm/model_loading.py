@@ -2,6 +2,7 @@
 and the Python API (`ldm.inference` re-exports `load_model`)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -9,12 +10,12 @@ from typing import Any, Optional, Union
 import torch
 from omegaconf import OmegaConf
 
+from ldm import assets
 from ldm.checkpoint import TRAINING_ONLY_PREFIXES, CheckpointError, load_state_dict, load_weights
 from ldm.config import load_configs
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
 
-REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Built-in models: a directory holding config.yaml and model.safetensors (written by scripts/export_weights.py).
 BUILTIN_MODELS = {
@@ -46,10 +47,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _named_model(model: Union[str, Path]) -> Optional[Path]:
+    """The model directory called `model` in ``$LDM_MODELS_DIR``, else the built-in one of that name."""
+    name = str(model)
+    if not name or Path(name).exists() or "/" in name or os.sep in name:
+        return None
+    for directory in assets.models_dirs()[:-1]:
+        if (directory / name / "config.yaml").is_file():
+            return directory / name
+    return assets.resolve(BUILTIN_MODELS[name]) if name in BUILTIN_MODELS else None
+
+
 def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> tuple[Path, Path, Optional[str]]:
     """(config, weights, built-in name or None) for `load_model`'s arguments."""
-    name = str(model) if str(model) in BUILTIN_MODELS else None
-    path = _repo_path(BUILTIN_MODELS[name]) if name else Path(model)
+    named = _named_model(model)
+    name = str(model) if named is not None and str(model) in BUILTIN_MODELS else None
+    path = named if named is not None else Path(model)
     if path.suffix in (".yaml", ".yml"):
         config = path
         weights = Path(ckpt) if ckpt is not None else path.with_name("model.safetensors")
@@ -76,15 +89,10 @@ def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> 
             f"  python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --model-dir {config.parent}")
 
 
-def _repo_path(path: Path) -> Path:
-    """A relative path as given when it exists from here, else under the repository root (scripts run anywhere)."""
-    return path if path.is_absolute() or path.exists() or not (REPO / path).exists() else REPO / path
-
-
 def _resolve_file_params(node: Any) -> Any:
     """Config file references (`ckpt_path`, `tokenizer_path`) made to work from any working directory."""
     if isinstance(node, Mapping):
-        return {k: (str(_repo_path(Path(v))) if k in ("ckpt_path", "tokenizer_path") and isinstance(v, str)
+        return {k: (str(assets.resolve(v)) if k in ("ckpt_path", "tokenizer_path") and isinstance(v, str)
                     else _resolve_file_params(v)) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
         return [_resolve_file_params(v) for v in node]

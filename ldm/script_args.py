@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,6 +85,19 @@ def user_errors() -> Iterator[None]:
         yield
     except (FileNotFoundError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         raise SystemExit(f"error: {e}") from e
+
+
+def command_line(main: Callable[[], Any]) -> Callable[[], None]:
+    """The console entry point of a script's `main` (``ldm-txt2img``, ``python scripts/txt2img.py``): user
+    errors end it with one line (`user_errors`), and an integer `main` returns is its exit status."""
+
+    def run() -> None:
+        with user_errors():
+            status = main()
+        if status:
+            raise SystemExit(status)
+
+    return run
 
 
 def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:

@@ -1,71 +1,11 @@
-"""Text-to-image sampling with a latent diffusion model (the CompVis reference's scripts/txt2img.py).
-
-    python scripts/txt2img.py --prompt "a red circle above a blue square" --n_samples 4 --n_iter 2 --steps 50
-    python scripts/txt2img.py --from-file prompts.txt --H 64 --W 96 --plms --seed 7
-
-Every sample is written to <outdir>/samples/NNNNN.png, numbered after the files already there, and each run
-adds one grid <outdir>/grid-NNNN.png with a row per prompt and iteration and --n_samples columns. --H/--W
-larger than the model's training size sample the U-Net convolutionally on the larger latent (LDM paper,
-Sec. 4.3.2). The same --seed gives the same images.
-"""
-import argparse
+"""The reference's `python scripts/txt2img.py ...`, from a checkout (installed or not). The code is
+`ldm/cli/txt2img.py`, also installed as the `ldm-txt2img` command; `--help` describes it."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.inference import latent_shape, text_to_image  # noqa: E402
-from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg,  # noqa: E402
-                             add_output_args, add_sampler_args, guidance_scale, model_from_args,
-                             read_prompt_file, sampler_kwargs, user_errors)
-
-
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
-    parser.add_argument("--from-file", type=Path, default=None,
-                        help="a text file with one prompt per line (blank lines skipped), instead of --prompt")
-    parser.add_argument("--scale", type=guidance_scale, default=3.0,
-                        help="classifier-free guidance scale (1 = no guidance)")
-    add_negative_prompt_arg(parser)
-    parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
-    parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
-    add_output_args(parser, "outputs/txt2img-samples")
-    add_model_args(parser, default_model="txt2img")
-    add_sampler_args(parser)
-    return parser
-
-
-def read_prompts(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> list[str]:
-    """[--prompt], or the non-blank lines of --from-file."""
-    return [opt.prompt] if opt.from_file is None else read_prompt_file(parser, opt.from_file)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = get_parser()
-    opt = parser.parse_args(argv)
-    if opt.n_samples < 1 or opt.n_iter < 1:
-        parser.error("--n_samples and --n_iter must be at least 1")
-    prompts = read_prompts(parser, opt)
-    model = model_from_args(opt)
-    try:
-        latent_shape(model, opt.H, opt.W)  # sizes the first stage cannot decode fail here, before sampling
-    except ValueError as e:
-        parser.error(f"--H/--W: {e}")
-    kwargs = sampler_kwargs(opt)
-
-    writer = SampleWriter(opt)
-    for iteration in range(opt.n_iter):
-        for p, prompt in enumerate(prompts):
-            # One seed per batch: each batch is reproducible on its own and batches differ from each other.
-            seed = opt.seed + iteration * len(prompts) + p
-            print(f"iteration {iteration + 1}/{opt.n_iter}, prompt {p + 1}/{len(prompts)}: {prompt!r}")
-            images = text_to_image(model, [prompt] * opt.n_samples, scale=opt.scale, height=opt.H, width=opt.W,
-                                   negative_prompt=opt.negative_prompt, **{**kwargs, "seed": seed})
-            writer.add(images)
-    writer.finish()
-
+from ldm.cli.txt2img import cli  # noqa: E402
 
 if __name__ == "__main__":
-    with user_errors():
-        main()
+    cli()

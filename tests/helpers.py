@@ -1,6 +1,9 @@
-"""Small things tests hand to main.py through configs (importable as `tests.helpers.*`)."""
+"""Small things tests hand to main.py through configs (importable as `tests.helpers.*`), and `load_script`."""
+import importlib
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytorch_lightning as pl
 import torch
@@ -55,3 +58,17 @@ def random_vgg16_state_dict(seed: int) -> dict[str, torch.Tensor]:
         state[f"features.{i}.bias"] = 0.1 * torch.randn(c_out, generator=gen)
     state["classifier.0.weight"] = torch.randn(4, 3, generator=gen)  # ignored by the loader
     return state
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """A program as a module, to call its functions or main() in this process: `ldm.cli.<name>` for the
+    installed commands (scripts/<name>.py only calls it), else the checkout-only scripts/<name>.py."""
+    if (REPO / "ldm" / "cli" / f"{name}.py").is_file():
+        return importlib.import_module(f"ldm.cli.{name}")
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

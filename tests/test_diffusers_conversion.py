@@ -6,11 +6,9 @@ float32 operations in slightly different orders.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -34,6 +32,7 @@ from ldm.util import instantiate_from_config
 from tests.unet_fixtures import randomize_
 
 import diffusers  # noqa: E402  (the test extra installs it)
+from tests.helpers import load_script
 UNet2DConditionModel = diffusers.UNet2DConditionModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,15 +245,9 @@ def test_missing_extra_and_misshapen_keys_are_named():
 # ------------------------------------------------------------------------------------------------- script
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("script_convert_diffusers", REPO / "scripts" / "convert_diffusers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_script_converts_a_model_dir_to_diffusers_and_back(tmp_path, tiny_txt2img_model, capsys):
-    script = load_script()
+    script = load_script("convert_diffusers")
     original = load_model(tiny_txt2img_model).model.diffusion_model
     script.main(["--to-diffusers", str(tiny_txt2img_model), "--outdir", str(tmp_path / "diffusers")])
     assert sorted(p.name for p in (tmp_path / "diffusers").iterdir()) == [
@@ -280,7 +273,7 @@ def test_script_converts_a_model_dir_to_diffusers_and_back(tmp_path, tiny_txt2im
 
 
 def test_script_errors(tmp_path, capsys):
-    script = load_script()
+    script = load_script("convert_diffusers")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--from-diffusers", str(tmp_path), "--outdir", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err

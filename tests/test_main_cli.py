@@ -1,4 +1,4 @@
-"""main.py's argument handling, without training."""
+"""main.py's argument handling (ldm/cli/train.py), without training."""
 import os
 import subprocess
 import sys
@@ -6,9 +6,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-import main
+from ldm.cli import train as main
 from ldm.config import ConfigError
 from ldm.util import instantiate_from_config
+from tests.helpers import REPO
 
 
 def parse(argv):
@@ -75,7 +76,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
 def test_a_config_error_leaves_no_run_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"}
     proc = subprocess.run([sys.executable, "main.py", "--base", "configs/latent-diffusion/txt2img.yaml",
-                           "model.params.no_such_key=1", "-l", str(tmp_path)], cwd=main.Path(main.__file__).parent,
+                           "model.params.no_such_key=1", "-l", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "unknown parameter 'no_such_key'" in proc.stderr
     assert not list(tmp_path.iterdir())

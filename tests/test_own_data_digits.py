@@ -2,13 +2,11 @@
 bench/own_data_digits.py --quick end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from PIL import Image
 from ldm.config import load_configs
 from ldm.evaluation.digit_judge import DigitJudge, load_folder, per_class_accuracy, train_digit_judge
 from ldm.util import instantiate_from_config
+from tests.helpers import load_script as _script
 
 REPO = Path(__file__).resolve().parents[1]
 FS_FOLDER = REPO / "configs/autoencoder/autoencoder_kl_f4_folder32.yaml"
@@ -26,12 +25,6 @@ LDM_FOLDER = REPO / "configs/latent-diffusion/class2img_folder32.yaml"
 FS_BUILTIN = REPO / "configs/autoencoder/autoencoder_kl_shapes_f4.yaml"
 LDM_BUILTIN = REPO / "configs/latent-diffusion/class2img.yaml"
 
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ time); the further runs and the error cases call the same `main(argv)` in this p
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -22,17 +21,12 @@ from safetensors.torch import load_file
 
 from ldm.visualization import make_grid
 from tests.tiny_models import txt2img_config, write_model_dir
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = "4"  # few DDIM steps; 4 divides the tiny models' 16 timesteps into a valid uniform schedule
 TRAIN_SIZE = 32  # the tiny models' training resolution in pixels
 
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -5,7 +5,6 @@ and `tiny_inpainting_model`). Loading torch and Lightning dominates a script's r
 together with the module's first test; the in-process tests (bad inputs, calling the scripts' `main`, and
 ldm/interpolation.py's functions) run meanwhile, and the checks of the runs' outputs come last.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from ldm.interpolation import (condition_for, denoise_from, interpolate, lerp, m
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # the tiny models' image size: 8x8 latents of a factor-4 first stage
@@ -31,13 +31,6 @@ N_PAIRS = 3
 # Interpolation and progressive runs: few frames and steps, a noise level inside the tiny models' T = 16.
 T_INTERP, N_FRAMES, STEPS, SEED = 10, 4, 8, 5
 
-
-def load_script(name: str):
-    """A script as a module, to call its functions or main() in this process."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_rgb(path: Path) -> np.ndarray:

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm import assets
 from ldm.checkpoint import load_state_dict, load_weights, save_safetensors
 from ldm.data.shapes import ATTRIBUTE_NAMES, COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "models" / "attribute_classifier"
+DEFAULT_DIR = assets.resolve("models/attribute_classifier")
 WEIGHTS_FILE = "attribute_classifier.safetensors"
 CONFIG_FILE = "config.json"
 # Classes per attribute, in ATTRIBUTE_NAMES order.

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ldm import assets
+
 ENV_VAR = "LDM_BERT_VOCAB"
 # The reference's repo id, and the id the Hub has moved it to; a cache may hold either.
 HUB_REPO_IDS = ("bert-base-uncased", "google-bert/bert-base-uncased")
@@ -67,7 +69,7 @@ def _vocab_file_in(path: Path) -> Optional[Path]:
 
 
 def _explicit(path: str | os.PathLike, origin: str) -> Path:
-    found = _vocab_file_in(Path(path).expanduser())
+    found = _vocab_file_in(assets.resolve(Path(path).expanduser()))
     if found is None:
         raise BertVocabularyNotFound(
             [f"{origin} = {path} (no such file, and not a directory holding {VOCAB_FILE} or {TOKENIZER_FILE})"]

@@ -1,1 +1,0 @@
-"""Conditioning encoders (`modules`) and the offline lookup of the BERT vocabulary (`vocabulary`)."""

@@ -1,0 +1,78 @@
+"""Built-in files found from anywhere (ldm.assets), models by name from $LDM_MODELS_DIR, and the installed commands."""
+import importlib
+import shutil
+import sys
+import tomllib
+
+import pytest
+
+from ldm import assets
+from ldm.callbacks import ImageLogger
+from ldm.config import get_obj_from_str, load_configs
+from ldm.inference import load_model
+from ldm.model_loading import ModelNotFound
+from tests.helpers import REPO
+
+
+def test_a_path_resolves_as_given_first_then_in_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Not here: the checkout's copy.
+    assert assets.resolve("configs/latent-diffusion/txt2img.yaml") == REPO / "configs/latent-diffusion/txt2img.yaml"
+    # A user's own file of the same relative name wins.
+    (tmp_path / "configs/latent-diffusion").mkdir(parents=True)
+    (tmp_path / "configs/latent-diffusion/txt2img.yaml").write_text("model: {}\n")
+    assert assets.resolve("configs/latent-diffusion/txt2img.yaml").resolve() == (
+        tmp_path / "configs/latent-diffusion/txt2img.yaml")
+    # Nowhere: the path as written, for the error message.
+    assert str(assets.resolve("models/none/such.safetensors")) == "models/none/such.safetensors"
+
+
+def test_an_installed_wheel_finds_models_and_configs_under_ldm_assets(tmp_path, monkeypatch):
+    """As in site-packages: no checkout above the package, the trees copied into ldm/assets/."""
+    site = tmp_path / "site-packages"
+    package = site / "ldm" / "assets"
+    shutil.copytree(REPO / "configs" / "latent-diffusion", package / "configs" / "latent-diffusion")
+    (site / "ldm" / "data").mkdir(parents=True)
+    shutil.copy(REPO / "ldm" / "data" / "shapes_vocab.txt", site / "ldm" / "data")
+    monkeypatch.setattr(assets, "PACKAGE", package)
+    monkeypatch.setattr(assets, "CHECKOUT", tmp_path / "no-checkout")
+    monkeypatch.chdir(tmp_path)
+    assert assets.resolve("configs/latent-diffusion/txt2img.yaml") == package / "configs/latent-diffusion/txt2img.yaml"
+    assert assets.resolve("ldm/data/shapes_vocab.txt") == site / "ldm" / "data" / "shapes_vocab.txt"
+    config = load_configs(["configs/latent-diffusion/txt2img.yaml"])  # `ldm-train --base configs/...`
+    assert config.model.params.parameterization == "v"
+
+
+def test_models_load_by_name_from_ldm_models_dir(tmp_path, monkeypatch, tiny_txt2img_model):
+    collection = tmp_path / "my-models"
+    shutil.copytree(tiny_txt2img_model, collection / "tiny")
+    monkeypatch.setenv(assets.MODELS_DIR_VARIABLE, str(collection))
+    monkeypatch.chdir(tmp_path)
+    assert assets.models_dirs()[0] == collection
+    model = load_model("tiny")
+    assert model.num_timesteps == 16
+    with pytest.raises(ModelNotFound, match="no model config at"):
+        load_model("not-a-model")
+
+
+def test_reference_configs_name_main_which_is_the_training_cli():
+    # The reference's configs say `main.ImageLogger`; an installed wheel has no main.py.
+    assert get_obj_from_str("main.ImageLogger") is ImageLogger
+    assert get_obj_from_str("main.DataModuleFromConfig").__module__ == "ldm.data.datamodule"
+
+
+def test_every_console_script_names_a_callable_entry_point():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"ldm-train", "ldm-txt2img", "ldm-img2img", "ldm-inpaint", "ldm-sample", "ldm-export"} <= set(scripts)
+    for command, target in scripts.items():
+        module, _, attribute = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attribute)), command
+
+
+def test_a_console_script_reports_user_errors_in_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ldm-txt2img", "--config", "/nonexistent/model"])
+    from ldm.cli.txt2img import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert str(exit_info.value).startswith("error: no model config at /nonexistent/model/config.yaml")
