@@ -6,11 +6,13 @@ loaded from files, the file that set that key, so a typo in a merged stack of YA
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,6 +28,33 @@ _SOURCES: dict[int, dict[str, str]] = {}
 
 class ConfigError(ValueError):
     """A config that cannot be built; the message names the key path and the file that set it."""
+
+
+# What a config read to load a model (a model directory someone shared) may build: classes of these packages.
+# `target: os.system` in such a config would otherwise run a command when the model loads. The programs
+# (`ldm.cli`, whose `main` reads and runs further configs) are not classes and are refused with everything else.
+# A training config is the user's own program and may name anything, as in the reference.
+SAFE_TARGET_PACKAGES = ("ldm", "torch.nn")
+_SAFE_TARGETS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("safe_targets_only", default=False)
+TRUST_HINT = ("if you trust this config (it is your own, or from someone you trust), load it with --trust_config "
+              "(load_model(..., trust_config=True))")
+
+
+@contextlib.contextmanager
+def safe_targets_only(enabled: bool = True) -> Iterator[None]:
+    """Within this block `instantiate_from_config` builds only classes of `SAFE_TARGET_PACKAGES` (the module
+    is checked before it is imported) and refuses anything else with a `ConfigError` naming the target, also
+    for the configs a constructor instantiates in turn. `enabled=False` (a trusted config) lifts nothing that
+    an outer block set."""
+    token = _SAFE_TARGETS_ONLY.set(_SAFE_TARGETS_ONLY.get() or enabled)
+    try:
+        yield
+    finally:
+        _SAFE_TARGETS_ONLY.reset(token)
+
+
+def _in_safe_package(module_name: str) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in SAFE_TARGET_PACKAGES)
 
 
 def _flatten_keys(node: Any, prefix: str = "") -> list[str]:
@@ -225,10 +254,19 @@ def instantiate_from_config(config: Any, /, **extra: Any) -> Any:
     if "target" not in config:
         raise ConfigError(f"{describe_key(config)}: expected key 'target' to instantiate (with optional 'params:')")
     target = config["target"]
+    safe_only = _SAFE_TARGETS_ONLY.get()
+    refused = ConfigError(f"{describe_key(config, 'target')}: refusing to build '{target}' while loading a model: "
+                          f"only classes of {' and '.join(SAFE_TARGET_PACKAGES)} are built from a model's config "
+                          f"(anything else could run code); {TRUST_HINT}")
+    module_name = str(target).rpartition(".")[0]
+    if safe_only and not _in_safe_package(REFERENCE_MODULES.get(module_name, module_name)):
+        raise refused  # before the import: importing a module can run code too
     try:
         cls = get_obj_from_str(target)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{describe_key(config, 'target')}: unknown target '{target}': {e}") from e
+    if safe_only and not inspect.isclass(cls):
+        raise refused
     params = config.get("params", None) or {}
     if not isinstance(params, (Mapping, DictConfig)):
         raise ConfigError(f"{describe_key(config, 'params')}: 'params' must be a mapping, got {params!r}")

@@ -54,8 +54,11 @@ class SafeCheckpointIO(TorchCheckpointIO):
     checkpoint that cannot be read (damaged, or not a checkpoint) is a `CheckpointError` naming the file."""
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # weights_only explicitly, whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say: -r never runs
+        # pickled code. Only map_location is passed on positionally.
+        kwargs["weights_only"] = True
         try:
-            return super().load_checkpoint(path, *args, **kwargs)
+            return super().load_checkpoint(path, *args[:1], **kwargs)
         except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
             reason = (str(e).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(f"cannot read {path} ({e.__class__.__name__}: {reason}): it is damaged or not a "

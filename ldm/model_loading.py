@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from ldm import assets
 from ldm.checkpoint import TRAINING_ONLY_PREFIXES, CheckpointError, load_state_dict, load_weights
-from ldm.config import load_configs
+from ldm.config import load_configs, safe_targets_only
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import instantiate_from_config
 
@@ -100,7 +100,8 @@ def _resolve_file_params(node: Any) -> Any:
 
 
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
-               device: Union[str, torch.device] = "cpu", precision: str = "fp32") -> LatentDiffusion:
+               device: Union[str, torch.device] = "cpu", precision: str = "fp32",
+               trust_config: bool = False) -> LatentDiffusion:
     """A trained model, in eval mode on `device`, ready for the functions below.
 
     `model` is a built-in name (`BUILTIN_MODELS`), a directory holding config.yaml and model.safetensors,
@@ -108,7 +109,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     weights are used when it has them). An export may leave out the frozen first stage when its config
     names the first stage's own checkpoint (`first_stage_config.params.ckpt_path`): it is loaded from there.
     `precision` ("fp32", "bf16", "fp16") is kept as `model.inference_precision`: sampling then runs under
-    autocast in that type while the weights stay float32.
+    autocast in that type while the weights stay float32. The config may build only classes of ldm and
+    torch.nn (`ldm.config.safe_targets_only`: a shared model directory cannot run code) unless `trust_config`.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -126,7 +128,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     for init in INIT_PARAMS:
         params.pop(init, None)  # the weights come from `weights_path`, not the training config's init
     config["model"]["params"] = _resolve_file_params(params)
-    net = instantiate_from_config(config["model"])
+    with safe_targets_only(not trust_config):
+        net = instantiate_from_config(config["model"])
     ignore = list(TRAINING_ONLY_PREFIXES)
     first_stage_params = params.get("first_stage_config", {}).get("params", {})
     if first_stage_params.get("ckpt_path") and not any(k.startswith("first_stage_model.") for k in state):
@@ -141,7 +144,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
 
 
 def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
-               strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES) -> torch.nn.Module:
+               strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES,
+               trust_config: bool = False) -> torch.nn.Module:
     """Any model (autoencoder, diffusion model, ...) built from a config file's `model:` with weights (.ckpt or
     .safetensors) loaded exactly as stored, in eval mode; no weights with `ckpt_path` None. `load_model`
     below is the sampling-ready form for diffusion models (built-in names, model directories, EMA folded in).
@@ -153,7 +157,8 @@ def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None,
     config = load_configs([config_path])
     if "model" not in config:
         raise CheckpointError(f"{config_path} has no 'model:' section")
-    model = instantiate_from_config(config.model)
+    with safe_targets_only(not trust_config):  # as load_model
+        model = instantiate_from_config(config.model)
     if ckpt_path is not None:
         ignore = tuple(ignore_prefixes)
         if not any(k.startswith("model_ema.") for k in model.state_dict()):

@@ -32,6 +32,13 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     group.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *PRECISION_ALIASES],
                        help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
+    add_trust_config_arg(group)
+
+
+def add_trust_config_arg(parser: Any) -> None:
+    parser.add_argument("--trust_config", action="store_true",
+                        help="build whatever the model's config names; by default only classes of ldm and torch.nn "
+                             "(a shared model directory cannot run code)")
 
 
 def guidance_scale(text: str) -> float:
@@ -103,7 +110,7 @@ def command_line(main: Callable[[], Any]) -> Callable[[], None]:
 def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
-        return load_model(opt.config, opt.ckpt, opt.device, precision)
+        return load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config)
 
 
 def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:

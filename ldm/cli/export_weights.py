@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors
 from ldm.model_loading import INIT_PARAMS, build_model
 from ldm.config import load_configs
-from ldm.script_args import command_line
+from ldm.script_args import add_trust_config_arg, command_line
 from ldm.cli.train import run_config_files
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,6 +64,7 @@ def main() -> None:
                         help="with --model-dir: the run's config files (default: logs/<run>/configs/ of the ckpt)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="with --model-dir: type of the stored parameters (fp16 halves the file)")
+    add_trust_config_arg(parser)
     opt = parser.parse_args()
     if opt.model_dir is not None:
         config = load_configs(opt.config or ckpt_run_configs(opt.ckpt))
@@ -74,7 +75,7 @@ def main() -> None:
         # model directory that was there as it was.
         with tempfile.TemporaryDirectory() as scratch:
             OmegaConf.save(config, Path(scratch) / "config.yaml")
-            model = build_model(Path(scratch) / "config.yaml", opt.ckpt)
+            model = build_model(Path(scratch) / "config.yaml", opt.ckpt, trust_config=opt.trust_config)
         state = sampling_state_dict(model, config, DTYPES[opt.dtype])
         opt.model_dir.mkdir(parents=True, exist_ok=True)
         config_path = opt.model_dir / "config.yaml"
