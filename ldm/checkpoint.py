@@ -1,15 +1,17 @@
 """Reading and writing model weights safely.
 
 `.ckpt` files are pickles and can run code when unpickled, so they are always read with
-``weights_only=True``; `.safetensors` is the format we write for sharing. Loading reports missing and
+``weights_only=True`` and a short allowlist of what released Lightning 1.x checkpoints hold besides tensors
+(`load_checkpoint_file`); `.safetensors` is the format we write for sharing. Loading reports missing and
 unexpected keys by name instead of failing deep inside ``load_state_dict``.
 """
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +32,66 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class LightningCallbackStub:
+    """Stands in for a callback class that a Lightning 1.x checkpoint pickled as a dict key (the released CompVis
+    and Stable Diffusion `.ckpt` files key their callback states by the class itself). Inert: no behaviour, and
+    nothing of it is used; it only lets the rest of the file be read."""
+
+
+def _stub(path: str) -> tuple[type, str]:
+    module, _, name = path.rpartition(".")
+    return type(name, (LightningCallbackStub,), {"__module__": module}), path
+
+
+def _numpy_globals() -> list[Any]:
+    """numpy's scalar reconstructor (under numpy 1's and 2's module names) and its dtypes: the non-tensor numbers
+    Lightning 1.x stored beside the weights."""
+    import numpy as np
+
+    reconstructor = np.float64(0).__reduce__()[0]
+    dtypes = [getattr(np.dtypes, name) for name in dir(getattr(np, "dtypes", None))
+              if name.endswith("DType") and name[:-5] not in ("Object", "String", "Str", "Bytes", "Void")]
+    return [(reconstructor, f"{root}.multiarray.scalar") for root in ("numpy.core", "numpy._core")] + [np.dtype, *dtypes]
+
+
+# The globals that released Lightning-1.x-era checkpoints hold beside their tensors, and nothing else: a .ckpt
+# naming any other global (os.system, a class with a malicious __reduce__, ...) is refused with its name.
+RELEASED_CHECKPOINT_CALLBACKS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+    "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor",
+    "pytorch_lightning.callbacks.gpu_stats_monitor.GPUStatsMonitor",
+    "pytorch_lightning.callbacks.progress.ProgressBar",
+    "main.SetupCallback",  # the reference's own main.py callbacks
+    "main.ImageLogger",
+    "main.CUDACallback",
+)
+_CALLBACK_STUBS = [_stub(path) for path in RELEASED_CHECKPOINT_CALLBACKS]
+
+
+def released_checkpoint_globals() -> list[Any]:
+    """What `torch.load(weights_only=True)` may additionally build when reading a `.ckpt`."""
+    return [*_CALLBACK_STUBS, *_numpy_globals()]
+
+
+def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """A `.ckpt`/`.pt` file's contents, unpickled with ``weights_only=True`` and the allowlist above; a file that
+    needs anything else is a `CheckpointError` naming the refused global. `mmap` maps the tensors instead of
+    reading them (to look at a small entry of a large file)."""
+    try:
+        with torch.serialization.safe_globals(released_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        refused = re.search(r"GLOBAL (\S+) (was not an allowed global|whose module)", str(e))
+        reason = (f"it names {refused.group(1)}, which is not allowed" if refused else
+                  f"{e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}")
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only checkpoint ({reason}). Only tensors, plain containers and the "
+            "objects released Lightning checkpoints hold are loaded, never other pickled objects (they could run "
+            "code); convert it to .safetensors with a trusted copy of the code that wrote it."
+        ) from e
+
+
 def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The weights of a `.safetensors` file or a Lightning/PyTorch `.ckpt`/`.pt`/`.pth` file.
 
@@ -41,15 +103,7 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path), device=str(map_location))
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torch's message runs to many lines
-        raise CheckpointError(
-            f"cannot read {path} as a weights-only checkpoint ({e.__class__.__name__}: {reason[:200]}). "
-            "Only tensors and plain containers are loaded, never arbitrary pickled objects; "
-            "convert it to .safetensors with a trusted copy of the code that wrote it."
-        ) from e
+    data = load_checkpoint_file(path, map_location)
     if isinstance(data, Mapping) and "state_dict" in data:
         data = data["state_dict"]
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -23,9 +23,9 @@ from typing import Optional
 
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 
+from ldm.checkpoint import load_checkpoint_file
 from ldm.image_io import to_pil
 from ldm.data.shapes import ShapesValidation
 from ldm.inference import generate, text_to_image
@@ -73,7 +73,7 @@ def checkpoint_global_step(ckpt: Optional[str]) -> Optional[int]:
     if ckpt is None or Path(ckpt).suffix != ".ckpt":
         return None
     # mmap: only the small `global_step` entry is read, not the weights again.
-    return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    return load_checkpoint_file(Path(ckpt), mmap=True).get("global_step")
 
 
 def new_run_dir(root: Path) -> Path:
