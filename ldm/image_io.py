@@ -18,15 +18,40 @@ from ldm.visualization import make_grid, save_png, to_uint8
 Size = Union[int, tuple[int, int], None]  # an int for square, (height, width), or None to keep the file's size
 
 
+# PIL modes holding more than 8 bits per sample (16-bit PNG and TIFF greys open as these); `convert` would clip
+# them at 255, turning a 16-bit image almost white.
+WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """`image` as 8-bit `mode` ("RGB" or "L"), whatever it was stored as: 16-bit greys scaled to 8 bits (not
+    clipped), transparency (RGBA, LA, palette with a transparent colour) composited over white (what a viewer
+    shows), CMYK, palette and bilevel images converted. 32-bit float images are refused by name."""
+    if image.mode == "F":
+        raise ValueError("32-bit floating-point images are not supported; save it as an 8- or 16-bit PNG")
+    if image.mode in WIDE_INTEGER_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert(mode)
+
+
 def _open(path: Union[str, Path], mode: str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path}")
     try:
         with Image.open(path) as image:
-            return image.convert(mode)
+            return to_rgb(image, mode)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {path} as an image ({e}); give a PNG or JPEG file") from e
+    except ValueError as e:
+        raise ValueError(f"cannot use {path}: {e}") from e
 
 
 def _resized(image: Image.Image, size: Size, resample: int) -> Image.Image:

@@ -167,3 +167,33 @@ def test_non_rgb_images_are_converted(tmp_path):
     dataset = ImageFolderDataset(str(tmp_path), size=10, caption_source="none", flip_p=0.0)
     assert all(dataset[i]["image"].shape == (10, 10, 3) for i in range(2))
     np.testing.assert_allclose(dataset[1]["image"][0, 0], [1, 1, 1])  # sorted: grey.png second
+
+
+def test_sixteen_bit_transparent_palette_and_cmyk_images_read_as_they_look(tmp_path):
+    from ldm.image_io import load_image
+
+    # 16-bit grey at half range: 8-bit 128, not clipped to white (PIL's convert gives 255).
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "a_grey16.png")
+    # Fully transparent red: what a viewer shows is the white behind it.
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "b_clear.png")
+    # A palette image whose only colour (black) is marked transparent.
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.save(tmp_path / "c_palette.png", transparency=0)
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "d_cmyk.jpg", quality=100)  # pure red in CMYK
+    dataset = ImageFolderDataset(str(tmp_path), size=8, caption_source="none", flip_p=0.0)
+    pixels = [(dataset[i]["image"][0, 0] + 1) * 127.5 for i in range(4)]
+    np.testing.assert_allclose(pixels[0], [128, 128, 128], atol=1)
+    np.testing.assert_allclose(pixels[1], [255, 255, 255], atol=1)
+    np.testing.assert_allclose(pixels[2], [255, 255, 255], atol=1)
+    np.testing.assert_allclose(pixels[3], [255, 0, 0], atol=3)
+    # The scripts' loader reads them the same way.
+    np.testing.assert_allclose((load_image(tmp_path / "a_grey16.png")[0, :, 0, 0] + 1) * 127.5, [128] * 3, atol=1)
+
+
+def test_floating_point_images_are_refused_by_name(tmp_path):
+    from ldm.image_io import load_image
+
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), "F").save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match=r"float\.tiff.*floating-point images are not supported"):
+        load_image(tmp_path / "float.tiff")

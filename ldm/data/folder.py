@@ -37,6 +37,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm.image_io import to_rgb
+
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "csv", "none")
 CROPS = ("center", "random")
 INTERPOLATIONS = {
@@ -215,7 +217,7 @@ class ImageFolderDataset(Dataset):
     def _load(self, path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
         if self.size is None:
