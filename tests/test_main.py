@@ -126,3 +126,17 @@ def test_real_data_config_without_data_says_what_to_provide(tmp_path, random_vgg
                      f"data.params.train.params.root={tmp_path / 'missing'}"], tmp_path, check=False)
     assert proc.returncode == 2
     assert "image folder not found" in proc.stderr and "missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_validation_interval_longer_than_an_epoch_counts_steps_across_epochs(tmp_path):
+    # 64 images at batch 4 are 16 batches an epoch; a config's val_check_interval of 20 batches (the folder configs
+    # say 5000) made Lightning abort before the first step unless check_val_every_n_epoch was null.
+    fast = [a for a in FAST if a not in ("--val_check_interval", "4")]
+    # The autoencoder takes two optimizer steps a batch: 44 steps are 22 batches.
+    run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "44", "lightning.trainer.val_check_interval=20",
+              *fast], tmp_path)
+    rows = (only_run(tmp_path) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    validated = [row.split(",")[header.index("epoch")] for row in rows[1:]
+                 if row.split(",")[header.index("val/rec_loss")]]
+    assert validated == ["1"], validated  # once, in the second epoch (batch 20 of the run)

@@ -38,6 +38,11 @@ def test_trainer_flags_override_config_and_legacy_gpus_maps():
     opt, _ = parse(["--devices", "2", "--accelerator", "cpu", "--strategy", "ddp"])
     options = main.resolve_trainer_options(OmegaConf.create({}), opt)
     assert options == {"devices": 2, "accelerator": "cpu", "strategy": "ddp"}
+    # An integer validation interval counts steps across epochs (any data size).
+    options = main.resolve_trainer_options(OmegaConf.create({"trainer": {"val_check_interval": 5000}}), parse([])[0])
+    assert options["check_val_every_n_epoch"] is None
+    options = main.resolve_trainer_options(OmegaConf.create({"trainer": {"val_check_interval": 0.5}}), parse([])[0])
+    assert "check_val_every_n_epoch" not in options
 
 
 def test_unknown_trainer_option_in_config_is_named():

@@ -135,6 +135,11 @@ def resolve_trainer_options(lightning_config: DictConfig, opt: argparse.Namespac
         options["devices"] = ids
         log.info("legacy --gpus %s -> accelerator=gpu, devices=%s", gpus, ids)
     options.setdefault("accelerator", "auto")
+    if isinstance(options.get("val_check_interval"), int) and "check_val_every_n_epoch" not in options:
+        # An integer interval counts optimizer batches across epochs, so a config runs on a folder of any size
+        # (Lightning otherwise requires it to fit in one epoch: "val_check_interval (5000) must be less than or
+        # equal to the number of the training batches (282)").
+        options["check_val_every_n_epoch"] = None
     return options
 
 
