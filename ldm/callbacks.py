@@ -180,3 +180,36 @@ class ExportSafetensors(Callback):
                 "class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                 "global_step": trainer.global_step})
             print(f"[ldm] wrote weights-only {self.path}")
+
+
+class ResumedLearningRate(Callback):
+    """Applies a learning rate changed on resume (`-r <run> model.base_learning_rate=...`).
+
+    Lightning restores each optimizer's and scheduler's state after `configure_optimizers`, so without this the
+    checkpoint's rate silently wins over the one the config now asks for. The schedule keeps its place: a
+    scheduler's base rate becomes the new one and the current rate is scaled by new / old (the schedule's factor
+    at this step is unchanged).
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wanted = getattr(pl_module, "learning_rate", None)
+        if trainer.ckpt_path is None or wanted is None:
+            return
+        changed = set()
+        schedulers = {id(config.scheduler.optimizer): config.scheduler for config in trainer.lr_scheduler_configs}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                old = group.get("initial_lr", group["lr"])
+                if old <= 0 or math.isclose(old, wanted, rel_tol=1e-9):
+                    continue
+                changed.add(old)
+                group["lr"] *= wanted / old
+                if "initial_lr" in group:
+                    group["initial_lr"] = wanted
+            scheduler = schedulers.get(id(optimizer))
+            if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [wanted for _ in scheduler.base_lrs]
+        if changed:
+            olds = ", ".join(f"{v:.2e}" for v in sorted(changed))
+            print(f"[ldm] learning rate changed on resume: {olds} (checkpoint) -> {wanted:.2e} (config), applied from "
+                  f"step {trainer.global_step}; the schedule keeps its place")

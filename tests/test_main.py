@@ -140,3 +140,16 @@ def test_a_validation_interval_longer_than_an_epoch_counts_steps_across_epochs(t
     validated = [row.split(",")[header.index("epoch")] for row in rows[1:]
                  if row.split(",")[header.index("val/rec_loss")]]
     assert validated == ["1"], validated  # once, in the second epoch (batch 20 of the run)
+
+
+def test_a_learning_rate_changed_on_resume_is_applied(tmp_path):
+    run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "4", *FAST], tmp_path)
+    logdir = only_run(tmp_path)
+    before = load_ckpt(logdir / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]["lr"]
+    proc = run_main(["-r", str(logdir), "--max_steps", "6", *FAST], tmp_path)
+    assert "changed on resume" not in proc.stdout  # the same config: nothing to apply
+    proc = run_main(["-r", str(logdir), "--max_steps", "8", "model.base_learning_rate=2.5e-5", *FAST], tmp_path)
+    assert "learning rate changed on resume" in proc.stdout and "-> 2.50e-05 (config)" in proc.stdout
+    saved = load_ckpt(logdir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 8 and before != 2.5e-5
+    assert [g["lr"] for opt in saved["optimizer_states"] for g in opt["param_groups"]] == pytest.approx([2.5e-5] * 2)

@@ -232,6 +232,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         "export_safetensors": {"target": "ldm.callbacks.ExportSafetensors", "params": {"ckptdir": str(ckptdir)}},
         "last_checkpoint": {"target": "ldm.callbacks.LastCheckpoint",
                             "params": {"ckptdir": str(ckptdir)}},
+        "resumed_learning_rate": {"target": "ldm.callbacks.ResumedLearningRate"},
     }
     callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
     callbacks = [instantiate_from_config(checkpoint_cfg)]
