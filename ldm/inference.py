@@ -80,28 +80,38 @@ def decode_latents(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
         return model.decode_first_stage(z).float().clamp(-1.0, 1.0)
 
 
+Prompts = Union[str, Sequence[str]]
+
+
+def prompt_list(prompts: Prompts, n: Optional[int] = None, what: str = "prompts") -> list[str]:
+    """`prompts` as a list: a plain string is one prompt, or the prompt of each of `n` images when `n` is given
+    (as diffusers' pipelines broadcast it); a list must then have `n` entries."""
+    if isinstance(prompts, str):
+        return [prompts] * (n or 1)
+    listed = list(prompts)
+    if not all(isinstance(p, str) for p in listed):
+        raise TypeError(f"{what} must be strings, got {[type(p).__name__ for p in listed]}")
+    if n is not None and len(listed) != n:
+        raise ValueError(f"got {len(listed)} {what} for {n} images; give one per image, or one string")
+    return listed
+
+
 def negative_prompts(negative_prompt: Union[str, Sequence[str], None], n: int) -> list[str]:
     """What guidance steers away from, one per image: the empty prompt by default (plain classifier-free
     guidance), one string for every image, or a list of n."""
-    if negative_prompt is None or isinstance(negative_prompt, str):
-        return [negative_prompt or ""] * n
-    negatives = list(negative_prompt)
-    if len(negatives) != n:
-        raise ValueError(f"got {len(negatives)} negative prompts for {n} images; give one per image, or one string")
-    return negatives
+    return prompt_list("" if negative_prompt is None else negative_prompt, n, "negative prompts")
 
 
 @torch.no_grad()
-def text_condition(model: LatentDiffusion, prompts: Sequence[str], scale: float,
+def text_condition(model: LatentDiffusion, prompts: Prompts, scale: float,
                    negative_prompt: Union[str, Sequence[str], None] = None,
                    encode: Optional[Callable[[list[str]], Any]] = None) -> tuple[Any, Any]:
     """(τθ(prompts), τθ(negative prompts) when guidance needs it, else None). The negative prompts stand where
     classifier-free guidance puts the empty prompt: the output moves from them towards `prompts`. `encode`
     replaces `model.get_learned_conditioning` (a text-conditioned inpainting model adds its masked image)."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
+    prompts = prompt_list(prompts)
     encode = encode or model.get_learned_conditioning
-    cond = encode(list(prompts))
+    cond = encode(prompts)
     uncond = encode(negative_prompts(negative_prompt, len(prompts))) if scale != 1.0 else None
     return cond, uncond
 
@@ -191,17 +201,26 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
 
 
 @torch.no_grad()
-def text_to_image(model: LatentDiffusion, prompts: Sequence[str], *, scale: float = 3.0, sampler: str = "ddim",
+def text_to_image(model: LatentDiffusion, prompts: Prompts, *, scale: float = 3.0, sampler: str = "ddim",
                   steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None, height: Optional[int] = None,
                   width: Optional[int] = None, seed: Optional[int] = None, progress: bool = True,
                   callback: Optional[StepCallback] = None,
-                  negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
-    """One image per prompt, (len(prompts), 3, H, W) in [−1, 1]; guidance (`scale` ≠ 1) steers away from
-    `negative_prompt` (default: the empty prompt).
+                  negative_prompt: Union[str, Sequence[str], None] = None,
+                  num_images_per_prompt: int = 1) -> torch.Tensor:
+    """`num_images_per_prompt` images per prompt (a string or a list), each prompt's images next to each other:
+    (len(prompts) · num_images_per_prompt, 3, H, W) in [−1, 1]. Guidance (`scale` ≠ 1) steers away from
+    `negative_prompt` (default: the empty prompt; one string, or one per prompt).
 
     `height`/`width` (pixels, multiples of the first stage's factor) may exceed the training size: the
     U-Net is convolutional, so it samples a larger latent (LDM paper, sec. 4.3.2).
     """
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+    prompts = prompt_list(prompts)
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_prompt = [p for p in negative_prompts(negative_prompt, len(prompts))
+                           for _ in range(num_images_per_prompt)]
+    prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
     cond, uncond = text_condition(model, prompts, scale, negative_prompt)
     z = sample_latents(model, len(prompts), cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                        spacing=spacing,
@@ -236,7 +255,7 @@ def generate(model: LatentDiffusion, n: int, *, class_labels: Optional[Sequence[
 
 
 @torch.no_grad()
-def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
+def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Optional[Prompts] = None, *,
                    strength: float = 0.75, scale: float = 3.0, sampler: str = "ddim", steps: int = 50,
                    eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
                    progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
@@ -253,9 +272,7 @@ def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Option
         raise ValueError("image_to_image needs a sampler that can start midway: ddim, plms or a σ-space sampler "
                          "(euler, dpmpp_2m, ...), not ddpm")
     n = images.shape[0]
-    prompts = [""] * n if prompts is None else list(prompts)
-    if len(prompts) != n:
-        raise ValueError(f"got {len(prompts)} prompts for {n} images; give one per image (or none)")
+    prompts = prompt_list("" if prompts is None else prompts, n)
     if seed is not None:
         torch.manual_seed(seed)
     cond, uncond = (text_condition(model, prompts, scale, negative_prompt) if model.model.conditioning_key is not None
@@ -289,7 +306,7 @@ def _check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
 
 @torch.no_grad()
 def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
-            prompts: Optional[Sequence[str]] = None, *, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
+            prompts: Optional[Prompts] = None, *, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
             eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
             progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
     """Fill the region where `masks` is 1; the result keeps the other pixels exactly.
@@ -307,7 +324,7 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
     shape = latent_shape(model, images.shape[-2], images.shape[-1])
     if seed is not None:
         torch.manual_seed(seed)
-    prompts = [""] * n if prompts is None else prompts
+    prompts = prompt_list("" if prompts is None else prompts, n)
     if isinstance(model, LatentInpaintDiffusion):
         concat = model.inpainting_condition(images * (1.0 - masks), masks)
         cond, uncond = concat, None

@@ -126,8 +126,24 @@ def test_text_to_image_larger_than_training_and_bad_sizes(txt2img):
         latent_shape(txt2img, 30, 32)
     with pytest.raises(ValueError, match="unknown sampler 'ddpn'"):
         text_to_image(txt2img, ["a"], sampler="ddpn", progress=False)
-    with pytest.raises(TypeError, match="list of strings"):
-        text_to_image(txt2img, "a red circle", progress=False)
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        text_to_image(txt2img, [3], progress=False)
+
+
+def test_plain_string_prompts_and_several_images_per_prompt(txt2img):
+    kwargs = dict(steps=STEPS, seed=0, progress=False)
+    one = text_to_image(txt2img, "a red circle", **kwargs)
+    assert torch.equal(one, text_to_image(txt2img, ["a red circle"], **kwargs))
+    # Each prompt's images side by side, as diffusers orders them; the same seed gives the same batch.
+    batch = text_to_image(txt2img, ["a red circle", "a blue square"], num_images_per_prompt=3, **kwargs)
+    same_prompts = ["a red circle"] * 3 + ["a blue square"] * 3
+    assert torch.equal(batch, text_to_image(txt2img, same_prompts, **kwargs))
+    negatives = text_to_image(txt2img, ["a red circle", "a blue square"], num_images_per_prompt=2,
+                              negative_prompt=["red", "blue"], **kwargs)
+    assert torch.equal(negatives, text_to_image(txt2img, ["a red circle"] * 2 + ["a blue square"] * 2,
+                                                negative_prompt=["red", "red", "blue", "blue"], **kwargs))
+    with pytest.raises(ValueError, match="num_images_per_prompt must be at least 1"):
+        text_to_image(txt2img, "a red circle", num_images_per_prompt=0, **kwargs)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "plms", "dpmpp_2m", "euler_a"])
