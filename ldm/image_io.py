@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Optional, Union
 
 import numpy as np
@@ -87,11 +88,14 @@ def next_index(directory: Union[str, Path], prefix: str = "") -> int:
     return max(numbers, default=-1) + 1
 
 
-def save_images(images: torch.Tensor, directory: Union[str, Path], start: Optional[int] = None) -> list[Path]:
-    """One PNG per image, numbered 00000.png, 00001.png, ... from `start` (default: after the existing ones)."""
+def save_images(images: torch.Tensor, directory: Union[str, Path], start: Optional[int] = None,
+                text: Optional[Mapping[str, str]] = None) -> list[Path]:
+    """One PNG per image, numbered 00000.png, 00001.png, ... from `start` (default: after the existing ones), each
+    carrying `text` and its place in the batch (``batch_index``) as PNG text metadata."""
     directory = Path(directory)
     start = next_index(directory) if start is None else start
-    return [save_png(to_uint8(image), directory / f"{start + i:05d}.png") for i, image in enumerate(images)]
+    return [save_png(to_uint8(image), directory / f"{start + i:05d}.png",
+                     None if text is None else {**text, "batch_index": str(i)}) for i, image in enumerate(images)]
 
 
 def save_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:

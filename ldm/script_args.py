@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 
+from ldm import __version__
 from ldm.checkpoint import CheckpointError
 from ldm.image_io import next_index, save_grid, save_images
 from ldm.inference import PRECISIONS, load_model
@@ -94,6 +95,18 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"error: {e}") from e
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` as written in each program's docstring, with every option's default shown (unless its help already
+    says it, or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def command_line(main: Callable[[], Any]) -> Callable[[], None]:
     """The console entry point of a script's `main` (``ldm-txt2img``, ``python scripts/txt2img.py``): user
     errors end it with one line (`user_errors`), and an integer `main` returns is its exit status."""
@@ -130,10 +143,23 @@ class SampleWriter:
         self.opt = opt
         self.batches: list[torch.Tensor] = []
 
-    def add(self, images: torch.Tensor) -> None:
+    def add(self, images: torch.Tensor, prompt: str, seed: int) -> None:
+        """Write a batch made from `prompt` with `seed`; each PNG carries how it was made (`settings`)."""
         if not self.opt.skip_save:
-            save_images(images, self.opt.outdir / "samples")
+            save_images(images, self.opt.outdir / "samples", text=self.settings(prompt, seed))
         self.batches.append(images.cpu())
+
+    def settings(self, prompt: str, seed: int) -> dict[str, str]:
+        """PNG text metadata: what the image was asked for and how it was sampled, enough to make it again."""
+        opt = self.opt
+        text = {"prompt": prompt, "negative_prompt": opt.negative_prompt or "", "seed": str(seed),
+                "sampler": "plms" if opt.plms else opt.sampler, "steps": str(opt.steps), "scale": str(opt.scale),
+                "eta": str(opt.eta), "model": str(opt.config)}
+        for optional in ("ckpt", "spacing", "strength"):
+            if getattr(opt, optional, None) is not None:
+                text[optional] = str(getattr(opt, optional))
+        text["software"] = f"ldm {__version__}"
+        return text
 
     def finish(self) -> None:
         if not self.opt.skip_save:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> torch.Tensor:
@@ -34,11 +37,16 @@ def to_uint8(image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an HWC uint8 array as PNG (creating the folder); returns the path."""
+def save_png(image: np.ndarray, path: str | Path, text: Optional[Mapping[str, str]] = None) -> Path:
+    """Write an HWC uint8 array as PNG (creating the folder), with `text` as its tEXt metadata; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, str(value))
+    Image.fromarray(image).save(path, pnginfo=info)
     return path
 
 

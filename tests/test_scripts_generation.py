@@ -130,6 +130,19 @@ def test_txt2img_larger_than_training_size(tmp_path, tiny_txt2img_model):
     assert not list(tmp_path.glob("grid-*.png"))
 
 
+def test_samples_carry_how_they_were_made_in_their_png_text(tmp_path, tiny_txt2img_model):
+    load_script("txt2img").main(["--config", str(tiny_txt2img_model), "--n_samples", "2", "--steps", STEPS,
+                                 "--prompt", "a red circle", "--negative_prompt", "blue", "--scale", "2.5",
+                                 "--sampler", "euler", "--seed", "7", "--skip_grid", "--outdir", str(tmp_path)])
+    for index in (0, 1):
+        text = Image.open(tmp_path / "samples" / f"0000{index}.png").text
+        assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "sampler", "steps", "scale", "model",
+                                     "batch_index")} == {
+            "prompt": "a red circle", "negative_prompt": "blue", "seed": "7", "sampler": "euler", "steps": STEPS,
+            "scale": "2.5", "model": str(tiny_txt2img_model), "batch_index": str(index)}
+        assert text["software"].startswith("ldm ")
+
+
 def test_txt2img_skip_save_writes_only_the_grid(tmp_path, tiny_txt2img_model):
     load_script("txt2img").main(["--config", str(tiny_txt2img_model), "--n_samples", "2", "--steps", STEPS,
                                  "--skip_save", "--outdir", str(tmp_path)])

@@ -30,7 +30,7 @@ from ldm.inference import load_model
 from ldm.modules.diffusionmodules.diffusers_conversion import (diffusers_unet_class, from_diffusers,
                                                                 to_diffusers, unet_params)
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.script_args import command_line, user_errors
+from ldm.script_args import HelpFormatter, command_line, user_errors
 from ldm.util import instantiate_from_config
 
 UNET_TARGET = f"{UNetModel.__module__}.{UNetModel.__name__}"
@@ -60,7 +60,7 @@ def conversion_errors() -> Iterator[None]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--to-diffusers", nargs="?", const="", metavar="MODEL",
                       help="convert our model: a built-in name, a model directory, or a config .yaml (or --config)")

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors
 from ldm.model_loading import INIT_PARAMS, build_model
 from ldm.config import load_configs
-from ldm.script_args import add_trust_config_arg, command_line
+from ldm.script_args import HelpFormatter, add_trust_config_arg, command_line
 from ldm.cli.train import run_config_files
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,7 +54,7 @@ def sampling_state_dict(model: torch.nn.Module, config, dtype: torch.dtype) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("ckpt", type=Path, help="a Lightning .ckpt (or .pt/.pth state dict)")
     parser.add_argument("-o", "--out", type=Path, default=None, help="output .safetensors (default: beside ckpt)")
     parser.add_argument("--keep-loss", action="store_true", help="keep loss.* (discriminator, LPIPS) weights")

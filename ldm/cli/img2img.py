@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ldm.image_io import load_image
 from ldm.inference import downsampling_factor, image_to_image, latent_shape
-from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,
-                             add_sampler_args, command_line, guidance_scale, model_from_args, sampler_kwargs)
+from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg,
+                             add_output_args, add_sampler_args, command_line, guidance_scale, model_from_args,
+                             sampler_kwargs)
 
 
 def strength(text: str) -> float:
@@ -27,7 +28,7 @@ def strength(text: str) -> float:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--init-img", type=Path, required=True, help="the image to start from")
     parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
     parser.add_argument("--strength", type=strength, default=0.75,
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         images = image_to_image(model, init.expand(opt.n_samples, -1, -1, -1), [opt.prompt] * opt.n_samples,
                                 strength=opt.strength, scale=opt.scale, negative_prompt=opt.negative_prompt,
                                 **{**sampler_kwargs(opt), "seed": opt.seed + iteration})
-        writer.add(images)
+        writer.add(images, opt.prompt, opt.seed + iteration)
     writer.finish()
 
 

@@ -23,14 +23,14 @@ from tqdm import tqdm
 
 from ldm.image_io import load_image, load_mask, save_grid, to_pil
 from ldm.inference import inpaint, reads_prompts
-from ldm.script_args import (add_model_args, add_negative_prompt_arg, add_sampler_args, command_line,
-                             guidance_scale, model_from_args, sampler_kwargs)
+from ldm.script_args import (HelpFormatter, add_model_args, add_negative_prompt_arg, add_sampler_args,
+                             command_line, guidance_scale, model_from_args, sampler_kwargs)
 
 MASK_SUFFIX = "_mask.png"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--indir", type=Path, default=Path("data/inpainting_examples"),
                         help="folder of name.png + name_mask.png pairs (white in the mask = fill)")
     parser.add_argument("--outdir", type=Path, default=Path("outputs/inpainting-samples"), help="where to write")

@@ -29,14 +29,14 @@ from ldm.image_io import next_index, load_image, save_grid
 from ldm.inference import downsampling_factor
 from ldm.interpolation import INTERPOLATION_SAMPLERS, interpolate, progressive_generation, start_step
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.script_args import (add_model_args, add_sampler_args, command_line, guidance_scale, model_from_args,
-                             sampler_kwargs)
+from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, command_line, guidance_scale,
+                             model_from_args, sampler_kwargs)
 
 MODES = ("interpolate", "progressive")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--mode", choices=MODES, default="interpolate", help="what to show (default interpolate)")
     parser.add_argument("--image-a", "--image_a", dest="image_a", type=Path, nargs="+", default=None,
                         help="first image of each pair (default: the built-in test split's first image)")

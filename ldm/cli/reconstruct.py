@@ -18,7 +18,7 @@ import torch
 from ldm.model_loading import build_model
 from ldm.evaluation.reconstruction import dataset_images, reconstruct, reconstruction_metrics
 from ldm.visualization import save_image_grid
-from ldm.script_args import add_trust_config_arg, command_line
+from ldm.script_args import HelpFormatter, add_trust_config_arg, command_line
 
 
 def load_images(opt: argparse.Namespace, size: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def resolve(opt: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--run", type=Path, help="a run directory written by main.py")
     parser.add_argument("--config", type=Path, help="model config (with --ckpt)")
     parser.add_argument("--ckpt", type=Path, help=".ckpt or .safetensors weights")

@@ -32,13 +32,13 @@ from ldm.inference import generate, text_to_image
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
 from ldm.modules.encoders.modules import ClassEmbedder
-from ldm.script_args import (add_model_args, add_sampler_args, command_line, guidance_scale, model_from_args,
-                             read_prompt_file, sampler_kwargs)
+from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, command_line, guidance_scale,
+                             model_from_args, read_prompt_file, sampler_kwargs)
 from ldm.cli.train import _resolve_resume
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-r", "--resume", type=Path, default=None,
                         help="a training run logs/<run> (its configs/*-project.yaml and checkpoints/last.ckpt) or a "
                              ".ckpt inside one; instead of --config/--ckpt")

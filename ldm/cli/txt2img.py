@@ -6,20 +6,21 @@
 Every sample is written to <outdir>/samples/NNNNN.png, numbered after the files already there, and each run
 adds one grid <outdir>/grid-NNNN.png with a row per prompt and iteration and --n_samples columns. --H/--W
 larger than the model's training size sample the U-Net convolutionally on the larger latent (LDM paper,
-Sec. 4.3.2). The same --seed gives the same images.
+Sec. 4.3.2). The same --seed gives the same images. Each sample's PNG carries how it was made as text metadata
+(prompt, negative prompt, seed, sampler, steps, scale, model; `PIL.Image.open(path).text`).
 """
 import argparse
 from pathlib import Path
 
 
 from ldm.inference import latent_shape, text_to_image
-from ldm.script_args import (SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,
-                             add_sampler_args, command_line, guidance_scale, model_from_args, read_prompt_file,
-                             sampler_kwargs)
+from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg,
+                             add_output_args, add_sampler_args, command_line, guidance_scale, model_from_args,
+                             read_prompt_file, sampler_kwargs)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--prompt", default="a red circle above a blue square", help="the prompt to render")
     parser.add_argument("--from-file", type=Path, default=None,
                         help="a text file with one prompt per line (blank lines skipped), instead of --prompt")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"iteration {iteration + 1}/{opt.n_iter}, prompt {p + 1}/{len(prompts)}: {prompt!r}")
             images = text_to_image(model, [prompt] * opt.n_samples, scale=opt.scale, height=opt.H, width=opt.W,
                                    negative_prompt=opt.negative_prompt, **{**kwargs, "seed": seed})
-            writer.add(images)
+            writer.add(images, prompt, seed)
     writer.finish()
 
 

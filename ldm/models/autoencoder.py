@@ -311,12 +311,24 @@ class AutoencoderKL(FirstStageModule):
     (`LPIPSWithDiscriminator`, or `torch.nn.Identity` for inference only). Latents have `embed_dim`
     channels. `ema_decay` keeps an EMA of the weights (`model_ema.*`), used for the `val_ema/*` metrics
     and `plot_ema` images. `learn_logvar` (default on) optimises the loss's output log-variance.
+
+    Two options make a decoder for latents a diffusion model generated rather than encoded: `decoder_noise`
+    adds Gaussian noise to z in training, of standard deviation drawn per image uniformly from
+    [0, decoder_noise] × the batch's latent std (the noise augmentation of cascaded diffusion, Ho et al. 2021,
+    sec. 4.1, put on the decoder: a sample's latent is off the encoder's by errors of that kind, and a decoder
+    that only saw exact encodings turns them into ragged outlines); `train_decoder_only` freezes the encoder
+    and `quant_conv`, so the latent space, and every diffusion model trained on it, stays as it was.
     """
 
     def __init__(self, ddconfig: dict, lossconfig: dict, embed_dim: int, ckpt_path: Optional[str] = None,
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: Optional[int] = None,
-                 monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = True) -> None:
+                 monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = True,
+                 decoder_noise: float = 0.0, train_decoder_only: bool = False) -> None:
         super().__init__(image_key=image_key, colorize_nlabels=colorize_nlabels, monitor=monitor)
+        if decoder_noise < 0:
+            raise ValueError(f"decoder_noise must be >= 0 (a fraction of the latent std), got {decoder_noise}")
+        self.decoder_noise = decoder_noise
+        self.train_decoder_only = train_decoder_only
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder emits mean and log-variance)")
         self.encoder = Encoder(**ddconfig)
@@ -342,6 +354,9 @@ class AutoencoderKL(FirstStageModule):
                 ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         posterior = self.encode(input)
         z = posterior.sample() if sample_posterior else posterior.mode()
+        if self.training and self.decoder_noise > 0:
+            level = self.decoder_noise * torch.rand(len(z), 1, 1, 1, device=z.device) * z.detach().std()
+            z = z + level * torch.randn_like(z)
         return self.decode(z), posterior
 
     def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -353,7 +368,13 @@ class AutoencoderKL(FirstStageModule):
                          split=split)
 
     def _autoencoder_parameters(self) -> list[nn.Parameter]:
-        params = _trainable(self.encoder, self.decoder, self.quant_conv, self.post_quant_conv)
+        trained = (self.decoder, self.post_quant_conv)
+        if self.train_decoder_only:
+            for module in (self.encoder, self.quant_conv):
+                module.requires_grad_(False)
+        else:
+            trained = (self.encoder, self.quant_conv, *trained)
+        params = _trainable(*trained)
         if self.learn_logvar:
             params.append(self.loss.logvar)
         return params
