@@ -35,6 +35,16 @@ from ldm.divergence import SafeCheckpointIO, TrainingDiverged
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("ldm")
+
+
+class _DropLightningAdverts(logging.Filter):
+    """Lightning's rank-zero log advertises a cloud service at every fit ("💡 Tip: ..."); nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropLightningAdverts())
 # Lightning 2.6 trips over its own deprecation on every fit; it says nothing about the user's run.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # Latent diffusion keeps its frozen first stage (and a frozen condition encoder) in eval mode on purpose.
@@ -233,6 +243,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         "last_checkpoint": {"target": "ldm.callbacks.LastCheckpoint",
                             "params": {"ckptdir": str(ckptdir)}},
         "resumed_learning_rate": {"target": "ldm.callbacks.ResumedLearningRate"},
+        "progress_bar": {"target": "ldm.progress.StepProgressBar"},
     }
     callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
     callbacks = [instantiate_from_config(checkpoint_cfg)]

@@ -323,9 +323,9 @@ class DDPM(pl.LightningModule):
         loss, log = self.shared_step(batch)
         raise_if_not_finite(loss, log, f"global step {self.global_step}")
         self.log_dict(log, prog_bar=True, logger=True, on_step=True, on_epoch=True, batch_size=_batch_size(batch))
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
+        self.log("global_step", float(self.global_step), prog_bar=False, logger=True, on_step=True, on_epoch=False)
         if self.scheduler_config is not None:
-            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True,
+            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=False, logger=True,
                      on_step=True, on_epoch=False)
         return loss
 

@@ -1,0 +1,40 @@
+"""The training console: one progress bar over the run's optimizer steps, not one per epoch.
+
+Runs here are step-based (`max_steps`, validation every N steps across epochs) on datasets whose epochs mean
+little (the built-in data is generated), so Lightning's per-epoch bar showed "Epoch 4/-2" (no `max_epochs`)
+and restarted every few hundred batches. This bar counts `global_step` up to `max_steps` and names the epoch
+in its description; the logger's version (`v_num`) is left out of its figures.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import TQDMProgressBar
+
+
+class StepProgressBar(TQDMProgressBar):
+    """TQDM bar from the resumed step to `max_steps` (open-ended when there is none)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        bar.n = bar.initial = trainer.global_step  # a resumed run continues where it stopped
+        bar.unit = "step"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"train (epoch {trainer.current_epoch})")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and (batch_idx + 1) % self.refresh_rate == 0:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
