@@ -133,8 +133,12 @@ def test_a_validation_interval_longer_than_an_epoch_counts_steps_across_epochs(t
     # say 5000) made Lightning abort before the first step unless check_val_every_n_epoch was null.
     fast = [a for a in FAST if a not in ("--val_check_interval", "4")]
     # The autoencoder takes two optimizer steps a batch: 44 steps are 22 batches.
-    run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "44", "lightning.trainer.val_check_interval=20",
-              *fast], tmp_path)
+    proc = run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "44",
+                     "lightning.trainer.val_check_interval=20", *fast], tmp_path)
+    # One progress bar over the run's steps (ldm/progress.py), not Lightning's per-epoch "Epoch 1/-2" bar.
+    console = proc.stdout + proc.stderr
+    assert "44/44 [" in console and "/-2" not in console and "v_num" not in console
+    assert "Tip:" not in console and "weights_only" not in console
     rows = (only_run(tmp_path) / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     validated = [row.split(",")[header.index("epoch")] for row in rows[1:]
