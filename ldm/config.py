@@ -68,6 +68,23 @@ def _flatten_keys(node: Any, prefix: str = "") -> list[str]:
     return []
 
 
+# Parameters that name files. A relative one that exists beside its config file means that file (a model directory's
+# `tokenizer_path: vocab.txt`), wherever the config is loaded from; otherwise it is left as written (configs/ name
+# the built-in weights relative to the repository root, found by `ldm.assets.resolve`).
+FILE_PARAMS = ("ckpt_path", "tokenizer_path")
+
+
+def _anchor_file_references(node: Any, directory: Path) -> None:
+    """`FILE_PARAMS` in a plain (unresolved) container made absolute where they name a file beside the config."""
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in children:
+        if key in FILE_PARAMS and isinstance(value, str) and value and "${" not in value \
+                and not Path(value).is_absolute() and (directory / value).exists():
+            node[key] = str((directory / value).resolve())
+        else:
+            _anchor_file_references(value, directory)
+
+
 def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
     """Load YAML files, merge them left to right, then apply dotlist overrides (``a.b.c=1``).
 
@@ -83,6 +100,9 @@ def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
             cfg = OmegaConf.load(path)
         except Exception as e:  # yaml.ScannerError and friends: keep the parser's line/column
             raise ConfigError(f"cannot parse config file {path}: {e}") from e
+        raw = OmegaConf.to_container(cfg, resolve=False)
+        _anchor_file_references(raw, path.parent)
+        cfg = OmegaConf.create(raw)
         for key in _flatten_keys(OmegaConf.to_container(cfg)):
             sources[key] = str(path)
         configs.append(cfg)

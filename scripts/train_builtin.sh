@@ -57,8 +57,9 @@ for stage in $STAGES; do
     txt2img)
       train builtin_txt2img configs/latent-diffusion/txt2img.yaml "$TXT2IMG_STEPS" \
         "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors"
+      # --share-first-stage: the built-in models share one first stage file (the wheel carries it once).
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \
-        --dtype fp16
+        --dtype fp16 --share-first-stage
       ;;
     inpainting)
       # Starts from the txt2img model above (Stable Diffusion's inpainting recipe).
@@ -66,7 +67,7 @@ for stage in $STAGES; do
         "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
         "model.params.init_from_text_model=$MODELS/ldm/txt2img-shapes/model.safetensors"
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/inpainting-shapes" \
-        --dtype fp16
+        --dtype fp16 --share-first-stage
       ;;
     *) echo "unknown stage '$stage' in BUILTIN_STAGES (use first_stage, txt2img, inpainting)" >&2; exit 2 ;;
   esac

@@ -1,4 +1,5 @@
 """The sampling API (ldm/inference.py), the inpainting model and the weights export, on tiny models."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,7 @@ def _fake_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     model = instantiate_from_config(config["model"])
     first_stage = save_safetensors(model.first_stage_model.state_dict(), tmp_path / "first_stage.safetensors")
     config["model"]["params"]["first_stage_config"]["params"]["ckpt_path"] = str(first_stage)
+    config["model"]["params"]["cond_stage_config"]["params"]["tokenizer_path"] = "ldm/data/shapes_vocab.txt"
     with torch.no_grad():
         for name, buffer in model.model_ema.named_buffers():
             if name not in ("decay", "num_updates"):
@@ -207,13 +209,28 @@ def _fake_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     return run, model
 
 
-def test_export_model_dir_holds_the_ema_weights_without_the_first_stage(tmp_path):
+def test_export_model_dir_is_self_contained_and_holds_the_ema_weights(tmp_path):
     run, model = _fake_run(tmp_path)
+    shared = tmp_path / "shared"
+    subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "last.ckpt"),
+                    "--model-dir", str(shared), "--share-first-stage"], cwd=REPO, check=True, capture_output=True)
+    assert not any(k.startswith(("first_stage_model.", "model_ema.")) for k in load_file(shared / "model.safetensors"))
     out = tmp_path / "exported"
     subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "last.ckpt"),
                     "--model-dir", str(out), "--dtype", "fp16"], cwd=REPO, check=True, capture_output=True)
     state = load_file(out / "model.safetensors")
-    assert not any(k.startswith(("first_stage_model.", "model_ema.")) for k in state)
+    assert any(k.startswith("first_stage_model.") for k in state) and not any(k.startswith("model_ema.") for k in state)
+    assert (out / "shapes_vocab.txt").is_file()  # the caption vocabulary travels with the model
+    assert OmegaConf.load(out / "config.yaml").model.params.cond_stage_config.params.tokenizer_path == "shapes_vocab.txt"
+    card = (out / "README.md").read_text()
+    assert "7 optimizer steps" in card and "ldm-txt2img --config" in card
+    # Copied anywhere, without the first stage's own file, it loads and samples the same.
+    (tmp_path / "first_stage.safetensors").rename(tmp_path / "moved.safetensors")
+    shutil.copytree(out, tmp_path / "elsewhere" / "copy")
+    assert torch.equal(text_to_image(load_model(out), ["a red circle"], steps=STEPS, seed=0, progress=False),
+                       text_to_image(load_model(tmp_path / "elsewhere" / "copy"), ["a red circle"], steps=STEPS,
+                                     seed=0, progress=False))
+    (tmp_path / "moved.safetensors").rename(tmp_path / "first_stage.safetensors")
     assert state["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert state["alphas_cumprod"].dtype == torch.float32  # buffers keep their precision
     # The export, the training checkpoint (EMA used) and the EMA weights all sample the same.

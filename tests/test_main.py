@@ -157,3 +157,10 @@ def test_a_learning_rate_changed_on_resume_is_applied(tmp_path):
     saved = load_ckpt(logdir / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 8 and before != 2.5e-5
     assert [g["lr"] for opt in saved["optimizer_states"] for g in opt["param_groups"]] == pytest.approx([2.5e-5] * 2)
+
+
+def test_a_run_keeps_one_last_checkpoint(tmp_path):
+    # No validation before the end (interval 4, 2 steps): ModelCheckpoint's own last.ckpt comes after LastCheckpoint's.
+    run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "2", *FAST], tmp_path)
+    names = sorted(p.name for p in (only_run(tmp_path) / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "last.safetensors"], names

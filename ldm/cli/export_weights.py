@@ -6,23 +6,31 @@
 The `.ckpt` is read with weights_only=True (no arbitrary unpickling). Training-only `loss.*` weights
 (LPIPS, discriminator) are dropped unless --keep-loss is given.
 
-With --model-dir the export is a model directory for `ldm.inference.load_model` and the sampling scripts:
-`model.safetensors` holds the weights used for sampling (the EMA weights folded into the model, no
-`model_ema.*`), without the frozen first stage when the run's config names the first stage's own
-checkpoint, parameters in --dtype (buffers such as the noise schedule stay float32); `config.yaml` is the
-run's config (model, data and lightning sections), so `main.py --base <dir>/config.yaml -t` retrains it.
+With --model-dir the export is a self-contained model directory for `ldm.inference.load_model` and the
+sampling scripts, loadable wherever it is copied:
+- `model.safetensors`: every weight sampling uses (the EMA weights folded into the model, no `model_ema.*`,
+  the first stage included), parameters in --dtype (buffers such as the noise schedule stay float32);
+  --share-first-stage leaves the frozen first stage out when the run's config names its own checkpoint (the
+  built-in models share one first stage that way);
+- `config.yaml`: the run's config (model, data and lightning sections), so `main.py --base <dir>/config.yaml
+  -t` retrains it; file references inside the directory are relative to it;
+- the caption tokenizer's vocabulary (`vocab.txt`) when the config names one;
+- `README.md`, a model card: what the model is, what it was trained on and for how long, how to use it.
 """
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
 
-from ldm.checkpoint import inference_state_dict, load_state_dict, save_safetensors
+from ldm.checkpoint import inference_state_dict, load_checkpoint_file, load_state_dict, save_safetensors
 from ldm.model_loading import INIT_PARAMS, build_model
 from ldm.config import load_configs
+from ldm.modules.encoders.vocabulary import find_bert_vocab
 from ldm.script_args import HelpFormatter, add_trust_config_arg, command_line
 from ldm.cli.train import run_config_files
 
@@ -39,18 +47,62 @@ def ckpt_run_configs(ckpt: Path) -> list[Path]:
     return files
 
 
-def sampling_state_dict(model: torch.nn.Module, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The weights sampling uses: EMA folded in, no training-only parts, the first stage left to its own file."""
+def sampling_state_dict(model: torch.nn.Module, config, dtype: torch.dtype,
+                        share_first_stage: bool = False) -> dict[str, torch.Tensor]:
+    """The weights sampling uses: EMA folded in, no training-only parts; with `share_first_stage`, the first stage
+    left to its own file (when the config names one)."""
     with model.ema_scope():  # the EMA weights while inside (a no-op for a model without EMA)
         state = {k: v.clone() for k, v in inference_state_dict(model.state_dict()).items()
                  if not k.startswith("model_ema.")}
     first_stage = OmegaConf.select(config, "model.params.first_stage_config.params.ckpt_path")
-    if first_stage:
+    if first_stage and share_first_stage:
         shared = ("first_stage_model.", "cond_stage_model.") if model.cond_stage_model is model.first_stage_model \
             else ("first_stage_model.",)
         state = {k: v for k, v in state.items() if not k.startswith(shared)}
     parameters = {name for name, _ in model.named_parameters()}
     return {k: v.to(dtype) if k in parameters and v.is_floating_point() else v for k, v in state.items()}
+
+
+def copy_vocabulary(config, model_dir: Path) -> Optional[Path]:
+    """The caption tokenizer's vocabulary copied into the model directory, the config pointing at it there."""
+    params = OmegaConf.select(config, "model.params.cond_stage_config.params")
+    source = params.get("tokenizer_path") if params is not None else None
+    if not source:
+        return None
+    found = find_bert_vocab(source)
+    target = model_dir / found.name
+    if found.resolve() != target.resolve():
+        shutil.copyfile(found, target)
+    params["tokenizer_path"] = found.name  # load_model reads it relative to the model directory
+    return target
+
+
+def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str) -> Path:
+    """README.md: what the model is, how it was trained (from the run's config and checkpoint), how to use it."""
+    params = config.model.get("params", {})
+    step = load_checkpoint_file(ckpt, mmap=True).get("global_step") if ckpt.suffix == ".ckpt" else None
+    data = OmegaConf.select(config, "data.params.train", default=None)
+    lines = [
+        f"# {model_dir.name}", "",
+        f"A `{config.model.target.rpartition('.')[2]}` model of the ldm toolkit, exported by "
+        f"`ldm-export {ckpt} --model-dir {model_dir}`.", "",
+        "| | |", "|---|---|",
+        f"| conditioning | {params.get('conditioning_key') or 'none'} (`{params.get('cond_stage_key', '-')}`) |",
+        f"| prediction | {params.get('parameterization', 'eps')} |",
+        f"| latent | {params.get('channels', '?')} × {params.get('image_size', '?')} × {params.get('image_size', '?')} |",
+        f"| trained | {'?' if step is None else f'{step:,} optimizer steps'}, learning rate "
+        f"{config.model.get('base_learning_rate', '?')}, batch size {OmegaConf.select(config, 'data.params.batch_size', default='?')} |",
+        f"| training data | `{data.target if data is not None else '?'}` |",
+        f"| weights | {dtype}; `config.yaml` holds the full training config |", "",
+        "Use it:", "", "```bash",
+        f"ldm-txt2img --config {model_dir} --prompt \"...\"      # or: python scripts/txt2img.py --config ...",
+        "```", "",
+        "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
+        "(`bench/convergence.py`, `bench/sampling.py`) and add them here.", "",
+    ]
+    path = model_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main() -> None:
@@ -62,6 +114,9 @@ def main() -> None:
                         help="write a model directory (config.yaml + model.safetensors) for sampling instead")
     parser.add_argument("--config", type=Path, nargs="+", default=None,
                         help="with --model-dir: the run's config files (default: logs/<run>/configs/ of the ckpt)")
+    parser.add_argument("--share-first-stage", action="store_true",
+                        help="with --model-dir: leave the frozen first stage out of model.safetensors when the run's "
+                             "config names its own checkpoint (the directory then needs that file)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="with --model-dir: type of the stored parameters (fp16 halves the file)")
     add_trust_config_arg(parser)
@@ -76,13 +131,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             OmegaConf.save(config, Path(scratch) / "config.yaml")
             model = build_model(Path(scratch) / "config.yaml", opt.ckpt, trust_config=opt.trust_config)
-        state = sampling_state_dict(model, config, DTYPES[opt.dtype])
+        state = sampling_state_dict(model, config, DTYPES[opt.dtype], opt.share_first_stage)
+        if not opt.share_first_stage:
+            OmegaConf.select(config, "model.params.first_stage_config.params", default={}).pop("ckpt_path", None)
         opt.model_dir.mkdir(parents=True, exist_ok=True)
+        vocabulary = copy_vocabulary(config, opt.model_dir)
         config_path = opt.model_dir / "config.yaml"
         OmegaConf.save(config, config_path)
         out = save_safetensors(state, opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
-        print(f"wrote {config_path} and {out} ({out.stat().st_size / 2**20:.2f} MiB)")
+        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype)
+        written = ", ".join(str(p) for p in (config_path, out, vocabulary, card) if p is not None)
+        print(f"wrote {written} ({out.stat().st_size / 2**20:.2f} MiB of weights)")
         return
     state = load_state_dict(opt.ckpt)
     if not opt.keep_loss:

@@ -223,8 +223,10 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
     """The reference's default callbacks, overridable by `lightning.callbacks` / `lightning.modelcheckpoint`."""
     checkpoint_cfg = {
         "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+        # No version counter: LastCheckpoint (below) also writes last.ckpt, and ModelCheckpoint would otherwise save
+        # a full duplicate as last-v1.ckpt whenever it finds a last.ckpt it did not write itself.
         "params": {"dirpath": str(ckptdir), "filename": "{epoch:06}-{step:09}", "verbose": True,
-                   "save_last": True},
+                   "save_last": True, "enable_version_counter": False},
     }
     monitor = getattr(model, "monitor", None)
     if monitor:
