@@ -116,6 +116,13 @@ def _summarise(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def derived_state_keys(module: torch.nn.Module) -> set[str]:
+    """Keys a checkpoint may hold that `module` recomputes instead of loading: each submodule lists its own in
+    `derived_state_keys` (CLIP's `position_ids`, a persistent buffer in the transformers SD v1 was saved with)."""
+    return {f"{name}.{key}" if name else key for name, sub in module.named_modules()
+            for key in getattr(sub, "derived_state_keys", ())}
+
+
 def load_weights(
     module: torch.nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -129,7 +136,8 @@ def load_weights(
     Returns ``(missing, unexpected)``.
     """
     ignore = tuple(ignore_prefixes)
-    state = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore))}
+    derived = derived_state_keys(module)
+    state = {k: v for k, v in state_dict.items() if not (ignore and k.startswith(ignore)) and k not in derived}
     own = module.state_dict()
     missing = [k for k in own if k not in state and not (ignore and k.startswith(ignore))]
     unexpected = [k for k in state if k not in own]

@@ -132,7 +132,8 @@ def _dataset_roots(node, path=""):
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, random_vgg16_file, image_folder):
+def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, random_vgg16_file, image_folder,
+                                                             tmp_path):
     """Every `target` resolves and the model, data and callbacks build as main.py builds them.
 
     Real-data configs point at `data/images/...`; they are built on a small folder made here, and LPIPS
@@ -148,6 +149,12 @@ def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, r
     assert found, f"{path} has no target"
     for key, node in found:
         get_obj_from_str(node["target"])
+    if str(OmegaConf.select(cfg, "model.params.cond_stage_config.target")).endswith("FrozenCLIPEmbedder"):
+        # Stable Diffusion's CLIP comes from the Hub; here from a local copy of its config and a small tokenizer.
+        from tests.test_stable_diffusion import VIT_L14_TEXT, write_clip_dir
+
+        clip = write_clip_dir(tmp_path / "clip", **VIT_L14_TEXT)
+        cfg.model.params.cond_stage_config.params.version = str(clip)
     first_stage_ckpt = OmegaConf.select(cfg, "model.params.first_stage_config.params.ckpt_path")
     if first_stage_ckpt is not None and not Path(first_stage_ckpt).is_file():
         # The user's own first stage (made first, as the config's header says): build without its weights.

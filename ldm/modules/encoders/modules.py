@@ -8,6 +8,7 @@ sequence (B, L, dim) that the U-Net attends to (Rombach et al. 2022, sec. 3.3, e
 - `BERTTokenizer`, `BERTEmbedder`, `TransformerEmbedder`: the reference's text encoder, a transformer
   trained from scratch together with the diffusion model over BERT WordPiece tokens.
 - `FrozenHFTextEmbedder`: a pretrained, frozen Hugging Face BERT-like encoder (offline MiniLM by default).
+- `FrozenCLIPEmbedder` (`ldm.modules.encoders.clip`): Stable Diffusion v1's CLIP text encoder.
 - `SpatialRescaler`: resizes an image condition (and optionally remaps its channels).
 
 The ``device`` constructor parameters exist because the reference configs pass them; modules here follow
@@ -15,8 +16,7 @@ The ``device`` constructor parameters exist because the reference configs pass t
 """
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.encoders.clip import FrozenCLIPEmbedder  # noqa: F401 (Stable Diffusion v1's configs name it here)
+from ldm.modules.encoders.tokenization import Text, tokenize_to_length
 from ldm.modules.encoders.vocabulary import GT_PACKAGE, gt_minilm_dir, load_bert_tokenizer
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
-Text = Union[str, Sequence[str]]
 
 
 class AbstractEncoder(nn.Module):
@@ -38,30 +39,6 @@ class AbstractEncoder(nn.Module):
 
     def encode(self, x: Any) -> Any:
         return self(x)
-
-
-def tokenize_to_length(tokenizer, text: Text, max_length: int, warned: set[str], owner: str):
-    """`text` tokenized with special tokens, truncated and padded to exactly `max_length` (a `BatchEncoding`
-    of (B, max_length) tensors).
-
-    Truncation silently changes what a prompt means, so each distinct over-long prompt is reported once
-    (`warned` records the prompts already reported) with the number of tokens dropped.
-    """
-    prompts = [text] if isinstance(text, str) else list(text)
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{owner} expects a string or a list of strings; got {[type(p).__name__ for p in prompts]}")
-    # verbose=False: without truncation HF would warn about prompts longer than the model's own limit.
-    full_lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
-    for prompt, length in zip(prompts, full_lengths):
-        if length > max_length and prompt not in warned:
-            warned.add(prompt)
-            warnings.warn(
-                f"{owner}: prompt is {length} tokens long (with [CLS]/[SEP]) but max_length is {max_length}; "
-                f"its last {length - max_length} tokens were dropped: {prompt[:80]!r}"
-                + ("..." if len(prompt) > 80 else ""),
-                stacklevel=2,
-            )
-    return tokenizer(prompts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
 
 
 def _weight_device(module: nn.Module) -> torch.device:
