@@ -73,11 +73,26 @@ class SafeCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, Path(path))
 
 
+PARTIAL_WRITE = ".{name}.*.tmp"  # atomic_torch_save's temporary file for `name`
+
+
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill (SIGKILL, power loss) cut short: the
+    checkpoints themselves are whole (the last complete write of each), these are leftovers."""
+    if not directory.is_dir():
+        return []
+    partial = sorted(directory.glob(PARTIAL_WRITE.format(name="*")))
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """`torch.save` to `path` through a temporary file in its directory, fsync'd, then `os.replace`d: readers
     see the old file or the new one, never a part; a failure removes the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, _, suffix = PARTIAL_WRITE.format(name=path.name).partition("*")
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as f:
             torch.save(obj, f)

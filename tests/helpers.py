@@ -2,6 +2,8 @@
 import importlib
 import importlib.util
 import json
+import os
+import signal
 from pathlib import Path
 from types import ModuleType
 
@@ -72,3 +74,37 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class KillAtStep(pl.Callback):
+    """SIGKILLs the training process once it reaches `step` (once: `marker` records it), as `kill -9` would."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        super().__init__()
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step >= self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillWhenPickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        self.marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)  # in the middle of writing the checkpoint file
+
+
+class KillWhileSaving(pl.Callback):
+    """SIGKILLs the process while it writes the first checkpoint after `after_step` (once: `marker`)."""
+
+    def __init__(self, after_step: int, marker: str) -> None:
+        super().__init__()
+        self.after_step, self.marker = after_step, Path(marker)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_step > self.after_step and not self.marker.exists():
+            checkpoint["kill_while_writing"] = _KillWhenPickled(self.marker)

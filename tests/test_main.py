@@ -23,8 +23,8 @@ FAST = ["data.params.batch_size=4", "data.params.num_workers=0", "data.params.tr
         "--limit_val_batches", "1", "--val_check_interval", "4", "--log_every_n_steps", "1", "--enable_model_summary", "false"]
 
 
-def run_main(args, tmp_path, timeout=300, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_main(args, tmp_path, timeout=300, check=True, extra_env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     env.pop("LDM_RUN_NOW", None)
     proc = subprocess.run([sys.executable, "main.py", *args, "-l", str(tmp_path / "logs")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -164,3 +164,46 @@ def test_a_run_keeps_one_last_checkpoint(tmp_path):
     run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "2", *FAST], tmp_path)
     names = sorted(p.name for p in (only_run(tmp_path) / "checkpoints").iterdir())
     assert names == ["last.ckpt", "last.safetensors"], names
+
+
+# ------------------------------------------------------------------------------------------ kill -9 and resume
+
+def _metrics_steps(logdir):
+    rows = (logdir / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    return {int(row.split(",")[header.index("step")]) for row in rows[1:] if row.split(",")[header.index("step")]}
+
+
+@pytest.mark.parametrize("kill", ["during_training", "while_saving"])
+def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_path):
+    """SIGKILL (no handler runs) mid-training or mid-checkpoint-write, $TMPDIR on another directory; then
+    `main.py -r <run>` with no other flag finishes the run. Checkpoints every 4 batches = 8 steps."""
+    marker = tmp_path / "killed"
+    killer = ({"target": "tests.helpers.KillAtStep", "step": 14} if kill == "during_training"
+              else {"target": "tests.helpers.KillWhileSaving", "step": 8})
+    params = "step" if kill == "during_training" else "after_step"
+    config = [f"lightning.callbacks.killer.target={killer['target']}",
+              f"lightning.callbacks.killer.params.{params}={killer['step']}",
+              f"lightning.callbacks.killer.params.marker={marker}",
+              "lightning.trainer.max_steps=24", "lightning.trainer.val_check_interval=4",
+              "lightning.trainer.limit_val_batches=1", "lightning.trainer.log_every_n_steps=1",
+              "data.params.batch_size=4", "data.params.num_workers=0", "data.params.train.params.num_samples=64",
+              "data.params.validation.params.num_samples=8", "lightning.callbacks.image_logger.params.disabled=true"]
+    other_tmp = tmp_path / "elsewhere-tmp"
+    other_tmp.mkdir()
+    proc = run_main(["--base", BUILTIN["kl"], "-t", "--no-test", *config], tmp_path, check=False,
+                    extra_env={"TMPDIR": str(other_tmp)})
+    assert proc.returncode == -signal.SIGKILL and marker.exists(), proc.stderr[-2000:]
+    logdir = only_run(tmp_path)
+    checkpoints = logdir / "checkpoints"
+    saved = load_ckpt(checkpoints / "last.ckpt")  # whole: the kill never leaves a torn checkpoint
+    assert saved["global_step"] == 8
+    if kill == "while_saving":
+        assert list(checkpoints.glob(".*.tmp")), "the killed write should have left its temporary file"
+
+    proc = run_main(["-r", str(logdir)], tmp_path)
+    assert load_ckpt(checkpoints / "last.ckpt")["global_step"] == 24
+    assert not list(checkpoints.glob(".*.tmp")) and not list(checkpoints.glob("last-v*.ckpt"))
+    # metrics.csv is complete: every batch of the run logged (the autoencoder's 24 optimizer steps are 12 batches,
+    # which its metrics count), those before the kill kept, those after the resumed checkpoint logged again.
+    assert _metrics_steps(logdir) == set(range(12))

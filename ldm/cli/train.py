@@ -31,7 +31,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.config import ConfigError, load_configs
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
-from ldm.divergence import SafeCheckpointIO, TrainingDiverged
+from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("ldm")
@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = None
     if opt.resume:
         logdir, ckpt_path = _resolve_resume(opt.resume)
+        if first_process:
+            for partial in remove_partial_writes(logdir / "checkpoints"):
+                print(f"[ldm] removed {partial}: a checkpoint write that was killed before it finished")
         # -b files and key=value overrides come on top of the run's own configs.
         opt.base = [str(p) for p in run_config_files(logdir)] + list(opt.base)
         nowname = logdir.name
