@@ -86,7 +86,8 @@ def _anchor_file_references(node: Any, directory: Path) -> None:
 
 
 def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
-    """Load YAML files, merge them left to right, then apply dotlist overrides (``a.b.c=1``).
+    """Load YAML files, merge them left to right, then apply dotlist overrides (``a.b.c=1``). A node whose
+    `target:` a later file (or override) changes is replaced whole, params included (`_drop_retargeted`).
 
     Remembers which file (or ``command line``) set each key, for error messages.
     """
@@ -112,9 +113,28 @@ def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"cannot parse command-line override(s) {list(overrides)}: {e}") from e
     for key in _flatten_keys(OmegaConf.to_container(cli)):
         sources[key] = "command line"
-    merged = OmegaConf.merge(*configs, cli)
+    merged = OmegaConf.create({})
+    for cfg in (*configs, cli):
+        base = OmegaConf.to_container(merged, resolve=False)
+        _drop_retargeted(base, OmegaConf.to_container(cfg, resolve=False))
+        merged = OmegaConf.merge(OmegaConf.create(base), cfg)
     _SOURCES[id(merged)] = sources
     return merged
+
+
+def _drop_retargeted(base: Any, overlay: Any) -> None:
+    """Where `overlay` gives a node another `target:` than `base` has, remove `base`'s node, so that the overlay
+    replaces it whole instead of merging its params into the old target's (a user's data block over a shipped
+    config: `ImageFolderDataset` must not inherit `ShapesTrain`'s `num_samples`)."""
+    if not (isinstance(base, dict) and isinstance(overlay, dict)):
+        return
+    for key, node in overlay.items():
+        old = base.get(key)
+        if isinstance(node, dict) and isinstance(old, dict):
+            if "target" in node and "target" in old and node["target"] != old["target"]:
+                del base[key]
+            else:
+                _drop_retargeted(old, node)
 
 
 def _key_path(node: Any) -> str:

@@ -172,3 +172,20 @@ def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, r
     lightning = OmegaConf.to_container(cfg.lightning) if "lightning" in cfg else {}
     for key, node in lightning.get("callbacks", {}).items():
         instantiate_from_config(node)
+
+
+def test_an_overlay_that_changes_a_target_replaces_that_nodes_params(tmp_path):
+    # A user's data block dropped onto a shipped config (README, "your own images"): the folder dataset must not
+    # inherit the built-in dataset's `num_samples` ("unknown parameter 'num_samples' for ImageFolderDataset").
+    overlay = tmp_path / "my_data.yaml"
+    overlay.write_text("data:\n  params:\n    batch_size: 8\n    train:\n      target: ldm.data.folder.ImageFolderDataset\n"
+                       "      params: {root: my_images, size: 32}\n")
+    config = load_configs([REPO / "configs/autoencoder/autoencoder_kl_shapes_f4.yaml", overlay])
+    assert OmegaConf.to_container(config.data.params.train) == {
+        "target": "ldm.data.folder.ImageFolderDataset", "params": {"root": "my_images", "size": 32}}
+    assert config.data.params.batch_size == 8 and config.data.params.validation.target == "ldm.data.shapes.ShapesValidation"
+    # The same target merges as before: only the given params change.
+    same = tmp_path / "same.yaml"
+    same.write_text("data:\n  params:\n    train:\n      target: ldm.data.shapes.ShapesTrain\n      params: {size: 64}\n")
+    merged = load_configs([REPO / "configs/autoencoder/autoencoder_kl_shapes_f4.yaml", same])
+    assert merged.data.params.train.params.size == 64 and "num_samples" in merged.data.params.train.params
