@@ -7,14 +7,22 @@ in its description; the logger's version (`v_num`) is left out of its figures.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+import sys
+from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
-    """TQDM bar from the resumed step to `max_steps` (open-ended when there is none)."""
+    """TQDM bar from the resumed step to `max_steps` (open-ended when there is none). Redrawn every step on a
+    terminal; into a file or pipe (`nohup ... > train.log`) every `log_refresh_rate` steps, so a log of a long run
+    stays readable."""
+
+    def __init__(self, refresh_rate: Optional[int] = None, log_refresh_rate: int = 100, **kwargs: Any) -> None:
+        if refresh_rate is None:
+            refresh_rate = 1 if sys.stdout.isatty() else log_refresh_rate
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -33,6 +41,14 @@ class StepProgressBar(TQDMProgressBar):
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))
             bar.refresh()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable:  # the last step is shown whatever the refresh rate
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+        super().on_train_end(trainer, pl_module)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
