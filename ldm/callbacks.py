@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -213,3 +215,46 @@ class ResumedLearningRate(Callback):
             olds = ", ".join(f"{v:.2e}" for v in sorted(changed))
             print(f"[ldm] learning rate changed on resume: {olds} (checkpoint) -> {wanted:.2e} (config), applied from "
                   f"step {trainer.global_step}; the schedule keeps its place")
+
+
+# The losses worth a curve: the objective itself, not each of its terms (metrics.csv keeps those).
+MAIN_LOSSES = re.compile(r"(^|/)(loss|loss_simple|loss_simple_ema|loss_ema|rec_loss|aeloss|discloss)(_step)?$")
+
+
+class LossCurve(Callback):
+    """Draws `loss_curve.png` in the run directory from `csv/metrics.csv` when training ends (also after Ctrl-C):
+    every logged training loss per step, smoothed by a moving average, and every validation loss."""
+
+    def __init__(self, logdir: str, smoothing: int = 25) -> None:
+        super().__init__()
+        self.logdir, self.smoothing = Path(logdir), smoothing
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()  # metrics still in the CSV writer's buffer
+            self.draw()
+
+    def draw(self) -> Optional[Path]:
+        import csv
+
+        from ldm.visualization import plot_curves
+
+        metrics = self.logdir / "csv" / "metrics.csv"
+        if not metrics.is_file():
+            return None
+        with metrics.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        columns = [c for c in (rows[0] if rows else {}) if MAIN_LOSSES.search(c)]
+        series = {}
+        for column in columns:
+            points = sorted((int(r["step"]), float(r[column])) for r in rows if r.get(column) and r.get("step"))
+            if not points:
+                continue
+            x, y = (np.array(v, dtype=float) for v in zip(*points))
+            if column.startswith("train") or column.endswith("_step"):
+                window = max(1, min(self.smoothing, len(y) // 10))
+                y = np.convolve(y, np.ones(window) / window, mode="valid")
+                x = x[window - 1:]
+            series[column] = (x, y)
+        return plot_curves(series, self.logdir / "loss_curve.png", title=f"{self.logdir.name}: losses per step")

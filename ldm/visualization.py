@@ -84,3 +84,50 @@ def render_captions(captions: list[str], size: int = 64, chars_per_line: int | N
             draw.text((2, 2 + i * line_h), text, fill="black", font=font)
         images.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
     return torch.stack(images).float() / 127.5 - 1.0
+
+
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def plot_curves(series: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "",
+                size: tuple[int, int] = (720, 420), log_y: bool = True) -> Path:
+    """A line chart of (x, y) series as PNG, drawn with PIL (matplotlib is not a dependency): one colour per
+    series with a legend, the x range and the y range (log scale when every y is positive) written on the axes."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    series = {name: (np.asarray(x, float), np.asarray(y, float)) for name, (x, y) in series.items() if len(x)}
+    if not series:
+        draw.text((left, height // 2), "no data", fill="black", font=font)
+        return save_png(np.asarray(image), path)
+    xs = np.concatenate([x for x, _ in series.values()])
+    ys = np.concatenate([y for _, y in series.values()])
+    log_y = log_y and bool((ys > 0).all())
+    transform = np.log10 if log_y else (lambda v: v)
+    x_lo, x_hi = float(xs.min()), float(xs.max()) or 1.0
+    y_lo, y_hi = float(transform(ys).min()), float(transform(ys).max())
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
+
+    def to_pixel(x: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
+        px = left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)
+        py = height - bottom - (transform(y) - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+        return list(zip(px.tolist(), py.tolist()))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k, (name, (x, y)) in enumerate(series.items()):
+        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+        points = to_pixel(x, y)
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        else:
+            draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+        draw.text((left + 8, top + 6 + 14 * k), name, fill=colour, font=font)
+    label = (lambda v: f"{10 ** v:.3g}") if log_y else (lambda v: f"{v:.3g}")
+    draw.text((4, top), label(y_hi), fill="black", font=font)
+    draw.text((4, height - bottom - 12), label(y_lo), fill="black", font=font)
+    draw.text((left, height - bottom + 6), f"{x_lo:g}", fill="black", font=font)
+    draw.text((width - right - 60, height - bottom + 6), f"{x_hi:g}", fill="black", font=font)
+    draw.text((left, 8), title + (" (log scale)" if log_y else ""), fill="black", font=font)
+    return save_png(np.asarray(image), path)

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,19 @@ def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_pa
     # metrics.csv is complete: every batch of the run logged (the autoencoder's 24 optimizer steps are 12 batches,
     # which its metrics count), those before the kill kept, those after the resumed checkpoint logged again.
     assert _metrics_steps(logdir) == set(range(12))
+
+
+def test_the_configs_logger_is_used_and_a_loss_curve_is_drawn(tmp_path):
+    # The reference's `lightning.logger` (target + params; save_dir defaults to the run directory) replaces
+    # TensorBoard; csv/metrics.csv stays (resume and the curve read it).
+    run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "8", *FAST,
+              "lightning.logger.target=pytorch_lightning.loggers.CSVLogger", "lightning.logger.params.name=mine"],
+             tmp_path)
+    logdir = only_run(tmp_path)
+    assert (logdir / "mine" / "version_0" / "metrics.csv").is_file() and (logdir / "csv" / "metrics.csv").is_file()
+    assert not (logdir / "tensorboard").exists()
+    from PIL import Image
+
+    curve = Image.open(logdir / "loss_curve.png").convert("RGB")
+    colours = {tuple(p) for p in np.asarray(curve).reshape(-1, 3).tolist()}
+    assert curve.size == (720, 420) and (31, 119, 180) in colours  # the first series was drawn

@@ -246,6 +246,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
                             "params": {"ckptdir": str(ckptdir)}},
         "resumed_learning_rate": {"target": "ldm.callbacks.ResumedLearningRate"},
         "progress_bar": {"target": "ldm.progress.StepProgressBar"},
+        "loss_curve": {"target": "ldm.callbacks.LossCurve", "params": {"logdir": str(logdir)}},
     }
     callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
     callbacks = [instantiate_from_config(checkpoint_cfg)]
@@ -255,6 +256,29 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         else:
             callbacks.append(instantiate_from_config(cfg))
     return callbacks
+
+
+def build_loggers(lightning_config: DictConfig, logdir: Path) -> list:
+    """`csv/metrics.csv` always (resume appends to it; the loss curve is drawn from it), then the reference's
+    `lightning.logger` (`target:` + `params:`: TensorBoard, Weights & Biases, MLflow, ...; its `save_dir` defaults to
+    the run directory), or TensorBoard under `tensorboard/` when the config names none; `logger: false` for none."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    loggers = [ResumableCSVLogger(str(logdir), name="", version="csv")]
+    spec = lightning_config.get("logger", None)
+    if spec is None:
+        return loggers + [TensorBoardLogger(str(logdir), name="", version="tensorboard")]
+    if spec is False:
+        return loggers
+    spec = OmegaConf.to_container(spec, resolve=True)
+    params = spec.setdefault("params", {}) or {}
+    spec["params"] = params
+    from ldm.config import get_obj_from_str
+
+    accepted = inspect.signature(get_obj_from_str(spec["target"])).parameters
+    if "save_dir" in accepted and "save_dir" not in params:
+        params["save_dir"] = str(logdir)
+    return loggers + [instantiate_from_config(spec)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.loggers import TensorBoardLogger
 
     if opt.debug:
         torch.autograd.set_detect_anomaly(True)
@@ -319,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_options["strategy"] = "ddp_find_unused_parameters_true"
         print(f"[ldm] {type(model).__name__} leaves some parameters without gradients in each backward pass: "
               "using strategy ddp_find_unused_parameters_true")
-    loggers = [ResumableCSVLogger(str(logdir), name="", version="csv"),
-               TensorBoardLogger(str(logdir), name="", version="tensorboard")]
+    loggers = build_loggers(lightning_config, logdir)
     callbacks = build_callbacks(lightning_config, model, opt, now, logdir, ckptdir, cfgdir, config)
     # Checkpoints: finite weights only, written atomically (ldm/divergence.py).
     trainer = pl.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(logdir),
