@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
 import numpy as np
@@ -89,13 +89,15 @@ def next_index(directory: Union[str, Path], prefix: str = "") -> int:
 
 
 def save_images(images: torch.Tensor, directory: Union[str, Path], start: Optional[int] = None,
-                text: Optional[Mapping[str, str]] = None) -> list[Path]:
+                text: Union[Mapping[str, str], Sequence[Mapping[str, str]], None] = None) -> list[Path]:
     """One PNG per image, numbered 00000.png, 00001.png, ... from `start` (default: after the existing ones), each
-    carrying `text` and its place in the batch (``batch_index``) as PNG text metadata."""
+    carrying `text` (one mapping for all, or one per image) and its place in the batch (``batch_index``) as PNG
+    text metadata."""
     directory = Path(directory)
     start = next_index(directory) if start is None else start
+    texts = [text] * len(images) if text is None or isinstance(text, Mapping) else list(text)
     return [save_png(to_uint8(image), directory / f"{start + i:05d}.png",
-                     None if text is None else {**text, "batch_index": str(i)}) for i, image in enumerate(images)]
+                     None if texts[i] is None else {**texts[i], "batch_index": str(i)}) for i, image in enumerate(images)]
 
 
 def save_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:

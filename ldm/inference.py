@@ -24,6 +24,7 @@ from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
+from ldm.models.diffusion.noise import Generators, generators_for, randn
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.samplers import SAMPLERS, SamplerInfo, get_sampler, keep_known
 from ldm.models.diffusion.spacing import make_sigmas
@@ -81,6 +82,7 @@ def decode_latents(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
 
 
 Prompts = Union[str, Sequence[str]]
+Seeds = Union[int, Sequence[int], None]  # one for the batch (global generator), or one per image
 
 
 def prompt_list(prompts: Prompts, n: Optional[int] = None, what: str = "prompts") -> list[str]:
@@ -153,8 +155,9 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
                    scale: float = 1.0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
                    spacing: Optional[str] = None, shape: Optional[Sequence[int]] = None,
                    x_T: Optional[torch.Tensor] = None, known: Optional[torch.Tensor] = None,
-                   known_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None,
-                   callback: Optional[StepCallback] = None, progress: bool = True) -> torch.Tensor:
+                   known_mask: Optional[torch.Tensor] = None, seed: Seeds = None,
+                   callback: Optional[StepCallback] = None, progress: bool = True,
+                   generator: Generators = None) -> torch.Tensor:
     """Latents (batch_size, *shape) from `sampler` with classifier-free guidance at `scale` (when `uncond`).
 
     `shape` is the latent (C, h, w), default the training size. `known` with `known_mask` (latent space,
@@ -164,6 +167,11 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     process's own). `ddpm` is the DDPM paper's ancestral sampler over all T steps (`steps` is ignored).
     `callback(i, x̂_0)` runs after each step. DDIM and PLMS use trailing timesteps for a zero-terminal-SNR
     model (Lin et al. 2024, sec. 3.3: start at its pure noise).
+
+    Randomness: `seed` (an int) seeds torch's global generator, as the reference's scripts do; a list of seeds,
+    one per image, or `generator` (a `torch.Generator`, or a list of them, one per image, as diffusers takes)
+    draws each image's noise from its own generator, so a seed gives the same image whatever else is in the
+    batch (`ldm.models.diffusion.noise`).
     """
     info = _sampler_for(model, sampler, spacing)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -171,9 +179,8 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     if (known is None) != (known_mask is None):
         raise ValueError("keeping known latents needs both `known` and `known_mask` (1 = keep)")
     shape = tuple(shape) if shape is not None else (model.channels, model.image_size, model.image_size)
-    if seed is not None:
-        torch.manual_seed(seed)
-    x_T = torch.randn((batch_size, *shape), device=model.device) if x_T is None else x_T.to(model.device)
+    generator = _generators(seed, generator, batch_size)
+    x_T = randn((batch_size, *shape), generator, device=model.device) if x_T is None else x_T.to(model.device)
     with precision_scope(model):
         if sampler in ("ddim", "plms"):
             ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
@@ -181,11 +188,11 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
             z, _ = ddim.sample(S=steps, batch_size=batch_size, shape=shape, conditioning=cond, eta=eta, x_T=x_T,
                                ddim_discretize=discretize,
                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                               mask=known_mask, x0=known, verbose=progress,
+                               mask=known_mask, x0=known, verbose=progress, generator=generator,
                                img_callback=None if callback is None else lambda x0, i: callback(i, x0))
         elif sampler == "ddpm":
             z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), model.schedule, model.prediction, x_T,
-                                    progress=progress, mask=known_mask, x0=known,
+                                    progress=progress, mask=known_mask, x0=known, generator=generator,
                                     callback=None if callback is None else
                                     lambda t, x, x0: callback(model.num_timesteps - 1 - t, x0))
         else:
@@ -194,22 +201,39 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
                 denoiser = keep_known(denoiser, known, known_mask)
             sigmas = make_sigmas(spacing, steps, model.process, device=model.device)
             z = info.fn(denoiser, x_T * sigmas[0], sigmas, eta=eta if eta > 0 else 1.0, disable=not progress,
+                        generator=generator,
                         callback=None if callback is None else lambda i, x, sigma, x0: callback(i, x0))
     if known is not None:
         z = known_mask * known + (1.0 - known_mask) * z
     return z.float()
 
 
+def _generators(seed: Seeds, generator: Generators, batch_size: int) -> Generators:
+    """`sample_latents`' source of noise: `generator` as given, per-image generators for a list of seeds, or the
+    global generator (seeded by an int seed)."""
+    if generator is not None and seed is not None:
+        raise ValueError("give either seed or generator, not both")
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch_size:
+            raise ValueError(f"got {len(seed)} seeds for {batch_size} images; give one per image, or one int")
+        return generators_for(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return generator
+
+
 @torch.no_grad()
 def text_to_image(model: LatentDiffusion, prompts: Prompts, *, scale: float = 3.0, sampler: str = "ddim",
                   steps: int = 50, eta: float = 0.0, spacing: Optional[str] = None, height: Optional[int] = None,
-                  width: Optional[int] = None, seed: Optional[int] = None, progress: bool = True,
+                  width: Optional[int] = None, seed: Seeds = None, progress: bool = True,
                   callback: Optional[StepCallback] = None,
                   negative_prompt: Union[str, Sequence[str], None] = None,
-                  num_images_per_prompt: int = 1) -> torch.Tensor:
+                  num_images_per_prompt: int = 1,
+                  generator: Generators = None) -> torch.Tensor:
     """`num_images_per_prompt` images per prompt (a string or a list), each prompt's images next to each other:
     (len(prompts) · num_images_per_prompt, 3, H, W) in [−1, 1]. Guidance (`scale` ≠ 1) steers away from
-    `negative_prompt` (default: the empty prompt; one string, or one per prompt).
+    `negative_prompt` (default: the empty prompt; one string, or one per prompt). `seed` / `generator` as
+    `sample_latents`: per-image seeds or generators make each image independent of the batch.
 
     `height`/`width` (pixels, multiples of the first stage's factor) may exceed the training size: the
     U-Net is convolutional, so it samples a larger latent (LDM paper, sec. 4.3.2).
@@ -224,7 +248,8 @@ def text_to_image(model: LatentDiffusion, prompts: Prompts, *, scale: float = 3.
     cond, uncond = text_condition(model, prompts, scale, negative_prompt)
     z = sample_latents(model, len(prompts), cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                        spacing=spacing,
-                       shape=latent_shape(model, height, width), seed=seed, callback=callback, progress=progress)
+                       shape=latent_shape(model, height, width), seed=seed, callback=callback, progress=progress,
+                       generator=generator)
     return decode_latents(model, z)
 
 

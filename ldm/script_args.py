@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -131,6 +131,7 @@ def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> Non
     group.add_argument("--outdir", type=Path, default=Path(default_outdir), help="where to write")
     group.add_argument("--n_samples", type=int, default=4, help="samples per batch (grid columns)")
     group.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    group.add_argument("--n_rows", type=int, default=0, help="images per row of the grid (0: --n_samples)")
     group.add_argument("--skip_grid", action="store_true", help="do not write the grid")
     group.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
 
@@ -143,10 +144,12 @@ class SampleWriter:
         self.opt = opt
         self.batches: list[torch.Tensor] = []
 
-    def add(self, images: torch.Tensor, prompt: str, seed: int) -> None:
-        """Write a batch made from `prompt` with `seed`; each PNG carries how it was made (`settings`)."""
+    def add(self, images: torch.Tensor, prompt: str, seed: Union[int, Sequence[int]]) -> None:
+        """Write a batch made from `prompt` with `seed` (the batch's, or one per image); each PNG carries how it
+        was made (`settings`)."""
+        seeds = [seed] * len(images) if isinstance(seed, int) else list(seed)
         if not self.opt.skip_save:
-            save_images(images, self.opt.outdir / "samples", text=self.settings(prompt, seed))
+            save_images(images, self.opt.outdir / "samples", text=[self.settings(prompt, s) for s in seeds])
         self.batches.append(images.cpu())
 
     def settings(self, prompt: str, seed: int) -> dict[str, str]:
@@ -166,8 +169,10 @@ class SampleWriter:
             print(f"samples: {self.opt.outdir / 'samples'}")
         if not self.opt.skip_grid:
             path = self.opt.outdir / f"grid-{next_index(self.opt.outdir, 'grid-'):04}.png"
-            save_grid(torch.cat(self.batches), path, nrow=self.opt.n_samples)
-            print(f"grid ({len(self.batches)} rows x {self.opt.n_samples}): {path}")
+            images = torch.cat(self.batches)
+            columns = self.opt.n_rows or self.opt.n_samples
+            save_grid(images, path, nrow=columns)
+            print(f"grid ({-(-len(images) // columns)} rows x {columns}): {path}")
 
 
 def read_prompt_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:

@@ -295,3 +295,21 @@ def test_negative_prompt_takes_the_place_of_the_empty_prompt(txt2img, images):
                  lambda **kw: inpaint(txt2img, image, mask, ["a red circle"] * 4, scale=3.0, steps=STEPS, seed=0,
                                       progress=False, **kw)):
         assert not torch.allclose(edit(negative_prompt="a green square"), edit())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_a", "dpmpp_2m_sde"])
+def test_per_image_seeds_give_the_same_image_whatever_the_batch(txt2img, sampler):
+    """One seed (or generator) per image: image i comes from its own noise, alone or beside others, also for
+    samplers that add noise at every step."""
+    kwargs = dict(steps=STEPS, sampler=sampler, eta=1.0 if sampler == "ddim" else 0.0, progress=False)
+    batch = text_to_image(txt2img, ["a red circle", "a blue square", "a green star"], seed=[7, 8, 9], **kwargs)
+    alone = text_to_image(txt2img, ["a blue square"], seed=[8], **kwargs)
+    assert torch.allclose(batch[1:2], alone, atol=1e-4)
+    other_batch = text_to_image(txt2img, ["a blue square", "a yellow cross"], seed=[8, 3], **kwargs)
+    assert torch.allclose(other_batch[:1], alone, atol=1e-4)
+    generators = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    assert torch.equal(text_to_image(txt2img, ["a red circle", "a blue square", "a green star"],
+                                     generator=generators, **kwargs), batch)
+    assert not torch.allclose(batch[0], batch[1])
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        text_to_image(txt2img, ["a", "b", "c"], seed=[1, 2], **kwargs)

@@ -138,9 +138,28 @@ def test_samples_carry_how_they_were_made_in_their_png_text(tmp_path, tiny_txt2i
         text = Image.open(tmp_path / "samples" / f"0000{index}.png").text
         assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "sampler", "steps", "scale", "model",
                                      "batch_index")} == {
-            "prompt": "a red circle", "negative_prompt": "blue", "seed": "7", "sampler": "euler", "steps": STEPS,
+            "prompt": "a red circle", "negative_prompt": "blue", "seed": str(7 + index), "sampler": "euler", "steps": STEPS,
             "scale": "2.5", "model": str(tiny_txt2img_model), "batch_index": str(index)}
         assert text["software"].startswith("ldm ")
+
+
+def test_a_samples_seed_remakes_it_alone_and_fixed_code_repeats_the_start_noise(tmp_path, tiny_txt2img_model):
+    txt2img = load_script("txt2img")
+    common = ["--config", str(tiny_txt2img_model), "--steps", STEPS, "--prompt", "a red circle", "--skip_grid"]
+    txt2img.main([*common, "--n_samples", "3", "--n_iter", "2", "--seed", "10", "--outdir", str(tmp_path / "run")])
+    fifth = Image.open(tmp_path / "run" / "samples" / "00004.png")
+    assert fifth.text["seed"] == "14"
+    txt2img.main([*common, "--n_samples", "1", "--seed", "14", "--outdir", str(tmp_path / "alone")])
+    assert np.abs(pixels(tmp_path / "alone" / "samples" / "00000.png").astype(int) - np.asarray(fifth).astype(int)).max() <= 1
+    txt2img.main([*common, "--n_samples", "2", "--n_iter", "2", "--fixed_code", "--outdir", str(tmp_path / "fixed")])
+    fixed = [pixels(tmp_path / "fixed" / "samples" / f"0000{i}.png") for i in range(4)]
+    assert np.array_equal(fixed[0], fixed[2]) and np.array_equal(fixed[1], fixed[3]) and not np.array_equal(fixed[0], fixed[1])
+
+
+def test_n_rows_sets_the_grids_columns(tmp_path, tiny_txt2img_model):
+    load_script("txt2img").main(["--config", str(tiny_txt2img_model), "--n_samples", "4", "--n_rows", "2",
+                                 "--steps", STEPS, "--skip_save", "--outdir", str(tmp_path)])
+    assert Image.open(tmp_path / "grid-0000.png").size == grid_size(rows=2, columns=2)
 
 
 def test_txt2img_skip_save_writes_only_the_grid(tmp_path, tiny_txt2img_model):

@@ -6,7 +6,8 @@
 Every sample is written to <outdir>/samples/NNNNN.png, numbered after the files already there, and each run
 adds one grid <outdir>/grid-NNNN.png with a row per prompt and iteration and --n_samples columns. --H/--W
 larger than the model's training size sample the U-Net convolutionally on the larger latent (LDM paper,
-Sec. 4.3.2). The same --seed gives the same images. Each sample's PNG carries how it was made as text metadata
+Sec. 4.3.2). Image k of a run (counted over all batches) has seed --seed + k: the same seed gives the same
+image, alone (--n_samples 1) or in any batch. Each sample's PNG carries how it was made as text metadata
 (prompt, negative prompt, seed, sampler, steps, scale, model; `PIL.Image.open(path).text`).
 """
 import argparse
@@ -27,6 +28,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     add_negative_prompt_arg(parser)
+    parser.add_argument("--fixed_code", action="store_true",
+                        help="the same start noise for every batch (image j of each batch has seed --seed + j)")
     parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")
     parser.add_argument("--W", type=int, default=None, help="image width in pixels (default: the training size)")
     add_output_args(parser, "outputs/txt2img-samples")
@@ -54,14 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = sampler_kwargs(opt)
 
     writer = SampleWriter(opt)
+    made = 0
     for iteration in range(opt.n_iter):
         for p, prompt in enumerate(prompts):
-            # One seed per batch: each batch is reproducible on its own and batches differ from each other.
-            seed = opt.seed + iteration * len(prompts) + p
+            # One seed per image (--seed + its number in the run; with --fixed_code the same n_samples seeds for every
+            # batch, the reference's shared start code): an image comes out the same made alone or in any batch.
+            first = 0 if opt.fixed_code else made
+            seeds = [opt.seed + first + j for j in range(opt.n_samples)]
+            made += opt.n_samples
             print(f"iteration {iteration + 1}/{opt.n_iter}, prompt {p + 1}/{len(prompts)}: {prompt!r}")
             images = text_to_image(model, [prompt] * opt.n_samples, scale=opt.scale, height=opt.H, width=opt.W,
-                                   negative_prompt=opt.negative_prompt, **{**kwargs, "seed": seed})
-            writer.add(images, prompt, seed)
+                                   negative_prompt=opt.negative_prompt, **{**kwargs, "seed": seeds})
+            writer.add(images, prompt, seeds)
     writer.finish()
 
 

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm import tqdm
 
+from ldm.models.diffusion.noise import Generators, randn
 from ldm.modules.diffusionmodules.denoiser import Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
 
@@ -38,7 +39,7 @@ def p_mean_variance(schedule: NoiseSchedule, prediction: Union[str, Prediction],
 @torch.no_grad()
 def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
                      prediction: Union[str, Prediction], x_T: torch.Tensor, *, clip_denoised: bool = False,
-                     variance: str = "fixedsmall", generator: Optional[torch.Generator] = None,
+                     variance: str = "fixedsmall", generator: Generators = None,
                      log_every_t: Optional[int] = None, progress: bool = True,
                      callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                      mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
@@ -61,11 +62,11 @@ def ancestral_sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tens
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         mean, log_variance, pred_x0 = p_mean_variance(schedule, prediction, denoiser(x, t), x, t,
                                                       clip_denoised=clip_denoised, variance=variance)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else 0.0
+        noise = randn(x.shape, generator, device=x.device, dtype=x.dtype) if i > 0 else 0.0
         x = mean + (0.5 * log_variance).exp() * noise
         if mask is not None:
             known = x0 if i == 0 else schedule.q_sample(
-                x0, t - 1, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype))
+                x0, t - 1, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype))
             x = mask * known + (1.0 - mask) * x
         if callback is not None:
             callback(i, x, pred_x0)

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.models.diffusion.guidance import Condition, guided_model
+from ldm.models.diffusion.noise import Generators, randn
 from ldm.models.diffusion.spacing import ddim_alphas, ddim_sigmas, make_ddim_timesteps
 from ldm.modules.diffusionmodules.denoiser import Prediction, X0Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
@@ -126,7 +127,8 @@ class DDIMSampler:
                log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Condition = None, ddim_discretize: str = "uniform", *,
                clip_denoised: bool = False, dynamic_threshold: Optional[float] = None,
-               keep_known_exact: bool = True) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+               keep_known_exact: bool = True, generator: Generators = None,
+               ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Samples of shape (batch_size, *shape) and ``{'x_inter': [...], 'pred_x0': [...]}``, as the reference.
 
         The intermediates start with x_T and hold x and x̂_0 after every `log_every_t`-th step (counted
@@ -160,12 +162,13 @@ class DDIMSampler:
         self.make_schedule(ddim_num_steps=S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         if verbose:
             print(f"Data shape for {self.name} sampling is {size}, eta {eta}")
-        x = torch.randn(size, device=self.ddim_alphas.device) if x_T is None else x_T
+        x = randn(size, generator, device=self.ddim_alphas.device) if x_T is None else x_T
         samples, intermediates = self._denoise(
             x, conditioning, self.ddim_timesteps, self.ddim_alphas_prev, self.ddim_sigmas,
             unconditional_conditioning, unconditional_guidance_scale, mask=mask, x0=x0, callback=callback,
             img_callback=img_callback, log_every_t=log_every_t, temperature=temperature, noise_dropout=noise_dropout,
-            x0_fn=self._x0_fn(clip_denoised, dynamic_threshold), progress=verbose, desc=f"{self.name} Sampler")
+            x0_fn=self._x0_fn(clip_denoised, dynamic_threshold), progress=verbose, desc=f"{self.name} Sampler",
+            generator=generator)
         if mask is not None and keep_known_exact:
             samples = x0 * mask + (1.0 - mask) * samples
         return samples, intermediates
@@ -241,7 +244,8 @@ class DDIMSampler:
                  x0: Optional[torch.Tensor] = None, callback: Optional[Callable[[int], None]] = None,
                  img_callback: Optional[Callable[[torch.Tensor, int], None]] = None, log_every_t: int = 100,
                  temperature: float = 1.0, noise_dropout: float = 0.0, x0_fn: Optional[X0Fn] = None,
-                 progress: bool = True, desc: str = "") -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+                 progress: bool = True, desc: str = "", generator: Generators = None,
+                 ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """The sampling loop over the ascending `timesteps`, run from the highest; coefficients by position."""
         model_output = guided_model(self.model.apply_model, cond, uncond, scale)
         step = self._make_step(model_output, x0_fn)
@@ -254,10 +258,10 @@ class DDIMSampler:
             t = torch.full((x.shape[0],), int(timestep), device=x.device, dtype=torch.long)
             t_next = torch.full_like(t, int(time_range[min(i + 1, total - 1)]))
             if mask is not None:
-                x = schedule.q_sample(x0, t, torch.randn_like(x0)) * mask + (1.0 - mask) * x
+                x = schedule.q_sample(x0, t, randn(x0.shape, generator, x0.device, x0.dtype)) * mask + (1.0 - mask) * x
             noise = None
             if sigmas[index] > 0:
-                noise = torch.randn_like(x) * temperature
+                noise = randn(x.shape, generator, x.device, x.dtype) * temperature
                 if noise_dropout > 0:
                     noise = torch.nn.functional.dropout(noise, p=noise_dropout)
             x, pred_x0 = step(x, t, t_next, alphas_prev[index], sigmas[index], noise)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ldm.models.diffusion.noise import Generators, randn
 from ldm.models.diffusion.spacing import make_ddim_timesteps
 from ldm.modules.diffusionmodules.noise_process import ODEClock, sigma_clock
 
@@ -124,8 +125,8 @@ def _evaluate(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, i: int,
     return denoised
 
 
-def _noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, device=x.device, dtype=x.dtype)
 
 
 def to_derivative(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, c
           stochastic=True)
 @torch.no_grad()
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
-                           generator: Optional[torch.Generator] = None, eta: float = 1.0,
+                           generator: Generators = None, eta: float = 1.0,
                            callback: Optional[Callback] = None, disable: bool = False) -> torch.Tensor:
     """An Euler–Maruyama discretisation of the reverse SDE (k-diffusion's Euler ancestral). No noise is added
     on the step to σ = 0."""
@@ -292,7 +293,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *
           stochastic=True)
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
-                        generator: Optional[torch.Generator] = None, eta: float = 1.0,
+                        generator: Generators = None, eta: float = 1.0,
                         callback: Optional[Callback] = None, disable: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) for the SDE (Lu et al. 2022, "DPM-Solver++", sec. 4 and appendix; k-diffusion's
     midpoint form). With h = log(σ_i/σ_{i+1}) and η·h of it given to noise, the first-order exact step is
@@ -321,7 +322,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
 @register("dpmpp_3m_sde", "DPM-Solver++(3M) SDE: 3rd-order multistep on the reverse SDE (eta)", stochastic=True)
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
-                        generator: Optional[torch.Generator] = None, eta: float = 1.0,
+                        generator: Generators = None, eta: float = 1.0,
                         callback: Optional[Callback] = None, disable: bool = False) -> torch.Tensor:
     """The exponential-integrator step of `sample_dpmpp_2m_sde` with x̂_0 expanded to second order in λ from
     the last three x̂_0 (first and second divided differences d1, d2), weighted by φ_2(h') = (e^{−h'} − 1)/h' + 1
