@@ -311,4 +311,9 @@ def instantiate_from_config(config: Any, /, **extra: Any) -> Any:
     if not isinstance(params, (Mapping, DictConfig)):
         raise ConfigError(f"{describe_key(config, 'params')}: 'params' must be a mapping, got {params!r}")
     _check_params(cls, {**params, **extra}, config)
-    return cls(**params, **extra)
+    try:
+        return cls(**params, **extra)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a constructor refusing a value it was given: name where the config set it
+        raise ConfigError(f"{describe_key(config)}: {e}") from e

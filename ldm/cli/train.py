@@ -14,6 +14,7 @@ import argparse
 import datetime
 import inspect
 import logging
+import math
 import os
 import shutil
 import sys
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 # (`ldm.config.REFERENCE_MODULES`), so they resolve here.
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
-from ldm.config import ConfigError, load_configs
+from ldm.config import ConfigError, describe_key, load_configs
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
@@ -166,7 +167,12 @@ def release_empty_run_dirs() -> None:
 def claim_run_name(logdir: Path, now: str, suffix: str) -> str:
     """`now`, or `now-2`, `now-3`, ... : the first whose run directory `logdir/<now><suffix>` did not exist, made
     here (atomically, so two runs started in the same second never share a directory)."""
-    logdir.mkdir(parents=True, exist_ok=True)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"-l/--logdir {logdir}: cannot create it ({e.strerror}); give a directory you can write") from e
+    if not os.access(logdir, os.W_OK | os.X_OK):
+        raise ConfigError(f"-l/--logdir {logdir} is not writable; give a directory you can write")
     for attempt in range(1, 1000):
         candidate = now if attempt == 1 else f"{now}-{attempt}"
         try:
@@ -201,8 +207,12 @@ def _resolve_resume(resume: str) -> tuple[Path, Path]:
 
 def learning_rate(model: Any, config: DictConfig, trainer: Any, scale_lr: bool) -> float:
     """Set `model.learning_rate` from `model.base_learning_rate`, printing the arithmetic."""
-    base_lr = float(config.model.get("base_learning_rate", 1e-4))
-    batch_size = int(OmegaConf.select(config, "data.params.batch_size", default=1))
+    base_lr = config.model.get("base_learning_rate", 1e-4)
+    if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr <= 0:
+        raise ConfigError(f"{describe_key(config.model, 'base_learning_rate')}: must be a positive number, got "
+                          f"{base_lr!r}")
+    base_lr = float(base_lr)
+    batch_size = int(OmegaConf.select(config, "data.params.batch_size", default=1))  # checked by the data module
     devices, nodes = trainer.num_devices, trainer.num_nodes
     accumulate = trainer.accumulate_grad_batches
     effective_batch = accumulate * nodes * devices * batch_size
