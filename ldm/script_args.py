@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -141,8 +142,19 @@ class SampleWriter:
     what it made), then one grid <outdir>/grid-NNNN.png of all batches, a row each (the reference's layout)."""
 
     def __init__(self, opt: argparse.Namespace) -> None:
+        """Made before the model is loaded: an --outdir that cannot be written is an error before any work."""
         self.opt = opt
         self.batches: list[torch.Tensor] = []
+        existing = opt.outdir.absolute()
+        while not existing.exists():  # created when the first image is written, not before
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is not a folder")
+            with tempfile.TemporaryFile(dir=existing):  # what permission bits cannot tell (root, read-only mounts)
+                pass
+        except OSError as e:
+            raise ValueError(f"--outdir {opt.outdir}: cannot write there ({e.strerror or e})") from e
 
     def add(self, images: torch.Tensor, prompt: str, seed: Union[int, Sequence[int]]) -> None:
         """Write a batch made from `prompt` with `seed` (the batch's, or one per image); each PNG carries how it

@@ -156,6 +156,16 @@ def test_a_samples_seed_remakes_it_alone_and_fixed_code_repeats_the_start_noise(
     assert np.array_equal(fixed[0], fixed[2]) and np.array_equal(fixed[1], fixed[3]) and not np.array_equal(fixed[0], fixed[1])
 
 
+@pytest.mark.parametrize("outdir", ["/proc/ldm-out", "file"])
+def test_an_unwritable_outdir_fails_before_the_model_loads(tmp_path, outdir, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["txt2img.py", "--config", "/nonexistent/model", "--outdir", f"{outdir}/x"])
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("txt2img").cli()
+    assert str(exit_info.value).startswith(f"error: --outdir {outdir}/x: cannot write there")  # not the model's error
+
+
 def test_n_rows_sets_the_grids_columns(tmp_path, tiny_txt2img_model):
     load_script("txt2img").main(["--config", str(tiny_txt2img_model), "--n_samples", "4", "--n_rows", "2",
                                  "--steps", STEPS, "--skip_save", "--outdir", str(tmp_path)])

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if sampler_kwargs(opt)["sampler"] == "ddpm":
         parser.error("img2img starts the reverse process midway; --sampler ddpm runs all T steps (use ddim, plms "
                      "or a σ-space sampler such as dpmpp_2m)")
+    writer = SampleWriter(opt)  # checks --outdir before the model loads
     model = model_from_args(opt)
     try:
         _, latent_h, latent_w = latent_shape(model, opt.H, opt.W)
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"--init-img: {e}")
 
-    writer = SampleWriter(opt)
     for iteration in range(opt.n_iter):
         # One seed per batch: each batch is reproducible on its own and batches differ from each other.
         images = image_to_image(model, init.expand(opt.n_samples, -1, -1, -1), [opt.prompt] * opt.n_samples,

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if opt.n_samples < 1 or opt.n_iter < 1:
         parser.error("--n_samples and --n_iter must be at least 1")
     prompts = read_prompts(parser, opt)
+    writer = SampleWriter(opt)  # checks --outdir before the model loads
     model = model_from_args(opt)
     try:
         latent_shape(model, opt.H, opt.W)  # sizes the first stage cannot decode fail here, before sampling
@@ -56,7 +57,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--H/--W: {e}")
     kwargs = sampler_kwargs(opt)
 
-    writer = SampleWriter(opt)
     made = 0
     for iteration in range(opt.n_iter):
         for p, prompt in enumerate(prompts):
