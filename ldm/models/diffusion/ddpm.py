@@ -663,14 +663,17 @@ class LatentDiffusion(DDPM):
             x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
             z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
             self.scale_factor.copy_(1.0 / z.flatten().std())
-            print(f"scale_by_std: latent std {z.flatten().std():.4f} on the first batch -> "
-                  f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint)")
+            # Every rank saw another first batch: all take rank 0's value, so they train on one latent scale.
+            self.scale_factor.copy_(self.trainer.strategy.broadcast(self.scale_factor, src=0))
+            print(f"scale_by_std: latent std {1.0 / float(self.scale_factor):.4f} on the first batch -> "
+                  f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint"
+                  f"{f'; rank 0 measured it for all {self.trainer.world_size} ranks' if self.trainer.world_size > 1 else ''})")
         if (self.latent_channel_norm and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
                 and not self.restarted_from_ckpt):
             x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
             z = self.scale_factor * self.encode_first_stage(x).mode()
-            self.latent_shift.copy_(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1))
-            self.latent_scale.copy_(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1))
+            self.latent_shift.copy_(self.trainer.strategy.broadcast(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1), src=0))
+            self.latent_scale.copy_(self.trainer.strategy.broadcast(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1), src=0))
             print("latent_channel_norm: per-channel mean " + ", ".join(f"{v:.3f}" for v in self.latent_shift.flatten())
                   + "; std " + ", ".join(f"{1 / v:.3f}" for v in self.latent_scale.flatten())
                   + " on the first batch (stored in the checkpoint)")
