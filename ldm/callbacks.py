@@ -258,3 +258,23 @@ class LossCurve(Callback):
                 x = x[window - 1:]
             series[column] = (x, y)
         return plot_curves(series, self.logdir / "loss_curve.png", title=f"{self.logdir.name}: losses per step")
+
+
+class SkippedImages(Callback):
+    """At the end of each training epoch, says how many images of the training data could not be read and were
+    skipped (datasets with `skipped_files()`, as `ldm.data.folder.ImageFolderDataset`), naming the first few."""
+
+    def __init__(self, show: int = 3) -> None:
+        super().__init__()
+        self.show = show
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datasets = getattr(trainer.datamodule, "datasets", {}) if trainer.datamodule is not None else {}
+        dataset = getattr(datasets.get("train"), "data", datasets.get("train"))  # unwrap WrappedDataset
+        if not trainer.is_global_zero or not hasattr(dataset, "skipped_files"):
+            return
+        skipped = dataset.skipped_files()
+        if skipped:
+            names = ", ".join(str(p) for p in skipped[:self.show]) + (", ..." if len(skipped) > self.show else "")
+            print(f"[ldm] epoch {trainer.current_epoch}: {len(skipped)} of {len(dataset)} training images could not "
+                  f"be read and were skipped ({names})")

@@ -224,3 +224,22 @@ def test_the_configs_logger_is_used_and_a_loss_curve_is_drawn(tmp_path):
     curve = Image.open(logdir / "loss_curve.png").convert("RGB")
     colours = {tuple(p) for p in np.asarray(curve).reshape(-1, 3).tolist()}
     assert curve.size == (720, 420) and (31, 119, 180) in colours  # the first series was drawn
+
+
+def test_unreadable_training_images_are_reported_each_epoch(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        for i in range(8):
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / split / f"{i}.png")
+    (tmp_path / "train" / "3.png").write_bytes(b"not an image")
+    proc = run_main(["--base", "configs/autoencoder/autoencoder_kl_f4_folder32.yaml", "-t", "--no-test",
+                     "--max_steps", "6", "data.params.batch_size=4", "data.params.num_workers=0",
+                     f"data.params.train.params.root={tmp_path / 'train'}",
+                     f"data.params.validation.params.root={tmp_path / 'validation'}",
+                     "data.params.train.params.class_from_subfolders=false",
+                     "data.params.validation.params.class_from_subfolders=false",
+                     "lightning.callbacks.image_logger.params.disabled=true", "--limit_val_batches", "1"], tmp_path)
+    assert "[ldm] epoch 0: 1 of 8 training images could not be read and were skipped" in proc.stdout
+    assert "3.png" in proc.stdout

@@ -257,6 +257,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         "resumed_learning_rate": {"target": "ldm.callbacks.ResumedLearningRate"},
         "progress_bar": {"target": "ldm.progress.StepProgressBar"},
         "loss_curve": {"target": "ldm.callbacks.LossCurve", "params": {"logdir": str(logdir)}},
+        "skipped_images": {"target": "ldm.callbacks.SkippedImages"},
     }
     callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
     callbacks = [instantiate_from_config(checkpoint_cfg)]

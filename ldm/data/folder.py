@@ -140,7 +140,9 @@ class ImageFolderDataset(Dataset):
         self.classes, self.labels = self._class_labels(class_from_subfolders)
         self.caption_source = self._resolve_caption_source(caption_source)
         self.captions = self._captions(caption_column, class_from_subfolders)
-        self._unreadable: set[int] = set()
+        # Shared memory: DataLoader workers mark what they skip where the training process (and the other workers)
+        # see it, for the per-epoch report (`skipped_files`, ldm.callbacks.SkippedImages).
+        self._unreadable = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     # ------------------------------------------------------------------ indexing the folder
 
@@ -214,6 +216,10 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def skipped_files(self) -> list[Path]:
+        """The images found unreadable so far (in this process or any DataLoader worker), skipped."""
+        return [self.paths[i] for i in torch.nonzero(self._unreadable).flatten().tolist()]
+
     def _load(self, path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
@@ -239,13 +245,13 @@ class ImageFolderDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.paths)} images in {self.root}")
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
-            if candidate in self._unreadable:
+            if self._unreadable[candidate]:
                 continue
             path = self.paths[candidate]
             try:
                 image = self._load(path)
             except UNREADABLE_IMAGE_ERRORS as e:
-                self._unreadable.add(candidate)
+                self._unreadable[candidate] = True
                 warnings.warn(f"skipping unreadable image {path}: {e.__class__.__name__}: {e}", stacklevel=2)
                 continue
             image = self._resize_crop(image)
