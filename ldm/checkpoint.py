@@ -102,7 +102,12 @@ def load_state_dict(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device=str(map_location))
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as e:  # SafetensorError (truncated, empty, not safetensors), OSError
+            reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+            raise CheckpointError(f"cannot read {path} as safetensors ({reason}): the file is damaged or not a "
+                                  ".safetensors file; export it again (scripts/export_weights.py)") from e
     data = load_checkpoint_file(path, map_location)
     if isinstance(data, Mapping) and "state_dict" in data:
         data = data["state_dict"]

@@ -57,3 +57,14 @@ def test_export_script_drops_loss_weights(tmp_path):
                tmp_path / "last.ckpt")
     subprocess.run([sys.executable, "scripts/export_weights.py", str(tmp_path / "last.ckpt")], cwd=REPO, check=True)
     assert set(load_state_dict(tmp_path / "last.safetensors")) == {"encoder.w"}
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+def test_a_damaged_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, damage):
+    from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
+
+    path = save_safetensors({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello, not weights"}[damage])
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors as safetensors"):
+        load_state_dict(path)
