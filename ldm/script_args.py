@@ -137,6 +137,21 @@ def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> Non
     group.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
 
 
+def check_writable(folder: Path, flag: str = "--outdir") -> None:
+    """A ValueError naming `flag` unless files can be written in `folder` (or where it would be created): checked
+    before a script loads its model, so an output problem is found before any work, and nothing is created."""
+    existing = Path(folder).absolute()
+    while not existing.exists():  # created when the first output is written, not before
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):  # what permission bits cannot tell (root, read-only mounts)
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from e
+
+
 class SampleWriter:
     """Writes each batch as numbered PNGs in <outdir>/samples/ as soon as it exists (an interrupted run keeps
     what it made), then one grid <outdir>/grid-NNNN.png of all batches, a row each (the reference's layout)."""
@@ -145,16 +160,7 @@ class SampleWriter:
         """Made before the model is loaded: an --outdir that cannot be written is an error before any work."""
         self.opt = opt
         self.batches: list[torch.Tensor] = []
-        existing = opt.outdir.absolute()
-        while not existing.exists():  # created when the first image is written, not before
-            existing = existing.parent
-        try:
-            if not existing.is_dir():
-                raise NotADirectoryError(f"{existing} is not a folder")
-            with tempfile.TemporaryFile(dir=existing):  # what permission bits cannot tell (root, read-only mounts)
-                pass
-        except OSError as e:
-            raise ValueError(f"--outdir {opt.outdir}: cannot write there ({e.strerror or e})") from e
+        check_writable(opt.outdir)
 
     def add(self, images: torch.Tensor, prompt: str, seed: Union[int, Sequence[int]]) -> None:
         """Write a batch made from `prompt` with `seed` (the batch's, or one per image); each PNG carries how it

@@ -411,3 +411,16 @@ def test_progressive_strip_has_a_row_per_sample(runs):
     assert str(strip) in run.stdout
     frames = cells(read_rgb(strip), 2, 3)
     assert np.abs(frames[:, 0] - frames[:, -1]).max() > 1  # x̂_0 changes along the reverse process
+
+
+@pytest.mark.parametrize("script, args", [
+    ("inpaint", ["--indir", "/nonexistent"]),
+    ("interpolate", []),
+    ("reconstruct", ["--config", "/nonexistent.yaml", "--ckpt", "/nonexistent.ckpt"]),
+])
+def test_outputs_are_checked_writable_before_any_work(script, args, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("a file where the folder should be")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *args, "--outdir", str(tmp_path / "file" / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).cli()
+    assert str(exit_info.value).startswith(f"error: --outdir {tmp_path / 'file' / 'out'}: cannot write there")

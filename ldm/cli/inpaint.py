@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ldm.image_io import load_image, load_mask, save_grid, to_pil
 from ldm.inference import inpaint, reads_prompts
 from ldm.script_args import (HelpFormatter, add_model_args, add_negative_prompt_arg, add_sampler_args,
-                             command_line, guidance_scale, model_from_args, sampler_kwargs)
+                             check_writable, command_line, guidance_scale, model_from_args, sampler_kwargs)
 
 MASK_SUFFIX = "_mask.png"
 
@@ -84,6 +84,7 @@ def load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Te
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
+    check_writable(opt.outdir)  # before the model loads
     # Every input is read before the model loads, so a bad folder fails at once.
     try:
         pairs = find_pairs(opt.indir)

@@ -29,8 +29,8 @@ from ldm.image_io import next_index, load_image, save_grid
 from ldm.inference import downsampling_factor
 from ldm.interpolation import INTERPOLATION_SAMPLERS, interpolate, progressive_generation, start_step
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, command_line, guidance_scale,
-                             model_from_args, sampler_kwargs)
+from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, check_writable, command_line,
+                             guidance_scale, model_from_args, sampler_kwargs)
 
 MODES = ("interpolate", "progressive")
 
@@ -98,6 +98,7 @@ def run_progressive(opt: argparse.Namespace, model: LatentDiffusion) -> torch.Te
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
+    check_writable(opt.outdir)  # before the model loads
     if opt.n_frames < 2 or opt.n_samples < 1:
         parser.error("--n_frames must be at least 2 and --n_samples at least 1")
     if (opt.image_a is None) != (opt.image_b is None):

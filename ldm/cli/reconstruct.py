@@ -18,7 +18,7 @@ import torch
 from ldm.model_loading import build_model
 from ldm.evaluation.reconstruction import dataset_images, reconstruct, reconstruction_metrics
 from ldm.visualization import save_image_grid
-from ldm.script_args import HelpFormatter, add_trust_config_arg, command_line
+from ldm.script_args import HelpFormatter, add_trust_config_arg, check_writable, command_line
 
 
 def load_images(opt: argparse.Namespace, size: int) -> torch.Tensor:
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_trust_config_arg(parser)
     opt = parser.parse_args()
+    check_writable(opt.outdir)  # before the model loads
     config, ckpt = resolve(opt)
     model = build_model(config, ckpt, device=opt.device, trust_config=opt.trust_config)
     size = opt.size or int(model.encoder.resolution)

@@ -32,8 +32,8 @@ from ldm.inference import generate, text_to_image
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
 from ldm.modules.encoders.modules import ClassEmbedder
-from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, command_line, guidance_scale,
-                             model_from_args, read_prompt_file, sampler_kwargs)
+from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, check_writable, command_line,
+                             guidance_scale, model_from_args, read_prompt_file, sampler_kwargs)
 from ldm.cli.train import _resolve_resume
 
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if opt.n_samples < 1 or opt.batch_size < 1:
         parser.error("-n/--n_samples and --batch_size must be at least 1")
     default_root = model_source(parser, opt)
+    check_writable(opt.logdir or default_root, "-l/--logdir")  # before the model loads
     model = model_from_args(opt)
     if isinstance(model, LatentInpaintDiffusion):
         parser.error("this is an inpainting model: use scripts/inpaint.py")
