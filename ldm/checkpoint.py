@@ -51,7 +51,8 @@ def _numpy_globals() -> list[Any]:
     reconstructor = np.float64(0).__reduce__()[0]
     dtypes = [getattr(np.dtypes, name) for name in dir(getattr(np, "dtypes", None))
               if name.endswith("DType") and name[:-5] not in ("Object", "String", "Str", "Bytes", "Void")]
-    return [(reconstructor, f"{root}.multiarray.scalar") for root in ("numpy.core", "numpy._core")] + [np.dtype, *dtypes]
+    scalars = [(reconstructor, f"{root}.multiarray.scalar") for root in ("numpy.core", "numpy._core")]
+    return [*scalars, np.dtype, *dtypes]
 
 
 # The globals that released Lightning-1.x-era checkpoints hold beside their tensors, and nothing else: a .ckpt

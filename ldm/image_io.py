@@ -97,7 +97,8 @@ def save_images(images: torch.Tensor, directory: Union[str, Path], start: Option
     start = next_index(directory) if start is None else start
     texts = [text] * len(images) if text is None or isinstance(text, Mapping) else list(text)
     return [save_png(to_uint8(image), directory / f"{start + i:05d}.png",
-                     None if texts[i] is None else {**texts[i], "batch_index": str(i)}) for i, image in enumerate(images)]
+                     None if texts[i] is None else {**texts[i], "batch_index": str(i)})
+            for i, image in enumerate(images)]
 
 
 def save_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:

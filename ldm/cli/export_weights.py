@@ -89,9 +89,10 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str) -> Path:
         "| | |", "|---|---|",
         f"| conditioning | {params.get('conditioning_key') or 'none'} (`{params.get('cond_stage_key', '-')}`) |",
         f"| prediction | {params.get('parameterization', 'eps')} |",
-        f"| latent | {params.get('channels', '?')} × {params.get('image_size', '?')} × {params.get('image_size', '?')} |",
+        f"| latent | {params.get('channels', '?')} × {params.get('image_size', '?')}² |",
         f"| trained | {'?' if step is None else f'{step:,} optimizer steps'}, learning rate "
-        f"{config.model.get('base_learning_rate', '?')}, batch size {OmegaConf.select(config, 'data.params.batch_size', default='?')} |",
+        f"{config.model.get('base_learning_rate', '?')}, batch size "
+        f"{OmegaConf.select(config, 'data.params.batch_size', default='?')} |",
         f"| training data | `{data.target if data is not None else '?'}` |",
         f"| weights | {dtype}; `config.yaml` holds the full training config |", "",
         "Use it:", "", "```bash",

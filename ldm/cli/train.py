@@ -170,7 +170,8 @@ def claim_run_name(logdir: Path, now: str, suffix: str) -> str:
     try:
         logdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"-l/--logdir {logdir}: cannot create it ({e.strerror}); give a directory you can write") from e
+        raise ConfigError(f"-l/--logdir {logdir}: cannot create it ({e.strerror}); give a directory you can "
+                          "write") from e
     if not os.access(logdir, os.W_OK | os.X_OK):
         raise ConfigError(f"-l/--logdir {logdir} is not writable; give a directory you can write")
     for attempt in range(1, 1000):
