@@ -3,6 +3,7 @@ and the Python API (`ldm.inference` re-exports `load_model`)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -58,11 +59,34 @@ def _named_model(model: Union[str, Path]) -> Optional[Path]:
     return assets.resolve(BUILTIN_MODELS[name]) if name in BUILTIN_MODELS else None
 
 
+# A Hugging Face Hub repository id ("owner/name"), tried when no local path of that name exists.
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["config.yaml", "model.safetensors", "*.txt", "*.json", "README.md"]
+
+
+def _hub_model(repo_id: str) -> Path:
+    """A model directory from the Hugging Face Hub (the local cache first, then a download when online)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not cached: download below)
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 (offline, no such repo, HTTP errors: all end in the one message)
+        raise ModelNotFound(f"{repo_id}: no such local model directory or config, and not loadable from the Hugging "
+                            f"Face Hub ({e.__class__.__name__}); check the path, or download the repository where "
+                            "there is network") from e
+
+
 def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> tuple[Path, Path, Optional[str]]:
     """(config, weights, built-in name or None) for `load_model`'s arguments."""
     named = _named_model(model)
     name = str(model) if named is not None and str(model) in BUILTIN_MODELS else None
     path = named if named is not None else Path(model)
+    if named is None and not path.exists() and HUB_REPO_ID.match(str(model)):
+        path = _hub_model(str(model))
     if path.suffix in (".yaml", ".yml"):
         config = path
         weights = Path(ckpt) if ckpt is not None else path.with_name("model.safetensors")
@@ -104,7 +128,9 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
                trust_config: bool = False) -> LatentDiffusion:
     """A trained model, in eval mode on `device`, ready for the functions below.
 
-    `model` is a built-in name (`BUILTIN_MODELS`), a directory holding config.yaml and model.safetensors,
+    `model` is a built-in name (`BUILTIN_MODELS`), the name of a model directory in ``$LDM_MODELS_DIR``, a
+    Hugging Face Hub repository id (``owner/name``: a model directory there, from the cache or downloaded), a
+    directory holding config.yaml and model.safetensors,
     or a config .yaml (then `ckpt` names the weights: a weights-only export or a training .ckpt, whose EMA
     weights are used when it has them). An export may leave out the frozen first stage when its config
     names the first stage's own checkpoint (`first_stage_config.params.ckpt_path`): it is loaded from there.

@@ -76,3 +76,22 @@ def test_a_console_script_reports_user_errors_in_one_line(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         cli()
     assert str(exit_info.value).startswith("error: no model config at /nonexistent/model/config.yaml")
+
+
+def test_a_hub_repository_id_loads_its_model_directory(tmp_path, monkeypatch, tiny_txt2img_model):
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, local_files_only))
+        if repo_id != "someone/tiny-shapes":
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found")
+        return str(tiny_txt2img_model)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert load_model("someone/tiny-shapes").num_timesteps == 16
+    assert calls[0] == ("someone/tiny-shapes", True)  # the cache is asked first
+    with pytest.raises(ModelNotFound, match="nobody/nothing: no such local model directory or config, and not loadable"):
+        load_model("nobody/nothing")
