@@ -124,7 +124,7 @@ def _resolve_file_params(node: Any) -> Any:
 
 
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
-               device: Union[str, torch.device] = "cpu", precision: str = "fp32",
+               device: Union[str, torch.device] = "auto", precision: str = "fp32",
                trust_config: bool = False) -> LatentDiffusion:
     """A trained model, in eval mode on `device`, ready for the functions below.
 
@@ -169,7 +169,7 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     return net.to(device).eval()
 
 
-def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "cpu",
+def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None, device: str = "auto",
                strict: bool = True, ignore_prefixes: Iterable[str] = TRAINING_ONLY_PREFIXES,
                trust_config: bool = False) -> torch.nn.Module:
     """Any model (autoencoder, diffusion model, ...) built from a config file's `model:` with weights (.ckpt or
@@ -191,4 +191,4 @@ def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None,
             ignore += ("model_ema.",)
         load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore,
                      source=str(ckpt_path))
-    return model.to(device).eval()
+    return model.to(resolve_device(device) if isinstance(device, str) else device).eval()
