@@ -90,9 +90,8 @@ def test_a_config_error_leaves_no_run_directory(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["data.params.batch_size=-4"], "'data' (set in command line): batch_size must be a positive integer, got -4"),
     (["model.base_learning_rate=fast"], "'model.base_learning_rate' (set in command line): must be a positive number, got 'fast'"),
-    (["model.base_learning_rate=nan"], "must be a positive number, got 'nan'"),
     (["-l", "/proc/ldm-logs"], "-l/--logdir /proc/ldm-logs: cannot create it"),
-], ids=["negative batch", "text learning rate", "nan learning rate", "unwritable logdir"])
+], ids=["negative batch", "text learning rate", "unwritable logdir"])
 def test_bad_training_settings_are_one_line_errors(tmp_path, args, message):
     env = {k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"}
     logdir = [] if "-l" in args else ["-l", str(tmp_path)]

@@ -664,19 +664,26 @@ class LatentDiffusion(DDPM):
             z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
             self.scale_factor.copy_(1.0 / z.flatten().std())
             # Every rank saw another first batch: all take rank 0's value, so they train on one latent scale.
-            self.scale_factor.copy_(self.trainer.strategy.broadcast(self.scale_factor, src=0))
+            self.scale_factor.copy_(self._from_rank_zero(self.scale_factor))
             print(f"scale_by_std: latent std {1.0 / float(self.scale_factor):.4f} on the first batch -> "
                   f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint"
-                  f"{f'; rank 0 measured it for all {self.trainer.world_size} ranks' if self.trainer.world_size > 1 else ''})")
+                  f"{f'; rank 0 measured it for all {self._world_size()} ranks' if self._world_size() > 1 else ''})")
         if (self.latent_channel_norm and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
                 and not self.restarted_from_ckpt):
             x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
             z = self.scale_factor * self.encode_first_stage(x).mode()
-            self.latent_shift.copy_(self.trainer.strategy.broadcast(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1), src=0))
-            self.latent_scale.copy_(self.trainer.strategy.broadcast(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1), src=0))
+            self.latent_shift.copy_(self._from_rank_zero(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1)))
+            self.latent_scale.copy_(self._from_rank_zero(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1)))
             print("latent_channel_norm: per-channel mean " + ", ".join(f"{v:.3f}" for v in self.latent_shift.flatten())
                   + "; std " + ", ".join(f"{1 / v:.3f}" for v in self.latent_scale.flatten())
                   + " on the first batch (stored in the checkpoint)")
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _from_rank_zero(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` as rank 0 has it (itself outside a multi-process run or without a trainer)."""
+        return self._trainer.strategy.broadcast(value, src=0) if self._world_size() > 1 else value
 
     def on_fit_start(self) -> None:
         print(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"
