@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]) + list(ASSET_TREES),
     package_dir=ASSET_TREES,
     package_data={
-        "ldm.assets.models": ["**/*.yaml", "**/*.safetensors", "**/*.json", "**/*.md"],
+        "ldm.assets.models": ["**/*.yaml", "**/*.safetensors", "**/*.json", "**/*.md", "**/*.txt"],
         "ldm.assets.configs": ["**/*.yaml"],
         "ldm.data": ["*.txt"],
     },
