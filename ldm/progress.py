@@ -34,20 +34,20 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         self.train_progress_bar.set_description(f"train (epoch {trainer.current_epoch})")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def _show_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         bar = self.train_progress_bar
-        if bar is not None and not bar.disable and (batch_idx + 1) % self.refresh_rate == 0:
+        if bar is not None and not bar.disable:
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))
             bar.refresh()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % self.refresh_rate == 0:
+            self._show_step(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        bar = self.train_progress_bar
-        if bar is not None and not bar.disable:  # the last step is shown whatever the refresh rate
-            bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
-            bar.refresh()
+        self._show_step(trainer, pl_module)  # the last step is shown whatever the refresh rate
         super().on_train_end(trainer, pl_module)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 # (`ldm.config.REFERENCE_MODULES`), so they resolve here.
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
-from ldm.config import ConfigError, describe_key, load_configs
+from ldm.config import ConfigError, describe_key, get_obj_from_str, load_configs
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
@@ -285,8 +285,6 @@ def build_loggers(lightning_config: DictConfig, logdir: Path) -> list:
     spec = OmegaConf.to_container(spec, resolve=True)
     params = spec.setdefault("params", {}) or {}
     spec["params"] = params
-    from ldm.config import get_obj_from_str
-
     accepted = inspect.signature(get_obj_from_str(spec["target"])).parameters
     if "save_dir" in accepted and "save_dir" not in params:
         params["save_dir"] = str(logdir)
