@@ -6,7 +6,7 @@
     python bench/performance.py --device cuda --precision bf16 --workloads 1p4b --stage gpu
 
 Both models are the same network with the same weights: diffusers' `UNet2DConditionModel` is made from
-ours by `ldm.modules.diffusionmodules.diffusers_conversion.to_diffusers` (the bench checks that the outputs
+ours by `ldm.diffusers_bridge.unet.to_diffusers` (the bench checks that the outputs
 agree). In one process, interleaved (the order alternates every repeat, so drift hits both alike), after
 warm-up, the median of the repeats is taken of:
 - forward: one U-Net forward pass without gradients (ours `unet(x, t, context)`, diffusers
@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.diffusion.ddpm import DDPM  # noqa: E402
-from ldm.modules.diffusionmodules.diffusers_conversion import to_diffusers  # noqa: E402
+from ldm.diffusers_bridge.unet import to_diffusers  # noqa: E402
 from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, SPEED_OPTIONS  # noqa: E402
 from ldm.optim import adamw  # noqa: E402
 

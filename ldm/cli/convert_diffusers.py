@@ -1,18 +1,27 @@
-"""Convert a latent-diffusion U-Net to a diffusers UNet2DConditionModel folder, or back.
+"""Convert a text-to-image latent diffusion model to a diffusers pipeline folder, or back; or the U-Net alone.
 
-    python scripts/convert_diffusers.py --to-diffusers txt2img --outdir out/txt2img-unet-diffusers
-    python scripts/convert_diffusers.py --to-diffusers --config cfg.yaml --ckpt last.ckpt --outdir out/unet
-    python scripts/convert_diffusers.py --from-diffusers out/txt2img-unet-diffusers --outdir out/txt2img-unet
+    ldm-convert-diffusers --to-diffusers txt2img --outdir out/txt2img-diffusers
+    ldm-convert-diffusers --from-diffusers out/txt2img-diffusers --outdir models/ldm/txt2img-imported
+    ldm-convert-diffusers --to-diffusers txt2img --unet-only --outdir out/txt2img-unet
+    ldm-convert-diffusers --from-diffusers out/txt2img-unet --outdir out/unet
 
---to-diffusers takes a built-in model name, a model directory (config.yaml + model.safetensors), a
-LatentDiffusion config .yaml with --ckpt (a training .ckpt gives its EMA weights), or a U-Net config
-written by --from-diffusers (unet.yaml, weights default to unet.safetensors beside it). Only the U-Net is
-converted (not the autoencoder or the conditioning encoder). It writes `save_pretrained`'s folder:
-config.json + diffusion_pytorch_model.safetensors.
+(`python scripts/convert_diffusers.py ...` is the same.) --to-diffusers takes a built-in model name, a model
+directory (config.yaml + model.safetensors), a LatentDiffusion config .yaml with --ckpt (a training .ckpt
+gives its EMA weights), or, with --unet-only, a U-Net config written by --from-diffusers (unet.yaml, weights
+default to unet.safetensors beside it).
 
---from-diffusers reads such a folder and writes unet.yaml (`target: ...UNetModel` and its params, for
-`ldm.util.instantiate_from_config`) and unet.safetensors (the CompVis key names, as
-`model.diffusion_model.*` without that prefix). Needs the diffusers package: pip install -e .[bench].
+By default it writes a whole `LDMTextToImagePipeline` (`DiffusionPipeline.save_pretrained`'s folder:
+model_index.json, vqvae/, bert/, tokenizer/, unet/, scheduler/; see ldm/diffusers_bridge/pipeline.py),
+which `diffusers.DiffusionPipeline.from_pretrained(outdir)` loads. Its DDIM images equal ours for a model
+whose text encoder was trained on 77-token prompts; the pipeline pads every prompt to 77 tokens, so a model
+trained on shorter prompts (the built-in ones: 16) gives different images there. With an f=4 autoencoder
+pass height=width=8 x latent size to the pipeline, or leave them out (the defaults are set so).
+
+--from-diffusers reads such a pipeline folder and writes our model directory (config.yaml,
+model.safetensors, vocab.txt) that load_model and the sampling scripts load; or a UNet2DConditionModel
+folder (config.json + weights) and writes unet.yaml (`target: ...UNetModel` and its params, for
+`ldm.util.instantiate_from_config`) and unet.safetensors (the CompVis key names). Needs the diffusers
+package: pip install diffusers (or pip install -e .[bench]).
 """
 from __future__ import annotations
 
@@ -24,11 +33,10 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-
 from ldm.checkpoint import load_state_dict, load_weights, save_safetensors
+from ldm.diffusers_bridge.pipeline import export_pipeline, import_pipeline
+from ldm.diffusers_bridge.unet import diffusers_unet_class, from_diffusers, to_diffusers, unet_params
 from ldm.inference import load_model
-from ldm.modules.diffusionmodules.diffusers_conversion import (diffusers_unet_class, from_diffusers,
-                                                                to_diffusers, unet_params)
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.script_args import HelpFormatter, command_line, user_errors
 from ldm.util import instantiate_from_config
@@ -36,16 +44,19 @@ from ldm.util import instantiate_from_config
 UNET_TARGET = f"{UNetModel.__module__}.{UNetModel.__name__}"
 
 
+def is_unet_config(model: str) -> bool:
+    """Whether `model` is a U-Net config (as --from-diffusers writes unet.yaml), not a whole model."""
+    path = Path(model)
+    return path.suffix in (".yaml", ".yml") and path.is_file() and OmegaConf.load(path).get("target") == UNET_TARGET
+
+
 def load_unet(model: str, ckpt: Optional[str]) -> UNetModel:
     """The U-Net of a LatentDiffusion model (as `ldm.inference.load_model` finds it), or of a unet.yaml."""
-    path = Path(model)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        config = OmegaConf.load(path)
-        if config.get("target") == UNET_TARGET:
-            unet = instantiate_from_config(config)
-            weights = Path(ckpt) if ckpt is not None else path.with_name("unet.safetensors")
-            load_weights(unet, load_state_dict(weights), source=str(weights))
-            return unet.eval()
+    if is_unet_config(model):
+        unet = instantiate_from_config(OmegaConf.load(model))
+        weights = Path(ckpt) if ckpt is not None else Path(model).with_name("unet.safetensors")
+        load_weights(unet, load_state_dict(weights), source=str(weights))
+        return unet.eval()
     return load_model(model, ckpt).model.diffusion_model
 
 
@@ -65,19 +76,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     mode.add_argument("--to-diffusers", nargs="?", const="", metavar="MODEL",
                       help="convert our model: a built-in name, a model directory, or a config .yaml (or --config)")
     mode.add_argument("--from-diffusers", type=Path, metavar="DIR",
-                      help="convert a diffusers UNet2DConditionModel folder (config.json + weights)")
+                      help="convert a diffusers pipeline folder (model_index.json) or UNet2DConditionModel folder "
+                           "(config.json + weights)")
     parser.add_argument("--config", default=None, help="with --to-diffusers: the model, as MODEL")
     parser.add_argument("--ckpt", default=None,
                         help="with --to-diffusers: the weights (.safetensors or a training .ckpt) for a config .yaml")
+    parser.add_argument("--unet-only", action="store_true",
+                        help="with --to-diffusers: write the U-Net alone (a UNet2DConditionModel folder)")
     parser.add_argument("--outdir", type=Path, required=True, help="folder to write")
     opt = parser.parse_args(argv)
 
     if opt.from_diffusers is not None:
         if opt.config is not None or opt.ckpt is not None:
             parser.error("--config and --ckpt go with --to-diffusers; --from-diffusers reads DIR/config.json")
+        if (opt.from_diffusers / "model_index.json").is_file():
+            with conversion_errors():
+                import_pipeline(opt.from_diffusers, opt.outdir)
+            print(f"wrote the model directory {opt.outdir} (config.yaml, model.safetensors, vocab.txt)")
+            return
         if not (opt.from_diffusers / "config.json").is_file():
-            parser.error(f"--from-diffusers {opt.from_diffusers}: no config.json there (give a folder written by "
-                         "UNet2DConditionModel.save_pretrained, e.g. a pipeline's unet/ folder)")
+            parser.error(f"--from-diffusers {opt.from_diffusers}: no model_index.json or config.json there (give a "
+                         "folder written by DiffusionPipeline.save_pretrained or UNet2DConditionModel.save_pretrained)")
         with conversion_errors():
             # low_cpu_mem_usage needs `accelerate`; without it diffusers falls back to this anyway, with a warning.
             # (low_cpu_mem_usage needs `accelerate`; diffusers would fall back to False with a warning.)
@@ -95,10 +114,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     model = opt.to_diffusers or opt.config
     if not model:
         parser.error("--to-diffusers needs a model: a built-in name (txt2img), a model directory, or a config .yaml")
+    if opt.unet_only or is_unet_config(model):
+        with conversion_errors():
+            converted = to_diffusers(load_unet(model, opt.ckpt))
+        converted.save_pretrained(opt.outdir)
+        print(f"wrote {opt.outdir / 'config.json'} and {opt.outdir / 'diffusion_pytorch_model.safetensors'}")
+        return
     with conversion_errors():
-        converted = to_diffusers(load_unet(model, opt.ckpt))
-    converted.save_pretrained(opt.outdir)
-    print(f"wrote {opt.outdir / 'config.json'} and {opt.outdir / 'diffusion_pytorch_model.safetensors'}")
+        export_pipeline(load_model(model, opt.ckpt), opt.outdir)
+    print(f"wrote the diffusers pipeline {opt.outdir} (model_index.json, vqvae, bert, tokenizer, unet, scheduler)")
 
 
 cli = command_line(main)

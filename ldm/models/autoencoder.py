@@ -331,6 +331,7 @@ class AutoencoderKL(FirstStageModule):
         self.train_decoder_only = train_decoder_only
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder emits mean and log-variance)")
+        self.ddconfig = dict(ddconfig)  # the architecture, for conversions (ldm.diffusers_bridge)
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.loss = instantiate_from_config(lossconfig)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from ldm.inference import load_model
-from ldm.modules.diffusionmodules.diffusers_conversion import (
+from ldm.diffusers_bridge.unet import (
     LDM_UNET_PREFIX,
     NO_EFFECT_PARAMS,
     diffusers_unet_config,
@@ -128,7 +128,7 @@ def test_heads_follow_num_head_channels_where_diffusers_own_config_says_8():
 
 def test_config_sets_every_diffusers_argument_and_fixed_values_are_the_defaults():
     """Every UNet2DConditionModel argument is decided, and a key missing from a config means our value."""
-    from ldm.modules.diffusionmodules.diffusers_conversion import _FIXED_CONFIG
+    from ldm.diffusers_bridge.unet import _FIXED_CONFIG
 
     signature = inspect.signature(UNet2DConditionModel.__init__).parameters
     config = diffusers_unet_config(CONFIGS["txt2img"])
@@ -249,7 +249,7 @@ def test_missing_extra_and_misshapen_keys_are_named():
 def test_script_converts_a_model_dir_to_diffusers_and_back(tmp_path, tiny_txt2img_model, capsys):
     script = load_script("convert_diffusers")
     original = load_model(tiny_txt2img_model).model.diffusion_model
-    script.main(["--to-diffusers", str(tiny_txt2img_model), "--outdir", str(tmp_path / "diffusers")])
+    script.main(["--to-diffusers", str(tiny_txt2img_model), "--unet-only", "--outdir", str(tmp_path / "diffusers")])
     assert sorted(p.name for p in (tmp_path / "diffusers").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
     model = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers", low_cpu_mem_usage=False)
@@ -276,7 +276,7 @@ def test_script_errors(tmp_path, capsys):
     script = load_script("convert_diffusers")
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--from-diffusers", str(tmp_path), "--outdir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no model_index.json or config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--to-diffusers", "--outdir", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "needs a model" in capsys.readouterr().err

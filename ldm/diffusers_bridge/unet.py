@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ldm.diffusers_bridge.common import check_keys, device_and_dtype, import_diffusers
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 if TYPE_CHECKING:
@@ -409,25 +410,13 @@ def _key_map(params: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, torch
     return key_map, shapes
 
 
-def _check_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], what: str) -> None:
-    """Raise ValueError naming missing, unexpected and wrongly shaped keys of `state_dict` against `shapes`."""
-    missing = [k for k in shapes if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in shapes]
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(shapes[k])}" for k in shapes
-                  if k in state_dict and state_dict[k].shape != shapes[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if mismatched:
-        problems.append(f"shapes that do not fit ({len(mismatched)}): {', '.join(mismatched)}")
-    if problems:
-        hint = ""
-        if any(k.startswith(LDM_UNET_PREFIX) for k in unexpected):
-            hint = (f". This looks like a whole LatentDiffusion state dict: pass only the U-Net's part, the keys "
-                    f"under {LDM_UNET_PREFIX!r} with that prefix removed (its EMA copy, if any, is under 'model_ema.')")
-        raise ValueError(f"{what} does not fit the config: " + "; ".join(problems) + hint)
+def _check_unet_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], what: str) -> None:
+    """`check_keys`, with a hint when the keys are a whole LatentDiffusion state dict."""
+    hint = ""
+    if any(k.startswith(LDM_UNET_PREFIX) for k in state_dict if k not in shapes):
+        hint = (f"This looks like a whole LatentDiffusion state dict: pass only the U-Net's part, the keys "
+                f"under {LDM_UNET_PREFIX!r} with that prefix removed (its EMA copy, if any, is under 'model_ema.')")
+    check_keys(state_dict, shapes, what, hint)
 
 
 def to_diffusers_state_dict(
@@ -440,7 +429,7 @@ def to_diffusers_state_dict(
     given ones, renamed, not copied.
     """
     key_map, shapes = _key_map(params)
-    _check_keys(state_dict, shapes, "UNetModel state dict")
+    _check_unet_keys(state_dict, shapes, "UNetModel state dict")
     return {key_map[k]: state_dict[k] for k in shapes}
 
 
@@ -453,7 +442,7 @@ def from_diffusers_state_dict(
     ``unet_params_from_diffusers(config)``. Keys are checked as in `to_diffusers_state_dict`.
     """
     key_map, shapes = _key_map(unet_params_from_diffusers(config))
-    _check_keys(state_dict, {key_map[k]: s for k, s in shapes.items()}, "diffusers UNet2DConditionModel state dict")
+    _check_unet_keys(state_dict, {key_map[k]: s for k, s in shapes.items()}, "diffusers UNet2DConditionModel state dict")
     return {k: state_dict[d] for k, d in key_map.items()}
 
 
@@ -462,17 +451,7 @@ def from_diffusers_state_dict(
 
 def diffusers_unet_class() -> type[UNet2DConditionModel]:
     """diffusers' `UNet2DConditionModel` class; ImportError saying how to install diffusers when it is missing."""
-    try:
-        from diffusers import UNet2DConditionModel
-    except ImportError as e:
-        raise ImportError("converting to a diffusers model needs the diffusers package: pip install -e .[bench]") from e
-    return UNet2DConditionModel
-
-
-def _device_and_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where `module`'s weights live and their floating dtype."""
-    weight = next(module.parameters())
-    return weight.device, weight.dtype
+    return import_diffusers().UNet2DConditionModel
 
 
 def to_diffusers(unet: UNetModel) -> UNet2DConditionModel:
@@ -482,7 +461,7 @@ def to_diffusers(unet: UNetModel) -> UNet2DConditionModel:
     equals ``unet(x, t, context, y)``. `use_checkpoint` turns on diffusers' gradient checkpointing.
     """
     params = unet_params(unet)
-    device, dtype = _device_and_dtype(unet)
+    device, dtype = device_and_dtype(unet)
     with torch.device(device):  # built where the weights are, not built on the CPU and then moved
         model = diffusers_unet_class().from_config(diffusers_unet_config(params))
     if model.dtype != dtype:  # (diffusers warns on any cast to a dtype, needed or not)
@@ -504,7 +483,7 @@ def from_diffusers(model: UNet2DConditionModel) -> UNetModel:
     params = unet_params_from_diffusers(model.config)
     params["use_checkpoint"] = bool(model.is_gradient_checkpointing)
     state = from_diffusers_state_dict(model.state_dict(), model.config)
-    device, dtype = _device_and_dtype(model)
+    device, dtype = device_and_dtype(model)
     with torch.device(device):
         unet = UNetModel(**params).to(dtype)
     unet.load_state_dict(state)
