@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.modules.encoders.base import FreezableEncoder
 from ldm.modules.encoders.tokenization import tokenize_to_length
 
 DEFAULT_VERSION = "openai/clip-vit-large-patch14"
@@ -51,7 +52,7 @@ def _from_pretrained(loader: Any, version: str, what: str, **kwargs: Any) -> Any
                            "cond_stage_config.params.version to a local copy") from e
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class FrozenCLIPEmbedder(FreezableEncoder):
     """Prompts -> (B, max_length, width) CLIP text features, as Stable Diffusion v1 (see the module docstring).
 
     `device` is accepted because SD's configs pass it; the module follows ``.to()``. `pretrained` loads CLIP's
@@ -84,13 +85,8 @@ class FrozenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.output_dim = text_model.config.hidden_size
         self._warned_prompts: set[str] = set()
-        self.frozen = freeze
         if freeze:
-            self.requires_grad_(False)
-            self.train(False)
-
-    def train(self, mode: bool = True) -> "FrozenCLIPEmbedder":
-        return super().train(mode and not self.frozen)  # frozen: eval mode for good, as Lightning calls .train()
+            self.freeze()
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
         tokens = tokenize_to_length(self.tokenizer, text, self.max_length, self._warned_prompts,
@@ -98,6 +94,3 @@ class FrozenCLIPEmbedder(nn.Module):
         text_model = self.transformer.text_model
         device = next(text_model.parameters()).device
         return text_model(input_ids=tokens.to(device)).last_hidden_state  # no attention mask, as SD v1
-
-    def encode(self, text: str | list[str]) -> torch.Tensor:
-        return self(text)

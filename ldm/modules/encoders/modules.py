@@ -18,27 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.encoders.base import AbstractEncoder, FreezableEncoder
 from ldm.modules.encoders.clip import FrozenCLIPEmbedder  # noqa: F401 (Stable Diffusion v1's configs name it here)
 from ldm.modules.encoders.tokenization import Text, tokenize_to_length
 from ldm.modules.encoders.vocabulary import GT_PACKAGE, gt_minilm_dir, load_bert_tokenizer
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
-
-
-class AbstractEncoder(nn.Module):
-    """A conditioning encoder: ``encode(c)`` gives what the diffusion model is conditioned on.
-
-    By default that is the forward pass; encoders whose `encode` differs override it.
-    """
-
-    def encode(self, x: Any) -> Any:
-        return self(x)
 
 
 def _weight_device(module: nn.Module) -> torch.device:
@@ -245,7 +236,7 @@ class SpatialRescaler(AbstractEncoder):
         return x
 
 
-class FrozenHFTextEmbedder(AbstractEncoder):
+class FrozenHFTextEmbedder(FreezableEncoder):
     """Prompts -> (B, max_length, hidden) hidden states of a pretrained Hugging Face BERT-like encoder.
 
     `path` is a local directory loadable by ``transformers.AutoModel``/``AutoTokenizer`` (no download is
@@ -283,16 +274,10 @@ class FrozenHFTextEmbedder(AbstractEncoder):
             raise ValueError(f"max_length={max_length} exceeds the {max_positions} positions of the model in {model_dir}")
         self.max_length = max_length
         self.layer = layer
-        self.frozen = freeze
         self.output_dim = self.transformer.config.hidden_size
         self._warned_prompts: set[str] = set()
         if freeze:
-            self.requires_grad_(False)
-            self.train(False)
-
-    def train(self, mode: bool = True) -> "FrozenHFTextEmbedder":
-        # Lightning calls .train() on the whole model each epoch; a frozen encoder must stay in eval.
-        return super().train(mode and not self.frozen)
+            self.freeze()
 
     def forward(self, text: Text) -> torch.Tensor:
         encoding = tokenize_to_length(
