@@ -15,9 +15,11 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.data.layout import PAD_TOKEN, layout_tokens
 from ldm.model_loading import (BUILTIN_MODELS, PRECISIONS, ModelNotFound, load_model,  # noqa: F401 (the API)
                                resolve_device)
 from ldm.models.diffusion.ancestral import ancestral_sample
@@ -370,3 +372,77 @@ def inpaint(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor,
         z = sample_latents(model, n, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
                            spacing=spacing, shape=shape, known=encode_images(model, images), known_mask=known_mask, progress=progress)
     return images * (1.0 - masks) + masks * decode_latents(model, z)
+
+
+# ------------------------------------------------------------------------------- spatial conditioning
+
+
+def _check_conditioned_on(model: LatentDiffusion, key: str, function: str, config: str) -> None:
+    if model.cond_stage_key != key:
+        raise ValueError(f"{function} needs a model conditioned on {key!r} (e.g. {config}); this one is conditioned "
+                         f"on {model.cond_stage_key!r}")
+
+
+@torch.no_grad()
+def super_resolve(model: LatentDiffusion, images: torch.Tensor, *, sampler: str = "ddim", steps: int = 50,
+                  eta: float = 0.0, spacing: Optional[str] = None, seed: Seeds = None, progress: bool = True,
+                  generator: Generators = None) -> torch.Tensor:
+    """Low-resolution images (N, 3, h, w) in [−1, 1] -> (N, 3, f·h, f·w), f the first stage's factor (4 for the
+    built-in super-resolution model, configs/latent-diffusion/sr_shapes.yaml). The low-resolution pixels are
+    concatenated with the latent, whose grid they match; any h, w works, also beyond the training size (the
+    U-Net is convolutional: LDM paper, sec. 4.4)."""
+    _check_conditioned_on(model, "LR_image", "super_resolve", "configs/latent-diffusion/sr_shapes.yaml")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N, 3, h, w), got {tuple(images.shape)}")
+    cond = model.get_learned_conditioning(images.to(model.device, torch.float32))
+    z = sample_latents(model, len(images), cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                       shape=(model.channels, *images.shape[-2:]), seed=seed, progress=progress, generator=generator)
+    return decode_latents(model, z)
+
+
+def semantic_classes(model: LatentDiffusion) -> int:
+    """How many labels a semantic-synthesis model's maps hold (its SpatialRescaler's input channels)."""
+    mapper = getattr(model.cond_stage_model, "channel_mapper", None)
+    if mapper is None:
+        raise ValueError("this model's condition encoder has no channel mapper: it is not a semantic-synthesis model")
+    return mapper.in_channels
+
+
+@torch.no_grad()
+def semantic_to_image(model: LatentDiffusion, label_maps: torch.Tensor, *, sampler: str = "ddim", steps: int = 50,
+                      eta: float = 0.0, spacing: Optional[str] = None, seed: Seeds = None, progress: bool = True,
+                      generator: Generators = None) -> torch.Tensor:
+    """Label maps (N, H, W) of class indices -> images (N, 3, H, W) in [−1, 1] with those regions
+    (configs/latent-diffusion/semantic2img_shapes.yaml: 0 background, 1 + class of each object); H, W multiples
+    of the first stage's factor, larger than the training size too."""
+    _check_conditioned_on(model, "segmentation", "semantic_to_image",
+                          "configs/latent-diffusion/semantic2img_shapes.yaml")
+    if label_maps.dim() != 3 or label_maps.is_floating_point():
+        raise ValueError(f"label maps must be integer class indices (N, H, W), got a {label_maps.dtype} tensor of "
+                         f"shape {tuple(label_maps.shape)}")
+    classes = semantic_classes(model)
+    if label_maps.min() < 0 or label_maps.max() >= classes:
+        raise ValueError(f"label values must lie in 0..{classes - 1} (the model's classes), got "
+                         f"{int(label_maps.min())}..{int(label_maps.max())}")
+    one_hot = F.one_hot(label_maps.long(), classes).permute(0, 3, 1, 2).float().to(model.device)
+    cond = model.get_learned_conditioning(one_hot)
+    z = sample_latents(model, len(label_maps), cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+                       shape=latent_shape(model, *label_maps.shape[-2:]), seed=seed, progress=progress,
+                       generator=generator)
+    return decode_latents(model, z)
+
+
+@torch.no_grad()
+def layout_to_image(model: LatentDiffusion, layouts: Sequence[Sequence[tuple[int, Sequence[float]]]], *,
+                    scale: float = 3.0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                    spacing: Optional[str] = None, seed: Seeds = None, progress: bool = True,
+                    generator: Generators = None) -> torch.Tensor:
+    """One image per layout, a list of (class label, box [x0, y0, x1, y1] in [0, 1]) in slot order
+    (`ldm.data.layout`; `read_layout_file` reads one from JSON); guidance (`scale` ≠ 1) against the empty layout."""
+    _check_conditioned_on(model, "objects_bbox", "layout_to_image", "configs/latent-diffusion/layout2img_shapes.yaml")
+    tokens = torch.as_tensor(np.stack([layout_tokens(layout) for layout in layouts]), device=model.device)
+    cond = model.get_learned_conditioning(tokens)
+    uncond = model.get_learned_conditioning(torch.full_like(tokens, PAD_TOKEN)) if scale != 1.0 else None
+    z = sample_latents(model, len(tokens), cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps, eta=eta,
+                       spacing=spacing, seed=seed, progress=progress, generator=generator)
+    return decode_latents(model, z)

@@ -22,12 +22,19 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUILTIN_MODELS = {
     "txt2img": Path("models/ldm/txt2img-shapes"),
     "inpainting": Path("models/ldm/inpainting-shapes"),
+    "superres": Path("models/ldm/superres-shapes"),
+    "semantic2img": Path("models/ldm/semantic2img-shapes"),
+    "layout2img": Path("models/ldm/layout2img-shapes"),
 }
 # How to make a missing built-in model.
 RECIPES = {
     "txt2img": "configs/latent-diffusion/txt2img.yaml",
     "inpainting": "configs/latent-diffusion/inpainting_txt.yaml",
+    "superres": "configs/latent-diffusion/sr_shapes.yaml",
+    "semantic2img": "configs/latent-diffusion/semantic2img_shapes.yaml",
+    "layout2img": "configs/latent-diffusion/layout2img_shapes.yaml",
 }
+DEMO_MODELS = ("txt2img", "inpainting")  # what scripts/demo.sh makes
 
 
 class ModelNotFound(FileNotFoundError):
@@ -102,9 +109,9 @@ def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> t
 def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> str:
     if name is not None:
         target = BUILTIN_MODELS[name]
-        return (f"the built-in {name!r} model is missing ({missing} does not exist). Make it with the main job,\n"
-                f"  bash scripts/demo.sh            (trains the first stage, txt2img and inpainting: ~30 min on 2 cores)\n"
-                f"or train it alone and export its weights:\n"
+        demo = (f"Make it with the main job,\n  bash scripts/demo.sh            (trains the first stage, txt2img and "
+                f"inpainting: ~30 min on 2 cores)\nor train it alone" if name in DEMO_MODELS else "Train it")
+        return (f"the built-in {name!r} model is missing ({missing} does not exist). {demo} and export its weights:\n"
                 f"  python main.py --base {RECIPES[name]} -t\n"
                 f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt --model-dir {target}")
     if missing == config:

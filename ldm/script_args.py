@@ -173,8 +173,9 @@ class SampleWriter:
     def settings(self, prompt: str, seed: int) -> dict[str, str]:
         """PNG text metadata: what the image was asked for and how it was sampled, enough to make it again."""
         opt = self.opt
-        text = {"prompt": prompt, "negative_prompt": opt.negative_prompt or "", "seed": str(seed),
-                "sampler": "plms" if opt.plms else opt.sampler, "steps": str(opt.steps), "scale": str(opt.scale),
+        text = {"prompt": prompt, "negative_prompt": getattr(opt, "negative_prompt", None) or "", "seed": str(seed),
+                "sampler": "plms" if opt.plms else opt.sampler, "steps": str(opt.steps),
+                "scale": str(getattr(opt, "scale", 1.0)),
                 "eta": str(opt.eta), "model": str(opt.config)}
         for optional in ("ckpt", "spacing", "strength"):
             if getattr(opt, optional, None) is not None:
@@ -182,13 +183,15 @@ class SampleWriter:
         text["software"] = f"ldm {__version__}"
         return text
 
-    def finish(self) -> None:
+    def finish(self, grid: Optional[torch.Tensor] = None, columns: Optional[int] = None) -> None:
+        """Report where the samples are and write the grid: of every batch (a row each, --n_samples or --n_rows
+        columns), or `grid` with `columns` per row when a script lays it out itself."""
         if not self.opt.skip_save:
             print(f"samples: {self.opt.outdir / 'samples'}")
         if not self.opt.skip_grid:
             path = self.opt.outdir / f"grid-{next_index(self.opt.outdir, 'grid-'):04}.png"
-            images = torch.cat(self.batches)
-            columns = self.opt.n_rows or self.opt.n_samples
+            images = torch.cat(self.batches) if grid is None else grid
+            columns = columns or self.opt.n_rows or self.opt.n_samples
             save_grid(images, path, nrow=columns)
             print(f"grid ({-(-len(images) // columns)} rows x {columns}): {path}")
 

@@ -86,6 +86,29 @@ def render_captions(captions: list[str], size: int = 64, chars_per_line: int | N
     return torch.stack(images).float() / 127.5 - 1.0
 
 
+def render_label_maps(segmentation: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
+    """One-hot (or score) maps (N, K, H, W) drawn with `palette` (K, 3) RGB in [0, 1], as NCHW in [-1, 1]."""
+    colours = torch.as_tensor(palette, dtype=torch.float32, device=segmentation.device)
+    return colours[segmentation.argmax(dim=1)].permute(0, 3, 1, 2) * 2 - 1
+
+
+def render_boxes(layouts: list[list[tuple[str, tuple[float, float, float, float], tuple[float, float, float]]]],
+                 size: int = 64) -> torch.Tensor:
+    """Each layout, a list of (name, box [x0, y0, x1, y1] in [0, 1], RGB in [0, 1]), drawn as outlined boxes
+    with their names on grey, `size`×`size`, as NCHW in [-1, 1]."""
+    font = ImageFont.load_default()
+    images = []
+    for layout in layouts:
+        canvas = Image.new("RGB", (size, size), (128, 128, 128))
+        draw = ImageDraw.Draw(canvas)
+        for name, (x0, y0, x1, y1), rgb in layout:
+            colour = tuple(int(round(255 * c)) for c in rgb)
+            draw.rectangle([x0 * size, y0 * size, x1 * size - 1, y1 * size - 1], outline=colour, width=2)
+            draw.text((x0 * size + 3, y0 * size + 2), name, fill=colour, font=font)
+        images.append(torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1))
+    return torch.stack(images).float() / 127.5 - 1.0
+
+
 CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 

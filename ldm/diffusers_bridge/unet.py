@@ -162,6 +162,9 @@ def _check_representable(p: Mapping[str, Any]) -> None:
     if p["resblock_updown"]:
         raise unsupported("resblock_updown", "the diffusers blocks with this layout resample with convolutions, "
                           "not with ResBlocks")
+    if p["num_classes"] == "sequential":
+        raise unsupported("num_classes", "the vector-input ('adm') label MLP is not mapped to diffusers' class "
+                          "embedding types")
     if p["n_embed"] is not None:
         raise unsupported("n_embed", "UNet2DConditionModel has no codebook-logit head (id_predictor)")
     if p["use_fp16"]:

@@ -15,12 +15,16 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
 from ldm.data.latent_cache import LatentCache
+from ldm.data.layout import tokens_to_layout
+from ldm.data.semantic import label_palette
+from ldm.data.shapes import CLASS_NAMES, COLOUR_RGB
 from ldm.divergence import raise_if_not_finite
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
@@ -37,9 +41,10 @@ from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, apply_spee
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.optim import adamw
-from ldm.visualization import make_grid, render_captions
+from ldm.visualization import make_grid, render_boxes, render_captions, render_label_maps
 
 CONDITIONING_KEYS = ("concat", "crossattn", "hybrid", "adm")
+LAYOUT_KEY = "objects_bbox"  # the reference's batch key of layout tokens (shown as boxes in image logs)
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -70,7 +75,9 @@ class DiffusionWrapper(nn.Module):
         if key == "concat":
             return self.diffusion_model(x, t)
         if key == "adm":
-            return self.diffusion_model(x, t, y=c_crossattn[0])
+            # A class vector: a ClassEmbedder's (B, 1, dim) output is one token, given as (B, dim).
+            y = c_crossattn[0]
+            return self.diffusion_model(x, t, y=y.flatten(1) if y.dim() == 3 else y)
         context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, dim=1)  # no copy of one
         return self.diffusion_model(x, t, context=context)
 
@@ -392,8 +399,9 @@ class DDPM(pl.LightningModule):
             rows.append(self.decode_for_display(self.process.add_noise(x_start, torch.randn_like(x_start), level)))
         return _rows_to_grid(rows)
 
-    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
-        """The "no condition" input matching `cond` (empty captions, null classes), or None if not trained for it."""
+    def unconditional_guidance_inputs(self, cond: Any, batch: Mapping, n: int) -> Any:
+        """The "no condition" input matching `cond`, the condition of the first `n` examples of `batch` (empty
+        captions, null classes, an all-padding layout), or None if the model was not trained for it."""
         return None
 
     @torch.no_grad()
@@ -416,14 +424,14 @@ class DDPM(pl.LightningModule):
         if sample:
             try:
                 with self.ema_scope():
-                    log.update(self._sample_grids(cond, x.shape[0], n_row, guidance_scale, sampler, steps))
+                    log.update(self._sample_grids(cond, batch, x.shape[0], n_row, guidance_scale, sampler, steps))
             except SamplingInterrupted:
                 pass  # Lightning stops the run after this batch
         if return_keys:
             log = {k: v for k, v in log.items() if k in return_keys}
         return log
 
-    def _sample_grids(self, cond: Any, n: int, n_row: int, guidance_scale: float, sampler: str,
+    def _sample_grids(self, cond: Any, batch: Mapping, n: int, n_row: int, guidance_scale: float, sampler: str,
                       steps: int) -> dict[str, torch.Tensor]:
         """`samples`, `denoise_row` and, for a model trained with condition dropout, guided samples."""
         from ldm.inference import sample_latents  # imported here: ldm.inference imports this module
@@ -441,7 +449,7 @@ class DDPM(pl.LightningModule):
         samples = sample_latents(self, n, cond, sampler=sampler, steps=steps, callback=step, progress=False)
         out = {"samples": self.decode_for_display(samples),
                "denoise_row": _rows_to_grid([self.decode_for_display(z) for z in _evenly_spaced(denoised, 6)])}
-        uncond = self.unconditional_guidance_inputs(cond, n)
+        uncond = self.unconditional_guidance_inputs(cond, batch, n)
         if uncond is not None:
             guided = sample_latents(self, n, cond, uncond=uncond, scale=guidance_scale, sampler=sampler, steps=steps,
                                     callback=stop_if_terminated, progress=False)
@@ -597,7 +605,7 @@ class LatentDiffusion(DDPM):
                            "model.params.cond_stage_key to one of them")
         value = batch[key]
         if isinstance(value, torch.Tensor) and value.dim() == 4:
-            return self.get_input(batch, key)
+            return DDPM.get_input(self, batch, key)  # NHWC -> NCHW (LatentDiffusion's get_input encodes)
         return value
 
     def get_input(self, batch: Mapping, k: str, return_first_stage_outputs: bool = False,
@@ -716,12 +724,17 @@ class LatentDiffusion(DDPM):
 
     # ------------------------------------------------------------------------------------ images
 
-    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
-        if not self.ucg_training or self.cond_stage_key not in self.ucg_training:
+    def unconditional_guidance_inputs(self, cond: Any, batch: Mapping, n: int) -> Any:
+        key = self.cond_stage_key
+        if not self.ucg_training or key not in self.ucg_training:
             return None
-        value = self.ucg_training[self.cond_stage_key].get("val", "")
-        raw = [value] * n if isinstance(value, str) else torch.full((n,), value, device=self.device, dtype=torch.long)
-        return self.get_learned_conditioning(raw)
+        value = self.ucg_training[key].get("val", "")
+        if isinstance(value, str):
+            return self.get_learned_conditioning([value] * n)
+        # A tensor condition (labels, layout tokens, images) filled with `val`, as drop_conditions makes it.
+        raw = torch.as_tensor(batch[key][:n])
+        dropped = self.get_raw_condition({key: torch.full_like(raw, value)})
+        return self.get_learned_conditioning(dropped.to(self.device))
 
     def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
@@ -732,9 +745,18 @@ class LatentDiffusion(DDPM):
         return z, c, shown
 
     def render_condition(self, xc: Any, size: int, batch: Mapping) -> torch.Tensor:
-        """The raw condition as images: captions or class names written out, images as they are."""
+        """The raw condition as images: captions or class names written out, images (a low-resolution input
+        enlarged to the image size), label maps in colour, layouts as boxes."""
         if isinstance(xc, torch.Tensor) and xc.dim() == 4:
-            return xc[:, :3] if xc.shape[1] >= 3 else xc[:, :1].expand(-1, 3, -1, -1)
+            if xc.shape[1] > 3:  # a one-hot label map (semantic synthesis)
+                return render_label_maps(xc, label_palette(xc.shape[1]))
+            image = xc if xc.shape[1] == 3 else xc[:, :1].expand(-1, 3, -1, -1)
+            return F.interpolate(image, size=(size, size), mode="nearest") if image.shape[-1] != size else image
+        if self.cond_stage_key == LAYOUT_KEY:
+            # Each box in its object's colour, named by its shape.
+            return render_boxes([[(CLASS_NAMES[label].split()[1], box, COLOUR_RGB[CLASS_NAMES[label].split()[0]])
+                                  for label, box in tokens_to_layout(tokens)] for tokens in xc.tolist()],
+                                size=max(size, 64)).to(self.device)
         if isinstance(xc, torch.Tensor):
             # Datasets name their classes under the reference's `human_label` key.
             names = batch.get("human_label")

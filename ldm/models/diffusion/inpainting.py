@@ -124,7 +124,7 @@ class LatentInpaintDiffusion(LatentDiffusion):
         """A hybrid model's learned condition for a concat input already made (`inpainting_condition`)."""
         return {"c_concat": [concat], "c_crossattn": [super().get_learned_conditioning(list(captions))]}
 
-    def unconditional_guidance_inputs(self, cond: Any, n: int) -> Any:
+    def unconditional_guidance_inputs(self, cond: Any, batch: Mapping, n: int) -> Any:
         # Guidance drops the caption only: the masked image stays in both halves (as in Stable Diffusion's
         # inpainting); a concat-only model has nothing to drop.
         if not self.text_conditioned or not self.ucg_training or self.cond_stage_key not in self.ucg_training:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -243,7 +243,9 @@ class UNetModel(nn.Module):
 
     Heads: `num_heads` fixed per layer, or `num_head_channels` per head (heads = channels // that).
     `num_heads_upsample` only affects decoder AttentionBlocks with `legacy` and `num_head_channels` -1,
-    as in the reference. `num_classes` adds a label embedding to the timestep embedding (input `y`);
+    as in the reference. `num_classes` adds a label embedding to the timestep embedding (input `y`: class
+    indices (B,)); ``num_classes="sequential"`` (Stable Diffusion 2's "adm" input) instead maps a vector
+    y (B, `adm_in_channels`), e.g. a learned class embedding, through a two-layer MLP to that embedding;
     `n_embed` makes the model output logits over a first-stage codebook of that size (`id_predictor`).
     """
 
@@ -259,7 +261,7 @@ class UNetModel(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: Optional[int] = None,
+        num_classes: Union[int, str, None] = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = -1,
@@ -273,8 +275,12 @@ class UNetModel(nn.Module):
         context_dim: Optional[int] = None,
         n_embed: Optional[int] = None,
         legacy: bool = True,
+        adm_in_channels: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if (num_classes == "sequential") != (adm_in_channels is not None):
+            raise ValueError("adm_in_channels (the width of the vector y) goes with num_classes='sequential', and "
+                             f"only with it; got num_classes={num_classes!r}, adm_in_channels={adm_in_channels!r}")
         if use_fp16:
             raise ValueError(
                 "use_fp16=True is not supported: train or sample in mixed precision instead (Lightning "
@@ -327,7 +333,11 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
-        if num_classes is not None:
+        self.adm_in_channels = adm_in_channels
+        if num_classes == "sequential":
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
+        elif num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         def res_block(ch_in: int, ch_out: int, up: bool = False, down: bool = False) -> ResBlock:
@@ -437,11 +447,11 @@ class UNetModel(nn.Module):
             )
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if y is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(
-                    f"y must hold one class index per sample, shape ({x.shape[0]},); got {tuple(y.shape)}"
-                )
-            emb = emb + self.label_emb(y)
+            expected = (x.shape[0],) if self.adm_in_channels is None else (x.shape[0], self.adm_in_channels)
+            if y.shape != expected:
+                what = "one class index" if self.adm_in_channels is None else f"a vector of {self.adm_in_channels}"
+                raise ValueError(f"y must hold {what} per sample, shape {expected}; got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(emb.dtype) if self.adm_in_channels is not None else y)
 
         skips = []
         h = x

@@ -1,0 +1,11 @@
+"""`python scripts/superres.py ...`, from a checkout (installed or not). The code is
+`ldm/cli/superres.py`, also installed as the `ldm-superres` command; `--help` describes it."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.cli.superres import cli  # noqa: E402
+
+if __name__ == "__main__":
+    cli()
