@@ -78,6 +78,7 @@ def train(opt: argparse.Namespace) -> None:
     settings = json.loads((RUNS / "runs.json").read_text()) if (RUNS / "runs.json").exists() else {}
     settings[opt.label] = {
         "kind": kind, "config": str(config), "overrides": opt.overrides, "steps": opt.steps,
+        "start_step": opt.start_step,
         "wall_seconds": round(wall, 1), "run_dir": str(run.relative_to(REPO)), "note": opt.note,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
@@ -197,14 +198,15 @@ def write_plot(rows: list[dict], settings: dict) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (column, split, title) in zip(axes.flat, panels):
         for label in dict.fromkeys(r["label"] for r in rows):
-            points = [(int(r["step"]), float(r[column])) for r in rows
+            start = settings.get(label, {}).get("start_step", 0)  # a continued run is drawn after its parent
+            points = [(start + int(r["step"]), float(r[column])) for r in rows
                       if r["label"] == label and r["split"] == split and r.get(column) not in (None, "", "nan")]
             if points:
                 ax.plot(*zip(*points), "o-", ms=3, label=label)
         ax.set_title(title)
         # Steps, not minutes: the levers compared here share one U-Net (one step cost), and a step axis is
         # not distorted when other work shares the CPU; the table gives the training minutes too.
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel("optimizer step (continued runs from their parent's last step)")
         if column == "fid":
             ax.set_yscale("log")
         if ax.get_legend_handles_labels()[0]:
@@ -223,6 +225,9 @@ def main() -> None:
                         help="optimizer steps between measurements (default %(default)s)")
     parser.add_argument("--n-captions", dest="n_captions", type=int, default=128, help="captions per split")
     parser.add_argument("--note", default="", help="what this run changes, for the report")
+    parser.add_argument("--start-step", dest="start_step", type=int, default=0,
+                        help="for a run that continues trained weights (model.params.ckpt_path): the steps they had, "
+                             "where the plot draws this run's curve from")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from stored runs")
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value")
     opt = parser.parse_args()

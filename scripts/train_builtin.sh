@@ -4,24 +4,30 @@
 #   1. the KL-f4 first stage   (configs/autoencoder/autoencoder_kl_shapes_f4.yaml)
 #   2. text-to-image LDM on it (configs/latent-diffusion/txt2img.yaml)
 #   3. text-conditioned inpainting LDM, started from the txt2img model (configs/latent-diffusion/inpainting_txt.yaml)
+#   4. x4 super-resolution (configs/latent-diffusion/sr_shapes.yaml), semantic synthesis
+#      (semantic2img_shapes.yaml) and layout-to-image (layout2img_shapes.yaml) on the same first stage
 #
 #   bash scripts/train_builtin.sh                          # the full recipe (hours on 2 CPU cores)
 #   BUILTIN_MODELS_DIR=models bash scripts/train_builtin.sh   # remake the models shipped in models/
-#   BUILTIN_STAGES="txt2img" bash scripts/train_builtin.sh    # only some stages
+#   BUILTIN_STAGES="txt2img" bash scripts/train_builtin.sh    # only some stages (default: all, in order)
 #
 # Interrupt it at any time (Ctrl-C, SIGTERM, a lost machine): every stage writes last.ckpt when stopped,
 # and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
-# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING}_STEPS. On a GPU add
+# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS. On a GPU add
 # BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1". scripts/demo.sh runs this recipe shortened.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 MODELS="${BUILTIN_MODELS_DIR:-outputs/builtin/models}"
 LOGS="${BUILTIN_LOGDIR:-logs/builtin}"
-STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting}"
+STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting superres semantic2img layout2img}"
 FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-12000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
-TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-16500}"
+TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-66500}"
 INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-6000}"
+SUPERRES_STEPS="${BUILTIN_SUPERRES_STEPS:-6000}"
+SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-6000}"
+LAYOUT2IMG_STEPS="${BUILTIN_LAYOUT2IMG_STEPS:-14000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
+declare -A TASK_CONFIGS=([superres]=sr_shapes [semantic2img]=semantic2img_shapes [layout2img]=layout2img_shapes)
 FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
 # The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
 NO_IMAGE_LOG="lightning.callbacks.image_logger.params.disabled=true"
@@ -69,7 +75,16 @@ for stage in $STAGES; do
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/inpainting-shapes" \
         --dtype fp16 --share-first-stage
       ;;
-    *) echo "unknown stage '$stage' in BUILTIN_STAGES (use first_stage, txt2img, inpainting)" >&2; exit 2 ;;
+    superres|semantic2img|layout2img)
+      # Conditioned on pixels, label maps or boxes instead of text; each its own model on the shared first stage.
+      steps_var="${stage^^}_STEPS"
+      train "builtin_$stage" "configs/latent-diffusion/${TASK_CONFIGS[$stage]}.yaml" "${!steps_var}" \
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors"
+      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/$stage-shapes" \
+        --dtype fp16 --share-first-stage
+      ;;
+    *) echo "unknown stage '$stage' in BUILTIN_STAGES (use first_stage, txt2img, inpainting, superres, semantic2img," \
+         "layout2img)" >&2; exit 2 ;;
   esac
 done
 say "done; models in $MODELS"

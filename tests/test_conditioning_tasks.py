@@ -242,3 +242,25 @@ def test_scripts_write_samples_and_a_grid_with_the_condition(task_models, tmp_pa
     with pytest.raises(SystemExit):
         load_script("layout2img").main(["--layout", str(layout), "--config", task_models["layout2img"],
                                         "--outdir", str(tmp_path / "lay")])
+
+
+@pytest.mark.parametrize("task", ["superres", "semantic2img"])
+def test_folder_variant_trains_on_your_own_images(task, tmp_path):
+    rng = np.random.default_rng(0)
+    images = tmp_path / "data" / ("images" if task == "semantic2img" else "")
+    images.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data" / "labels").mkdir()
+    for i in range(4):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(rng.integers(0, 37, (40, 40)).astype(np.uint8), mode="L").save(tmp_path / "data" / "labels" /
+                                                                                       f"{i}.png")
+    if task == "superres":
+        roots = [f"data.params.{split}.params.dataset.params.root={images}" for split in ("train", "validation")]
+        base = ["configs/latent-diffusion/sr_shapes.yaml", "configs/latent-diffusion/sr_folder.yaml"]
+    else:
+        roots = [f"data.params.{split}.params.root={tmp_path / 'data'}" for split in ("train", "validation")]
+        base = ["configs/latent-diffusion/semantic2img_shapes.yaml", "configs/latent-diffusion/semantic2img_folder.yaml"]
+    run_main(["--base", *base, "-t", "--no-test", "--max_steps", "2", *roots, "data.params.batch_size=2",
+              "model.params.timesteps=50", "lightning.callbacks.image_logger.params.batch_frequency=2",
+              "--limit_val_batches", "1", "--val_check_interval", "2", "--enable_model_summary", "false"], tmp_path)
+    assert load_ckpt(only_run(tmp_path) / "checkpoints" / "last.ckpt")["global_step"] == 2
