@@ -25,7 +25,7 @@ TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-66500}"
 INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-6000}"
 SUPERRES_STEPS="${BUILTIN_SUPERRES_STEPS:-6000}"
 SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-6000}"
-LAYOUT2IMG_STEPS="${BUILTIN_LAYOUT2IMG_STEPS:-14000}"
+LAYOUT2IMG_STEPS="${BUILTIN_LAYOUT2IMG_STEPS:-8000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
 declare -A TASK_CONFIGS=([superres]=sr_shapes [semantic2img]=semantic2img_shapes [layout2img]=layout2img_shapes)
 FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
@@ -78,8 +78,10 @@ for stage in $STAGES; do
     superres|semantic2img|layout2img)
       # Conditioned on pixels, label maps or boxes instead of text; each its own model on the shared first stage.
       steps_var="${stage^^}_STEPS"
+      init=()  # the layout model's U-Net starts from the text-to-image model's (see its config)
+      [ "$stage" = layout2img ] && init=("model.params.ckpt_path=$MODELS/ldm/txt2img-shapes/model.safetensors")
       train "builtin_$stage" "configs/latent-diffusion/${TASK_CONFIGS[$stage]}.yaml" "${!steps_var}" \
-        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors"
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" "${init[@]}"
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/$stage-shapes" \
         --dtype fp16 --share-first-stage
       ;;

@@ -137,8 +137,10 @@ def test_object_agreement_and_image_quality_tell_right_from_wrong():
 
 def fast_overrides(name: str) -> list[str]:
     data = "data.params.{}.params.dataset.params" if name == "superres" else "data.params.{}.params"
+    # The layout model starts from the shipped text model's weights, noise schedule (1,000 steps) included.
+    timesteps = [] if name == "layout2img" else ["model.params.timesteps=50"]
     return [f"{data.format('train')}.num_samples=16", f"{data.format('validation')}.num_samples=4",
-            "data.params.batch_size=4", "model.params.timesteps=50",
+            "data.params.batch_size=4", *timesteps,
             "lightning.callbacks.image_logger.params.batch_frequency=2",
             "lightning.callbacks.image_logger.params.max_images=2", "--limit_val_batches", "1",
             "--val_check_interval", "2", "--log_every_n_steps", "1", "--enable_model_summary", "false"]
@@ -146,7 +148,7 @@ def fast_overrides(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_task_config_trains_and_logs_its_condition(name, tmp_path):
-    run_main(["--base", CONFIGS[name], "-t", "--no-test", "--max_steps", "2", *fast_overrides(name)], tmp_path)
+    proc = run_main(["--base", CONFIGS[name], "-t", "--no-test", "--max_steps", "2", *fast_overrides(name)], tmp_path)
     logdir = only_run(tmp_path)
     assert load_ckpt(logdir / "checkpoints" / "last.ckpt")["global_step"] == 2
     grids = {p.name.split("_gs-")[0] for p in (logdir / "images" / "train").glob("*.png")}
@@ -155,6 +157,8 @@ def test_task_config_trains_and_logs_its_condition(name, tmp_path):
     assert condition.std() > 5  # the low-resolution input, the coloured map or the boxes: not a blank image
     if name == "layout2img":
         assert "samples_cfg_scale_3.00" in grids  # trained with dropped layouts: guidance against the empty one
+        assert "Restored from models/ldm/txt2img-shapes/model.safetensors" in proc.stdout
+        assert "scale_by_std: latent std" not in proc.stdout  # the text model's latent scale is kept
 
 
 def test_adm_class_conditioning_trains(tmp_path):
@@ -188,6 +192,8 @@ def random_model_dir(name: str, tmp_path_factory) -> str:
     config = OmegaConf.to_container(OmegaConf.load(REPO / CONFIGS[name]), resolve=True)
     params = config["model"]["params"]
     params["first_stage_config"]["params"].pop("ckpt_path")
+    for init in ("ckpt_path", "ignore_keys"):  # the layout model's start from the text model: random here
+        params.pop(init, None)
     params.update(timesteps=16, scale_by_std=False, use_ema=False, cache_latents=False)
     return str(write_model_dir(tmp_path_factory.mktemp(name), copy.deepcopy(config)))
 

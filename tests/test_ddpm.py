@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 from safetensors.torch import load_file
 
+from ldm.checkpoint import save_safetensors
 from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
 from ldm.models.diffusion.guidance import drop_conditions, guided_model
 from ldm.modules.diffusionmodules.likelihood import variational_bound
@@ -531,3 +532,15 @@ def test_missing_first_stage_checkpoint_names_the_commands(tmp_path):
     (ckpt.parent / "config.yaml").write_text("model: {}\n")
     with pytest.raises(FileNotFoundError, match=f"main.py --base {ckpt.parent / 'config.yaml'} -t"):
         load_tiny_txt2img([f"model.params.first_stage_config.params.ckpt_path={ckpt}"])
+
+
+def test_starting_from_an_export_starts_the_ema_from_its_weights(tmp_path):
+    # An export (a model directory's weights) has the EMA folded into model.* and no model_ema.* keys.
+    source = load_tiny_txt2img()
+    export = {k: v for k, v in source.state_dict().items() if not k.startswith("model_ema.")}
+    path = tmp_path / "export.safetensors"
+    save_safetensors(export, path)
+    started = load_tiny_txt2img([f"model.params.ckpt_path={path}"])
+    with started.ema_scope():  # the EMA weights, swapped in
+        for name, param in started.model.named_parameters():
+            assert torch.equal(param, export[f"model.{name}"]), name

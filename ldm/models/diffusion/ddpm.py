@@ -202,10 +202,15 @@ class DDPM(pl.LightningModule):
         """
         state_dict = load_state_dict(path)
         ignore = tuple(ignore_keys) + ("loss.", "first_stage_model.loss.")
-        if not self.use_ema:
+        # An export (a model directory's weights) holds the EMA folded into `model.*` and no `model_ema.*`: the
+        # EMA then starts from the loaded weights rather than from the random ones it was made with.
+        ema_from_model = self.use_ema and not only_model and not any(k.startswith("model_ema.") for k in state_dict)
+        if not self.use_ema or ema_from_model:
             ignore += ("model_ema.",)
         target = self.model if only_model else self
         load_weights(target, state_dict, strict=True, ignore_prefixes=ignore, source=str(path))
+        if ema_from_model:
+            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
         print(f"Restored from {path}")
 
     @contextmanager
