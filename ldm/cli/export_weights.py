@@ -77,6 +77,28 @@ def copy_vocabulary(config, model_dir: Path) -> Optional[Path]:
     return target
 
 
+# The command that samples a model, by what it is conditioned on (cond_stage_key; inpainting models by class).
+USAGE = {
+    "caption": ("txt2img", '--prompt "..."'),
+    "LR_image": ("superres", "--input low_res.png"),
+    "segmentation": ("semantic2img", "--label label_map.png"),
+    "objects_bbox": ("layout2img", "--layout boxes.json"),
+    "class_label": ("sample_diffusion", "--class_label 0 -n 8"),
+}
+CONSOLE_NAMES = {"sample_diffusion": "sample"}  # the script files whose command is named otherwise
+
+
+def usage_line(config, model_dir: Path) -> str:
+    """The console command that samples this model (as the scripts/ caller too)."""
+    params = config.model.get("params", {})
+    if config.model.target.endswith("LatentInpaintDiffusion"):
+        script, args = "inpaint", "--indir data/inpainting_examples"
+    else:
+        script, args = USAGE.get(params.get("cond_stage_key"), ("sample_diffusion", "-n 8"))
+    return (f"ldm-{CONSOLE_NAMES.get(script, script)} --config {model_dir} {args}      "
+            f"# or: python scripts/{script}.py --config {model_dir} ...")
+
+
 def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str) -> Path:
     """README.md: what the model is, how it was trained (from the run's config and checkpoint), how to use it."""
     params = config.model.get("params", {})
@@ -95,9 +117,7 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str) -> Path:
         f"{OmegaConf.select(config, 'data.params.batch_size', default='?')} |",
         f"| training data | `{data.target if data is not None else '?'}` |",
         f"| weights | {dtype}; `config.yaml` holds the full training config |", "",
-        "Use it:", "", "```bash",
-        f"ldm-txt2img --config {model_dir} --prompt \"...\"      # or: python scripts/txt2img.py --config ...",
-        "```", "",
+        "Use it:", "", "```bash", usage_line(config, model_dir), "```", "",
         "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
         "(`bench/convergence.py`, `bench/sampling.py`) and add them here.", "",
     ]
