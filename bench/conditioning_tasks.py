@@ -17,11 +17,14 @@ conditions name was trained), sampled with --sampler in --steps steps:
 
 The "real images" rows are the same figures for the originals: the ceiling of the agreement (the classifier's
 own error) and the FID floor at this sample count (FID from few samples is biased upwards). Results go to
-bench/results/conditioning_tasks.{json,md}.
+bench/results/conditioning_tasks.{json,md}. With `--record STEPS` (the training steps of the models measured)
+the model rows are also added to conditioning_tasks_history.csv, and conditioning_tasks_history.png plots each
+task's figure against training steps: the recipes' curves.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -165,6 +168,43 @@ def write_report(rows: list[dict], opt: argparse.Namespace, minutes: float) -> N
     print("\n".join(lines))
 
 
+HISTORY_COLUMNS = ("task", "steps", "model", "psnr", "ssim", "objects", "shape", "colour", "position", "fid")
+CURVE = {"superres": ("psnr", "super-resolution: PSNR (dB)"), "semantic2img": ("objects", "semantic synthesis: objects right"),
+         "layout2img": ("objects", "layout-to-image: boxes right")}
+
+
+def record_history(rows: list[dict], steps: int, models: dict[str, str]) -> None:
+    """Add the model rows to the history CSV (one row per task and training length) and redraw its plot."""
+    path = RESULTS / "conditioning_tasks_history.csv"
+    history = list(csv.DictReader(path.open())) if path.exists() else []
+    for row in rows:
+        if row["method"] in ("real images", "bicubic"):
+            continue
+        history = [h for h in history if not (h["task"] == row["task"] and int(h["steps"]) == steps)]
+        history.append({"task": row["task"], "steps": steps, "model": models[row["task"]],
+                        **{k: row.get(k, "") for k in HISTORY_COLUMNS[3:]}})
+    history.sort(key=lambda h: (h["task"], int(h["steps"])))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE), figsize=(12, 3.5))
+    for ax, (task, (column, title)) in zip(axes, CURVE.items()):
+        points = [(int(h["steps"]), float(h[column])) for h in history if h["task"] == task and h[column] != ""]
+        if points:
+            ax.plot(*zip(*points), "o-")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training steps")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "conditioning_tasks_history.png", dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -177,6 +217,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scale", type=float, default=3.0, help="guidance of the layout model")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--record", type=int, metavar="STEPS", default=None,
+                        help="add the figures to conditioning_tasks_history.{csv,png} as those of models trained STEPS steps")
     opt = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     start = time.perf_counter()
@@ -184,6 +226,8 @@ def main() -> None:
     runners = {"superres": superres, "semantic2img": semantic2img, "layout2img": layout2img}
     rows = [row for task in opt.tasks for row in runners[task](getattr(opt, task), judge, opt)]
     write_report(rows, opt, (time.perf_counter() - start) / 60)
+    if opt.record is not None:
+        record_history(rows, opt.record, {task: getattr(opt, task) for task in TASKS})
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@ import contextlib
 """The config system: loading with provenance, instantiation, and readable errors."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm.config import ConfigError, load_configs
 from ldm.util import instantiate_from_config
@@ -110,9 +112,6 @@ def _targets(node, path=""):
 SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml")) + sorted((REPO / "models").rglob("config.yaml"))
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     for split in ("train", "validation"):
@@ -122,18 +121,37 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
+# Configs that are overlays: they go on top of a shipped config (`--base base.yaml overlay.yaml`), as their
+# headers say.
+OVERLAY_BASES = {"class2img_adm.yaml": "class2img.yaml", "sr_folder.yaml": "sr_shapes.yaml",
+                 "semantic2img_folder.yaml": "semantic2img_shapes.yaml"}
+
+
+@pytest.fixture(scope="module")
+def semantic_folder(tmp_path_factory) -> Path:
+    """images/ and labels/ PNGs (37 labels) for SemanticFolder configs."""
+    root = tmp_path_factory.mktemp("semantic")
+    rng = np.random.default_rng(0)
+    for folder in ("images", "labels"):
+        (root / folder).mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 37, (40, 40), dtype=np.uint8), mode="L").save(root / "labels" / f"{i}.png")
+    return root
+
+
 def _dataset_roots(node, path=""):
-    """Key paths of every `root:` param of an image-folder dataset in a config."""
+    """(key path of the `root:` param, its value, the dataset class name) of every folder dataset in a config."""
     if isinstance(node, dict):
-        if node.get("target") == "ldm.data.folder.ImageFolderDataset":
-            yield f"{path}.params.root", node["params"]["root"]
+        if node.get("target") in ("ldm.data.folder.ImageFolderDataset", "ldm.data.semantic.SemanticFolder"):
+            yield f"{path}.params.root", node["params"]["root"], node["target"].rpartition(".")[2]
         for k, v in node.items():
             yield from _dataset_roots(v, f"{path}.{k}" if path else k)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, random_vgg16_file, image_folder,
-                                                             tmp_path):
+                                                             semantic_folder, tmp_path):
     """Every `target` resolves and the model, data and callbacks build as main.py builds them.
 
     Real-data configs point at `data/images/...`; they are built on a small folder made here, and LPIPS
@@ -141,9 +159,11 @@ def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, r
     """
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("LDM_VGG16_WEIGHTS", str(random_vgg16_file))
-    raw = OmegaConf.to_container(load_configs([path]))
-    overrides = [f"{key}={image_folder / Path(root).name}" for key, root in _dataset_roots(raw)]
-    cfg = load_configs([path], overrides=overrides)
+    paths = [path.parent / OVERLAY_BASES[path.name], path] if path.name in OVERLAY_BASES else [path]
+    raw = OmegaConf.to_container(load_configs(paths))
+    overrides = [f"{key}={semantic_folder if kind == 'SemanticFolder' else image_folder / Path(root).name}"
+                 for key, root, kind in _dataset_roots(raw)]
+    cfg = load_configs(paths, overrides=overrides)
     from ldm.config import get_obj_from_str
     found = list(_targets(OmegaConf.to_container(cfg)))
     assert found, f"{path} has no target"
