@@ -54,6 +54,17 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --n_samples: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def seed(text: str) -> int:
     """argparse type of --seed: an integer torch accepts (0 to 2**63 − 1)."""
     try:
@@ -130,8 +141,8 @@ def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
 def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--outdir", type=Path, default=Path(default_outdir), help="where to write")
-    group.add_argument("--n_samples", type=int, default=4, help="samples per batch (grid columns)")
-    group.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
+    group.add_argument("--n_samples", type=positive_int, default=4, help="samples per batch (grid columns)")
+    group.add_argument("--n_iter", type=positive_int, default=1, help="batches per prompt")
     group.add_argument("--n_rows", type=int, default=0, help="images per row of the grid (0: --n_samples)")
     group.add_argument("--skip_grid", action="store_true", help="do not write the grid")
     group.add_argument("--skip_save", action="store_true", help="do not write the individual samples")

@@ -47,8 +47,6 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
-    if opt.n_samples < 1 or opt.n_iter < 1:
-        parser.error("--n_samples and --n_iter must be at least 1")
     if sampler_kwargs(opt)["sampler"] == "ddpm":
         parser.error("img2img starts the reverse process midway; --sampler ddpm runs all T steps (use ddim, plms "
                      "or a σ-space sampler such as dpmpp_2m)")

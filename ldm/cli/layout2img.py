@@ -34,8 +34,6 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
-    if opt.n_samples < 1:
-        parser.error("--n_samples must be at least 1")
     if not opt.layout.is_file():
         parser.error(f"--layout {opt.layout}: no such file")
     try:

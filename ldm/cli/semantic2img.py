@@ -52,8 +52,6 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
-    if opt.n_samples < 1:
-        parser.error("--n_samples must be at least 1")
     if opt.write_example is not None:
         opt.outdir.mkdir(parents=True, exist_ok=True)
         item = ShapesSemantic(split="test", size=32)[opt.write_example]

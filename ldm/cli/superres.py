@@ -51,8 +51,6 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
-    if opt.n_samples < 1:
-        parser.error("--n_samples must be at least 1")
     files = input_images(parser, opt.input)
     writer = SampleWriter(opt)
     model = model_from_args(opt)

@@ -46,8 +46,6 @@ def read_prompts(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> li
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
-    if opt.n_samples < 1 or opt.n_iter < 1:
-        parser.error("--n_samples and --n_iter must be at least 1")
     prompts = read_prompts(parser, opt)
     writer = SampleWriter(opt)  # checks --outdir before the model loads
     model = model_from_args(opt)
