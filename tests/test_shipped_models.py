@@ -82,7 +82,7 @@ def test_shipped_superres_beats_bicubic():
     items, to_nchw = _items(data, 32)
     high, low = to_nchw("image"), to_nchw("LR_image")
     out = super_resolve(load_model("superres"), low, sampler="dpmpp_2m", steps=10, seed=0, progress=False)
-    # Measured on 256 images: 30.0 dB against bicubic's 27.4 (bench/results/conditioning_tasks.md).
+    # Measured on 256 images: 30.5 dB against bicubic's 27.4 (bench/results/conditioning_tasks.md).
     assert image_quality(out, high)["psnr"] >= image_quality(bicubic_upsample(low, 4), high)["psnr"] + 1.5
 
 
@@ -97,7 +97,7 @@ def test_shipped_spatial_models_put_the_right_objects_in_place(task, classifier)
     else:
         images = layout_to_image(model, [scene_layout(s) for s in scenes], scale=3.0, sampler="dpmpp_2m", steps=10,
                                  seed=0, progress=False)
-    # Measured on 256 images: 85-91 % of objects right (conditioning_tasks.md); chance: other scenes' objects.
+    # Measured on 256 images: 91 % of objects right (conditioning_tasks.md); chance: other scenes' objects.
     right = object_agreement(classifier, images, scenes)["objects"]
     chance = object_agreement(classifier, images, scenes[1:] + scenes[:1])["objects"]
     assert right >= 0.6 and right >= chance + 0.3, (right, chance)
