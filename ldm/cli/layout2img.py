@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.data.layout import read_layout_file
-from ldm.data.shapes import CLASS_NAMES, COLOUR_RGB
+from ldm.data.layout import drawable_layout, read_layout_file
+from ldm.data.shapes import CLASS_NAMES
 from ldm.inference import layout_to_image
 from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_output_args, add_sampler_args,
                              command_line, guidance_scale, model_from_args, sampler_kwargs)
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     images = layout_to_image(model, [layout] * opt.n_samples, scale=opt.scale, **sampler_kwargs(opt))
     description = ", ".join(f"{CLASS_NAMES[label]} at {[round(v, 3) for v in box]}" for label, box in layout)
     writer.add(images, description, opt.seed)
-    drawn = render_boxes([[(CLASS_NAMES[label].split()[1], box, COLOUR_RGB[CLASS_NAMES[label].split()[0]])
-                           for label, box in layout]], size=images.shape[-1])
+    drawn = render_boxes([drawable_layout(layout)], size=images.shape[-1])
     writer.finish(torch.cat([drawn, images.cpu()]), opt.n_samples + 1)
 
 

@@ -21,7 +21,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from ldm.data.shapes import COLOURS, EXTENT, MAX_OBJECTS, NUM_CLASSES, SHAPES, Scene, ShapesDataset
+from ldm.data.shapes import (CLASS_NAMES, COLOUR_RGB, COLOURS, EXTENT, MAX_OBJECTS, NUM_CLASSES, SHAPES, Scene,
+                             ShapesDataset)
 
 GRID = 16
 PAD_TOKEN = 0
@@ -74,6 +75,15 @@ def tokens_to_layout(tokens: Sequence[int]) -> list[tuple[int, Box]]:
         (r0, c0), (r1, c1) = divmod(start - CELL_TOKEN_OFFSET, GRID), divmod(end - CELL_TOKEN_OFFSET, GRID)
         layout.append((label - CLASS_TOKEN_OFFSET, (c0 / GRID, r0 / GRID, (c1 + 1) / GRID, (r1 + 1) / GRID)))
     return layout
+
+
+def drawable_layout(layout: Sequence[tuple[int, Box]]) -> list[tuple[str, Box, tuple[float, float, float]]]:
+    """Each object as (its shape's name, its box, its colour's RGB), as `ldm.visualization.render_boxes` draws it."""
+    drawn = []
+    for label, box in layout:
+        colour, shape = CLASS_NAMES[label].split()
+        drawn.append((shape, box, COLOUR_RGB[colour]))
+    return drawn
 
 
 def read_layout_file(path: Union[str, Path]) -> list[tuple[int, Box]]:

@@ -63,6 +63,24 @@ def label_palette(num_classes: int = NUM_SEMANTIC_CLASSES) -> np.ndarray:
     return np.stack([0.5 + 0.5 * np.cos(2 * np.pi * (hues + offset)) for offset in (0.0, 1 / 3, 2 / 3)], axis=1)
 
 
+LABEL_MODES = ("L", "P", "I", "I;16")  # single-channel PNG modes that hold class indices
+
+
+def read_label_png(path: Union[str, Path], size: Optional[int] = None) -> np.ndarray:
+    """A label map PNG as (H, W) int64 class indices, resized with nearest neighbour to `size` when given;
+    ValueError for a file that is not a single-channel image of indices."""
+    try:
+        labels = Image.open(path)
+        labels.load()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+    if labels.mode not in LABEL_MODES:
+        raise ValueError(f"{path}: a label map must be a single-channel PNG of class indices, got mode {labels.mode}")
+    if size is not None:
+        labels = labels.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(labels, dtype=np.int64)
+
+
 class ShapesSemantic(ShapesDataset):
     """Built-in scenes with ``segmentation`` (one-hot, 37 labels) and ``label_map``; other keys as ShapesDataset."""
 
@@ -105,14 +123,9 @@ class SemanticFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.pairs[index]
         image = Image.open(image_path).convert("RGB")
-        labels = Image.open(label_path)
-        if labels.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"{label_path}: a label map must be a single-channel PNG of class indices, got mode "
-                             f"{labels.mode}")
         if self.size is not None:
             image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-            labels = labels.resize((self.size, self.size), Image.Resampling.NEAREST)
-        label_map = np.asarray(labels, dtype=np.int64)
+        label_map = read_label_png(label_path, self.size)
         try:
             segmentation = one_hot(label_map, self.num_classes)
         except ValueError as e:

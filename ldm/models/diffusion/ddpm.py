@@ -22,9 +22,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
 from ldm.data.latent_cache import LatentCache
-from ldm.data.layout import tokens_to_layout
+from ldm.data.layout import drawable_layout, tokens_to_layout
 from ldm.data.semantic import label_palette
-from ldm.data.shapes import CLASS_NAMES, COLOUR_RGB
 from ldm.divergence import raise_if_not_finite
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
@@ -758,9 +757,7 @@ class LatentDiffusion(DDPM):
             image = xc if xc.shape[1] == 3 else xc[:, :1].expand(-1, 3, -1, -1)
             return F.interpolate(image, size=(size, size), mode="nearest") if image.shape[-1] != size else image
         if self.cond_stage_key == LAYOUT_KEY:
-            # Each box in its object's colour, named by its shape.
-            return render_boxes([[(CLASS_NAMES[label].split()[1], box, COLOUR_RGB[CLASS_NAMES[label].split()[0]])
-                                  for label, box in tokens_to_layout(tokens)] for tokens in xc.tolist()],
+            return render_boxes([drawable_layout(tokens_to_layout(tokens)) for tokens in xc.tolist()],
                                 size=max(size, 64)).to(self.device)
         if isinstance(xc, torch.Tensor):
             # Datasets name their classes under the reference's `human_label` key.
