@@ -4,6 +4,7 @@
     python bench/convergence.py --label min-snr-5 --config configs/latent-diffusion/txt2img.yaml --steps 3000 \\
         model.params.loss_weighting=min_snr
     python bench/convergence.py --label kl-f4-z8 --config configs/autoencoder/<new>.yaml --steps 6000
+    python bench/convergence.py --label kl-f4-z8 --config ... --steps 6000 --resume   # after Ctrl-C / a kill
     python bench/convergence.py --report       # only rebuild convergence.{csv,png,md} from the stored runs
 
 Each run trains through `main.py` exactly as a user would (`--max_steps`, the config plus `key=value`
@@ -65,9 +66,16 @@ def train(opt: argparse.Namespace) -> None:
     logroot.mkdir(parents=True, exist_ok=True)
     probe = probe_config(kind, opt.label, opt.every_steps, logroot / f"probe_{opt.label}.yaml", opt.n_captions)
     name = f"conv_{opt.label}"
-    cmd = [sys.executable, "main.py", "--base", str(config), str(probe), "-t", "--no-test", "-n", name,
-           "-l", str(logroot), "--max_steps", str(opt.steps),
-           *opt.overrides]
+    runs = sorted(p for p in logroot.iterdir() if p.is_dir() and p.name.endswith(name))
+    if opt.resume:
+        # Continue the label's latest run where it stopped (its saved configs hold the probe and --max_steps);
+        # the probe's CSV in the run directory keeps the rows measured before the interruption.
+        if not runs:
+            raise SystemExit(f"--resume: no run named *{name} in {logroot}; start it without --resume")
+        cmd = [sys.executable, "main.py", "-r", str(runs[-1])]
+    else:
+        cmd = [sys.executable, "main.py", "--base", str(config), str(probe), "-t", "--no-test", "-n", name,
+               "-l", str(logroot), "--max_steps", str(opt.steps), *opt.overrides]
     print(" ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, env={k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"})
@@ -79,7 +87,7 @@ def train(opt: argparse.Namespace) -> None:
     settings[opt.label] = {
         "kind": kind, "config": str(config), "overrides": opt.overrides, "steps": opt.steps,
         "start_step": opt.start_step,
-        "wall_seconds": round(wall, 1), "run_dir": str(run.relative_to(REPO)), "note": opt.note,
+        "wall_seconds": round(wall, 1), "resumed": opt.resume, "run_dir": str(run.relative_to(REPO)), "note": opt.note,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     (RUNS / "runs.json").write_text(json.dumps(settings, indent=1) + "\n")
@@ -228,6 +236,9 @@ def main() -> None:
     parser.add_argument("--start-step", dest="start_step", type=int, default=0,
                         help="for a run that continues trained weights (model.params.ckpt_path): the steps they had, "
                              "where the plot draws this run's curve from")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the latest run of --label after an interruption (main.py -r; give the same "
+                             "arguments), then report; wall_seconds then counts the resumed part only")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from stored runs")
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value")
     opt = parser.parse_args()

@@ -103,3 +103,34 @@ def test_convergence_report_from_stored_runs(tmp_path, monkeypatch):
     assert "| fs | 3.0 | 100 | 29.50 | 0.910 | 90.0 % | 99.0 % | 85.0 % |" in md
     assert len(_rows(tmp_path / "convergence.csv")) == 5  # the runs' rows; real images are in the table only
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
+
+
+def test_convergence_resume_continues_the_labels_latest_run(tmp_path, monkeypatch):
+    """`--resume` runs `main.py -r` on the label's latest run directory and keeps its probe rows; with no run to
+    continue it stops with a one-line message."""
+    spec = importlib.util.spec_from_file_location("convergence", "bench/convergence.py")
+    convergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convergence)
+    config = convergence.REPO / "configs" / "latent-diffusion" / "txt2img.yaml"
+    monkeypatch.setattr(convergence, "REPO", tmp_path)
+    monkeypatch.setattr(convergence, "RUNS", tmp_path / "runs")
+    opt = convergence.argparse.Namespace(config=str(config), label="x", steps=100, every_steps=50, n_captions=4,
+                                         note="", start_step=0, overrides=[], resume=True)
+    with pytest.raises(SystemExit, match="no run named"):
+        convergence.train(opt)
+    older = tmp_path / "logs" / "convergence" / "2026-01-01T00-00-00_conv_x"
+    latest = tmp_path / "logs" / "convergence" / "2026-01-02T00-00-00_conv_x"
+    for run in (older, latest):
+        run.mkdir(parents=True)
+    (latest / "quality.csv").write_text("label,step,train_minutes,split,match_all\nx,50,1.0,seen,0.5\n")
+    commands, real_run = [], convergence.subprocess.run
+
+    def run(cmd, **kwargs):  # records main.py; anything else (platform.platform() asks uname) runs
+        return commands.append(cmd) if "main.py" in cmd else real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(convergence.subprocess, "run", run)
+    convergence.train(opt)
+    assert commands == [[convergence.sys.executable, "main.py", "-r", str(latest)]]
+    assert (tmp_path / "runs" / "x.csv").read_text().endswith("x,50,1.0,seen,0.5\n")
+    settings = convergence.json.loads((tmp_path / "runs" / "runs.json").read_text())["x"]
+    assert settings["resumed"] is True and settings["run_dir"] == str(latest.relative_to(tmp_path))
