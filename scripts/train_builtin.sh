@@ -13,8 +13,10 @@
 #
 # Interrupt it at any time (Ctrl-C, SIGTERM, a lost machine): every stage writes last.ckpt when stopped,
 # and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
-# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS. On a GPU add
-# BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1". scripts/demo.sh runs this recipe shortened.
+# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS;
+# BUILTIN_TXT2IMG_OVERRIDES adds config overrides (key=value, space-separated) to the txt2img stage, e.g. a
+# learning-rate schedule fitted to fewer steps. On a GPU add BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1".
+# scripts/demo.sh runs this recipe shortened.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 MODELS="${BUILTIN_MODELS_DIR:-outputs/builtin/models}"
@@ -27,6 +29,7 @@ SUPERRES_STEPS="${BUILTIN_SUPERRES_STEPS:-46000}"
 SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-46000}"
 LAYOUT2IMG_STEPS="${BUILTIN_LAYOUT2IMG_STEPS:-8000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
+read -r -a TXT2IMG_OVERRIDES <<< "${BUILTIN_TXT2IMG_OVERRIDES:-}"
 declare -A TASK_CONFIGS=([superres]=sr_shapes [semantic2img]=semantic2img_shapes [layout2img]=layout2img_shapes)
 FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
 # The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
@@ -62,7 +65,7 @@ for stage in $STAGES; do
       ;;
     txt2img)
       train builtin_txt2img configs/latent-diffusion/txt2img.yaml "$TXT2IMG_STEPS" \
-        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors"
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" "${TXT2IMG_OVERRIDES[@]}"
       # --share-first-stage: the built-in models share one first stage file (the wheel carries it once).
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \
         --dtype fp16 --share-first-stage

@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ldm.checkpoint import load_state_dict
 
@@ -35,3 +36,23 @@ def test_stage_exports_then_resumes_its_run(tmp_path):
     assert saved["global_step"] == 4
     exported = load_state_dict(model_dir / "model.safetensors")
     assert "encoder.conv_in.weight" in exported
+
+
+def test_txt2img_stage_takes_its_overrides(tmp_path):
+    """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh fits its learning-rate schedule with) reaches the run."""
+    schedule = "model.params.scheduler_config.params"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "first_stage txt2img",
+           "BUILTIN_FIRST_STAGE_STEPS": "2", "BUILTIN_TXT2IMG_STEPS": "2",
+           "BUILTIN_TXT2IMG_OVERRIDES": f"{schedule}.warm_up_steps=[1,1] {schedule}.cycle_lengths=[1,1] "
+                                        f"{schedule}.f_start=[0.1,0.3] {schedule}.f_max=[1.0,0.3] "
+                                        f"{schedule}.f_min=[1.0,0.01] data.params.validation.params.num_samples=4",
+           "BUILTIN_MODELS_DIR": str(tmp_path / "models"), "BUILTIN_LOGDIR": str(tmp_path / "logs")}
+    env.pop("LDM_RUN_NOW", None)
+    proc = subprocess.run(["bash", "scripts/train_builtin.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = next((tmp_path / "logs").glob("*_builtin_txt2img"))
+    project = OmegaConf.load(sorted((run / "configs").glob("*-project.yaml"))[-1])
+    assert list(project.model.params.scheduler_config.params.cycle_lengths) == [1, 1]
+    assert list(project.model.params.scheduler_config.params.f_min) == [1.0, 0.01]
+    assert (tmp_path / "models" / "ldm" / "txt2img-shapes" / "model.safetensors").is_file()
