@@ -203,23 +203,28 @@ def write_plot(rows: list[dict], settings: dict) -> None:
               ("fid", "seen", "classifier FID, seen pairs"),
               ("psnr", "held_out", "first stage PSNR (dB)"),
               ("keep_shape", "held_out", "first stage: shapes kept")]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    # One colour per run in every panel (20 before repeating, where the default cycle has 10), and one legend
+    # beside the panels, so that no legend covers a curve.
+    colours = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    handles = {}
     for ax, (column, split, title) in zip(axes.flat, panels):
-        for label in dict.fromkeys(r["label"] for r in rows):
+        for label in labels:
             start = settings.get(label, {}).get("start_step", 0)  # a continued run is drawn after its parent
             points = [(start + int(r["step"]), float(r[column])) for r in rows
                       if r["label"] == label and r["split"] == split and r.get(column) not in (None, "", "nan")]
             if points:
-                ax.plot(*zip(*points), "o-", ms=3, label=label)
+                handles[label] = ax.plot(*zip(*points), "o-", ms=3, color=colours[label], label=label)[0]
         ax.set_title(title)
         # Steps, not minutes: the levers compared here share one U-Net (one step cost), and a step axis is
         # not distorted when other work shares the CPU; the table gives the training minutes too.
         ax.set_xlabel("optimizer step (continued runs from their parent's last step)")
         if column == "fid":
             ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([handles[label] for label in labels if label in handles],
+               [label for label in labels if label in handles], loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(RESULTS / "convergence.png", dpi=110)
     plt.close(fig)
 

@@ -41,8 +41,9 @@ class ModelNotFound(FileNotFoundError):
     """A model's config or weights are missing; the message says how to make them."""
 
 
-# Model params that name a training run's starting weights; a model's own weights replace them when it loads.
-INIT_PARAMS = ("ckpt_path", "init_from_text_model")
+# Model params about a training run's starting weights (the file, which of its keys to skip); a model's own
+# weights replace them when it loads.
+INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

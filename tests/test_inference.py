@@ -211,6 +211,12 @@ def _fake_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
 
 def test_export_model_dir_is_self_contained_and_holds_the_ema_weights(tmp_path):
     run, model = _fake_run(tmp_path)
+    # A run that started from other weights (main.py ... model.params.ckpt_path=... ignore_keys=[...]): the export
+    # neither needs that file nor keeps the settings.
+    project = OmegaConf.load(run / "configs" / "t-project.yaml")
+    project.model.params.ckpt_path = str(tmp_path / "start-gone.safetensors")
+    project.model.params.ignore_keys = ["first_stage_model."]
+    OmegaConf.save(project, run / "configs" / "t-project.yaml")
     shared = tmp_path / "shared"
     subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "last.ckpt"),
                     "--model-dir", str(shared), "--share-first-stage"], cwd=REPO, check=True, capture_output=True)
@@ -221,6 +227,7 @@ def test_export_model_dir_is_self_contained_and_holds_the_ema_weights(tmp_path):
     state = load_file(out / "model.safetensors")
     assert any(k.startswith("first_stage_model.") for k in state) and not any(k.startswith("model_ema.") for k in state)
     assert (out / "shapes_vocab.txt").is_file()  # the caption vocabulary travels with the model
+    assert not {"ckpt_path", "ignore_keys"} & set(OmegaConf.load(out / "config.yaml").model.params)
     assert OmegaConf.load(out / "config.yaml").model.params.cond_stage_config.params.tokenizer_path == "shapes_vocab.txt"
     card = (out / "README.md").read_text()
     assert "7 optimizer steps" in card and "ldm-txt2img --config" in card
