@@ -110,8 +110,8 @@ def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> t
 def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> str:
     if name is not None:
         target = BUILTIN_MODELS[name]
-        demo = (f"Make it with the main job,\n  bash scripts/demo.sh            (trains the first stage, txt2img and "
-                f"inpainting: ~30 min on 2 cores)\nor train it alone" if name in DEMO_MODELS else "Train it")
+        demo = ("Make it with the main job,\n  bash scripts/demo.sh            (trains the first stage, txt2img and "
+                "inpainting: ~25 min on 2 cores)\nor train it alone" if name in DEMO_MODELS else "Train it")
         return (f"the built-in {name!r} model is missing ({missing} does not exist). {demo} and export its weights:\n"
                 f"  python main.py --base {RECIPES[name]} -t\n"
                 f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt --model-dir {target}")
@@ -155,6 +155,10 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     config = OmegaConf.to_container(load_configs([config_path]), resolve=True)
     if "model" not in config:
         raise ValueError(f"{config_path} has no 'model:' section")
+    if str(config["model"].get("target", "")).startswith("ldm.models.autoencoder."):
+        raise ValueError(f"{config_path} is a first stage ({config['model']['target']}), not a diffusion model: "
+                         f"sample with a diffusion model's directory; reconstruct images with ldm-reconstruct "
+                         f"(in Python: ldm.model_loading.build_model(config, weights))")
     params = config["model"].setdefault("params", {})
     state = load_state_dict(weights_path)
     ema_keys = [k for k in state if k.startswith("model_ema.")]

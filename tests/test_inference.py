@@ -320,3 +320,9 @@ def test_per_image_seeds_give_the_same_image_whatever_the_batch(txt2img, sampler
     assert not torch.allclose(batch[0], batch[1])
     with pytest.raises(ValueError, match="2 seeds for 3 images"):
         text_to_image(txt2img, ["a", "b", "c"], seed=[1, 2], **kwargs)
+
+
+def test_load_model_names_a_first_stage_directory_as_such():
+    """load_model is for diffusion models; given the shipped first stage's directory it says what to use instead."""
+    with pytest.raises(ValueError, match=r"is a first stage \(ldm.models.autoencoder.AutoencoderKL\), not a diffusion model.*ldm-reconstruct"):
+        load_model("models/first_stage_models/kl-f4-shapes")

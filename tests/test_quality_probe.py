@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ldm.evaluation.attribute_classifier import load_attribute_classifier
-from ldm.evaluation.quality_probe import PromptFollowingProbe, ReconstructionProbe, reconstruction_quality
+from ldm.evaluation.quality_probe import ReconstructionProbe, reconstruction_quality
 from tests.test_main import load_ckpt, only_run, run_main
 from tests.test_main_diffusion import DIFFUSION_CONFIGS, FAST
 
