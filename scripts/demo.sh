@@ -15,8 +15,9 @@ OUT="${DEMO_OUTDIR:-outputs/demo}"
 # The shipped recipe (scripts/train_builtin.sh), shortened to the demo's budget.
 # Its three stages only: the super-resolution, semantic and layout models train with train_builtin.sh itself.
 export BUILTIN_MODELS_DIR="$MODELS" BUILTIN_LOGDIR="${DEMO_LOGDIR:-logs/demo}" BUILTIN_STAGES="first_stage txt2img inpainting"
-# Measured on 2 cores (README): first stage 20 steps/s (its GAN is on from batch 1,500; 8,000 steps keep ~94 % of
-# shapes, 5,000 ~70 %: bench/results/convergence.md, fs-z8-gan1500), txt2img ~10 steps/s; a 23-minute run in all.
+# Measured on 2 cores (README): first stage ~17 steps/s (its GAN is on from batch 1,500; at 8,000 steps it kept 92 %
+# of shapes and colours, where fs-z8-gan1500 in bench/results/convergence.md had ~70 % at 5,000), txt2img ~10 steps/s;
+# a 23-minute run in all.
 export BUILTIN_FIRST_STAGE_STEPS="${DEMO_FIRST_STAGE_STEPS:-8000}"  # optimizer steps, 2 per batch
 export BUILTIN_TXT2IMG_STEPS="${DEMO_TXT2IMG_STEPS:-6000}"
 export BUILTIN_INPAINTING_STEPS="${DEMO_INPAINTING_STEPS:-1500}"  # a fine-tune of the txt2img model
