@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # ldm from this checkout (imported where needed: --report needs no torch)
 RESULTS = REPO / "bench" / "results"
 RUNS = RESULTS / "convergence"
 PROBES = {
@@ -43,8 +44,9 @@ PROBES = {
 def probe_kind(config: Path) -> str:
     from omegaconf import OmegaConf
 
-    target = OmegaConf.load(config).model.target
-    return "first_stage" if target.startswith("ldm.models.autoencoder.") else "diffusion"
+    from ldm.model_loading import is_first_stage_target
+
+    return "first_stage" if is_first_stage_target(OmegaConf.load(config).model.target) else "diffusion"
 
 
 def probe_config(kind: str, label: str, every_steps: int, path: Path, n_captions: int) -> Path:
@@ -64,23 +66,27 @@ def train(opt: argparse.Namespace) -> None:
     kind = probe_kind(config)
     logroot = REPO / "logs" / "convergence"
     logroot.mkdir(parents=True, exist_ok=True)
-    probe = probe_config(kind, opt.label, opt.every_steps, logroot / f"probe_{opt.label}.yaml", opt.n_captions)
     name = f"conv_{opt.label}"
-    runs = sorted(p for p in logroot.iterdir() if p.is_dir() and p.name.endswith(name))
+
+    def label_runs() -> list[Path]:
+        return sorted(p for p in logroot.iterdir() if p.is_dir() and p.name.endswith(name))
+
     if opt.resume:
         # Continue the label's latest run where it stopped (its saved configs hold the probe and --max_steps);
         # the probe's CSV in the run directory keeps the rows measured before the interruption.
+        runs = label_runs()
         if not runs:
             raise SystemExit(f"--resume: no run named *{name} in {logroot}; start it without --resume")
         cmd = [sys.executable, "main.py", "-r", str(runs[-1])]
     else:
+        probe = probe_config(kind, opt.label, opt.every_steps, logroot / f"probe_{opt.label}.yaml", opt.n_captions)
         cmd = [sys.executable, "main.py", "--base", str(config), str(probe), "-t", "--no-test", "-n", name,
                "-l", str(logroot), "--max_steps", str(opt.steps), *opt.overrides]
     print(" ".join(cmd), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, env={k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"})
     wall = time.time() - start
-    run = sorted(p for p in logroot.iterdir() if p.is_dir() and p.name.endswith(name))[-1]
+    run = label_runs()[-1]
     RUNS.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "quality.csv", RUNS / f"{opt.label}.csv")
     settings = json.loads((RUNS / "runs.json").read_text()) if (RUNS / "runs.json").exists() else {}
@@ -107,7 +113,6 @@ def real_rows(n_captions: int = 128) -> list[dict]:
     """The probe's figures for real images (match ceiling, FID floor at this sample count), computed once."""
     path = RUNS / "real_images.json"
     if not path.exists():
-        sys.path.insert(0, str(REPO))
         from ldm.evaluation.attribute_classifier import load_attribute_classifier
         from ldm.evaluation.quality_probe import real_image_scores
 

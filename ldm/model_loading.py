@@ -46,6 +46,12 @@ class ModelNotFound(FileNotFoundError):
 INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model")
 
 
+def is_first_stage_target(target: str) -> bool:
+    """Whether a config's `model.target` is a first stage (an autoencoder of ldm.models.autoencoder), not a
+    diffusion model."""
+    return target.startswith("ldm.models.autoencoder.")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` is CUDA when available, else the CPU; anything else is passed to `torch.device`."""
     if name == "auto":
@@ -155,7 +161,7 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     config = OmegaConf.to_container(load_configs([config_path]), resolve=True)
     if "model" not in config:
         raise ValueError(f"{config_path} has no 'model:' section")
-    if str(config["model"].get("target", "")).startswith("ldm.models.autoencoder."):
+    if is_first_stage_target(str(config["model"].get("target", ""))):
         raise ValueError(f"{config_path} is a first stage ({config['model']['target']}), not a diffusion model: "
                          f"sample with a diffusion model's directory; reconstruct images with ldm-reconstruct "
                          f"(in Python: ldm.model_loading.build_model(config, weights))")
