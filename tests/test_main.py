@@ -115,6 +115,8 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
     assert last.is_file(), out[-3000:]
     assert "saved" in out and "Resume with" in out
     assert load_ckpt(last)["global_step"] >= 4
+    # A stopped run is not a finished one: the exit status says so (scripts chaining stages stop there).
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
 
 
 def test_bad_config_key_exits_with_clear_message(tmp_path):

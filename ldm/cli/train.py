@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -388,6 +389,15 @@ def cli() -> None:
     debug = "-d" in sys.argv or "--debug" in sys.argv
     try:
         sys.exit(main())
+    except SystemExit as e:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(e, SIGTERMException):
+            # Lightning's SIGTERM exit is a bare SystemExit (status 0), but a stopped run is not a finished one:
+            # callers such as scripts/train_builtin.sh must not export it and go on. 128 + 15, as for a process
+            # the signal killed; last.ckpt is saved and `-r` continues it.
+            sys.exit(128 + signal.SIGTERM)
+        raise
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
