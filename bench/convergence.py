@@ -84,7 +84,10 @@ def train(opt: argparse.Namespace) -> None:
                "-l", str(logroot), "--max_steps", str(opt.steps), *opt.overrides]
     print(" ".join(cmd), flush=True)
     start = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True, env={k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"})
+    proc = subprocess.run(cmd, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"})
+    if proc.returncode != 0:  # main.py said why; a stopped run (Ctrl-C, SIGTERM) kept its last.ckpt
+        raise SystemExit(f"training ended with status {proc.returncode}: fix what it said, or continue a stopped run "
+                         "with the same command and --resume")
     wall = time.time() - start
     run = label_runs()[-1]
     RUNS.mkdir(parents=True, exist_ok=True)

@@ -123,10 +123,13 @@ def test_convergence_resume_continues_the_labels_latest_run(tmp_path, monkeypatc
     for run in (older, latest):
         run.mkdir(parents=True)
     (latest / "quality.csv").write_text("label,step,train_minutes,split,match_all\nx,50,1.0,seen,0.5\n")
-    commands, real_run = [], convergence.subprocess.run
+    commands, real_run, status = [], convergence.subprocess.run, [0]
 
     def run(cmd, **kwargs):  # records main.py; anything else (platform.platform() asks uname) runs
-        return commands.append(cmd) if "main.py" in cmd else real_run(cmd, **kwargs)
+        if "main.py" not in cmd:
+            return real_run(cmd, **kwargs)
+        commands.append(cmd)
+        return convergence.subprocess.CompletedProcess(cmd, status[0])
 
     monkeypatch.setattr(convergence.subprocess, "run", run)
     convergence.train(opt)
@@ -134,3 +137,6 @@ def test_convergence_resume_continues_the_labels_latest_run(tmp_path, monkeypatc
     assert (tmp_path / "runs" / "x.csv").read_text().endswith("x,50,1.0,seen,0.5\n")
     settings = convergence.json.loads((tmp_path / "runs" / "runs.json").read_text())["x"]
     assert settings["resumed"] is True and settings["run_dir"] == str(latest.relative_to(tmp_path))
+    status[0] = 128 + 15  # stopped again by SIGTERM: one line that says how to go on
+    with pytest.raises(SystemExit, match="status 143.*--resume"):
+        convergence.train(opt)
