@@ -30,6 +30,7 @@ class StepProgressBar(TQDMProgressBar):
         bar.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         bar.n = bar.initial = trainer.global_step  # a resumed run continues where it stopped
         bar.unit = "step"
+        self._shown_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         self.train_progress_bar.set_description(f"train (epoch {trainer.current_epoch})")
@@ -43,7 +44,10 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if (batch_idx + 1) % self.refresh_rate == 0:
+        # Counted in steps, not in the epoch's batch index: an epoch shorter than the refresh interval (a small
+        # image folder) would otherwise never redraw the bar.
+        if trainer.global_step - self._shown_step >= self.refresh_rate:
+            self._shown_step = trainer.global_step
             self._show_step(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
