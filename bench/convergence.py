@@ -5,6 +5,7 @@
         model.params.loss_weighting=min_snr
     python bench/convergence.py --label kl-f4-z8 --config configs/autoencoder/<new>.yaml --steps 6000
     python bench/convergence.py --label kl-f4-z8 --config ... --steps 6000 --resume   # after Ctrl-C / a kill
+    python bench/convergence.py --label kl-f4-z8 --config ... --steps 9000 --resume   # train it on to 9,000
     python bench/convergence.py --report       # only rebuild convergence.{csv,png,md} from the stored runs
 
 Each run trains through `main.py` exactly as a user would (`--max_steps`, the config plus `key=value`
@@ -72,12 +73,13 @@ def train(opt: argparse.Namespace) -> None:
         return sorted(p for p in logroot.iterdir() if p.is_dir() and p.name.endswith(name))
 
     if opt.resume:
-        # Continue the label's latest run where it stopped (its saved configs hold the probe and --max_steps);
-        # the probe's CSV in the run directory keeps the rows measured before the interruption.
+        # Continue the label's latest run where it stopped (its saved configs hold the probe), to --steps: the
+        # same figure after an interruption, a larger one to train a finished run on. The probe's CSV in the run
+        # directory keeps the rows measured before.
         runs = label_runs()
         if not runs:
             raise SystemExit(f"--resume: no run named *{name} in {logroot}; start it without --resume")
-        cmd = [sys.executable, "main.py", "-r", str(runs[-1])]
+        cmd = [sys.executable, "main.py", "-r", str(runs[-1]), "--max_steps", str(opt.steps)]
     else:
         probe = probe_config(kind, opt.label, opt.every_steps, logroot / f"probe_{opt.label}.yaml", opt.n_captions)
         cmd = [sys.executable, "main.py", "--base", str(config), str(probe), "-t", "--no-test", "-n", name,
@@ -93,6 +95,9 @@ def train(opt: argparse.Namespace) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "quality.csv", RUNS / f"{opt.label}.csv")
     settings = json.loads((RUNS / "runs.json").read_text()) if (RUNS / "runs.json").exists() else {}
+    recorded = settings.get(opt.label, {})
+    if opt.resume and recorded.get("run_dir") == str(run.relative_to(REPO)):
+        wall += recorded["wall_seconds"]  # a finished run trained on: its first part was recorded
     settings[opt.label] = {
         "kind": kind, "config": str(config), "overrides": opt.overrides, "steps": opt.steps,
         "start_step": opt.start_step,
@@ -250,8 +255,9 @@ def main() -> None:
                         help="for a run that continues trained weights (model.params.ckpt_path): the steps they had, "
                              "where the plot draws this run's curve from")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the latest run of --label after an interruption (main.py -r; give the same "
-                             "arguments), then report; wall_seconds then counts the resumed part only")
+                        help="continue the latest run of --label (main.py -r) to --steps: after an interruption (give "
+                             "the same arguments), or a finished run to more steps; then report. wall_seconds adds "
+                             "the part recorded before, if the run was (an interrupted one's counts from the resume)")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from stored runs")
     parser.add_argument("overrides", nargs="*", help="config overrides key.path=value")
     opt = parser.parse_args()

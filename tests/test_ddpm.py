@@ -208,6 +208,17 @@ def test_configure_optimizers_steps_the_configured_schedule():
     assert lrs == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
 
 
+def test_weight_decay_reaches_the_optimizer():
+    model = tiny_ddpm()
+    model.learning_rate = 1e-3
+    assert model.configure_optimizers().param_groups[0]["weight_decay"] == 0.01  # AdamW's default, as before
+    model = tiny_ddpm(weight_decay=0.1)
+    model.learning_rate = 1e-3
+    assert model.configure_optimizers().param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="weight_decay"):
+        tiny_ddpm(weight_decay=-1.0)
+
+
 # ------------------------------------------------------------------------------------ condition dropout
 
 

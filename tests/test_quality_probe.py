@@ -133,10 +133,18 @@ def test_convergence_resume_continues_the_labels_latest_run(tmp_path, monkeypatc
 
     monkeypatch.setattr(convergence.subprocess, "run", run)
     convergence.train(opt)
-    assert commands == [[convergence.sys.executable, "main.py", "-r", str(latest)]]
+    assert commands == [[convergence.sys.executable, "main.py", "-r", str(latest), "--max_steps", "100"]]
     assert (tmp_path / "runs" / "x.csv").read_text().endswith("x,50,1.0,seen,0.5\n")
     settings = convergence.json.loads((tmp_path / "runs" / "runs.json").read_text())["x"]
     assert settings["resumed"] is True and settings["run_dir"] == str(latest.relative_to(tmp_path))
+    # a finished run trained on to more steps: the recorded part's wall time is kept in the sum
+    settings["wall_seconds"] = 1000.0
+    (tmp_path / "runs" / "runs.json").write_text(convergence.json.dumps({"x": settings}))
+    opt.steps = 200
+    convergence.train(opt)
+    assert commands[-1][-2:] == ["--max_steps", "200"]
+    settings = convergence.json.loads((tmp_path / "runs" / "runs.json").read_text())["x"]
+    assert settings["steps"] == 200 and 1000.0 <= settings["wall_seconds"] < 1010.0
     status[0] = 128 + 15  # stopped again by SIGTERM: one line that says how to go on
     with pytest.raises(SystemExit, match="status 143.*--resume"):
         convergence.train(opt)

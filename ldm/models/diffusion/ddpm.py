@@ -111,7 +111,8 @@ class DDPM(pl.LightningModule):
                  speed_options: Sequence[str] = DEFAULT_SPEED_OPTIONS,
                  noise_level_density: Union[str, Mapping] = "uniform", loss_weighting: str = "simple",
                  min_snr_gamma: float = 5.0, offset_noise_strength: float = 0.0,
-                 zero_terminal_snr: bool = False, noise_process: Union[str, Mapping, None] = "discrete_vp") -> None:
+                 zero_terminal_snr: bool = False, noise_process: Union[str, Mapping, None] = "discrete_vp",
+                 weight_decay: float = 0.01) -> None:
         super().__init__()
         if use_positional_encodings:
             raise ValueError("use_positional_encodings needs the reference's coordinate conditioning, which is "
@@ -130,6 +131,9 @@ class DDPM(pl.LightningModule):
             self.model_ema = LitEma(self.model, decay=ema_decay)
             print(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
         self.scheduler_config = scheduler_config
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.weight_decay = weight_decay  # AdamW's decoupled decay; 0.01 is PyTorch's default, which the reference used
         self.v_posterior = v_posterior
         self.original_elbo_weight = original_elbo_weight
         self.l_simple_weight = l_simple_weight
@@ -367,7 +371,7 @@ class DDPM(pl.LightningModule):
         return params
 
     def configure_optimizers(self) -> Any:
-        opt = adamw(self.trainable_parameters(), lr=self.learning_rate)
+        opt = adamw(self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         if self.scheduler_config is None:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
