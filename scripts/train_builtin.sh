@@ -15,7 +15,10 @@
 # and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
 # finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS;
 # BUILTIN_TXT2IMG_OVERRIDES adds config overrides (key=value, space-separated) to the txt2img stage, e.g. a
-# learning-rate schedule fitted to fewer steps. On a GPU add BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1".
+# learning-rate schedule fitted to fewer steps. BUILTIN_FIRST_STAGE_DIR is the first stage's model directory the
+# other stages train on (and stage first_stage exports to): default $BUILTIN_MODELS_DIR/first_stage_models/kl-f4-shapes;
+# models/first_stage_models/kl-f4-shapes trains the later stages on the shipped one.
+# On a GPU add BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1".
 # scripts/demo.sh runs this recipe shortened.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
@@ -31,7 +34,7 @@ LAYOUT2IMG_STEPS="${BUILTIN_LAYOUT2IMG_STEPS:-8000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
 read -r -a TXT2IMG_OVERRIDES <<< "${BUILTIN_TXT2IMG_OVERRIDES:-}"
 declare -A TASK_CONFIGS=([superres]=sr_shapes [semantic2img]=semantic2img_shapes [layout2img]=layout2img_shapes)
-FIRST_STAGE="$MODELS/first_stage_models/kl-f4-shapes"
+FIRST_STAGE="${BUILTIN_FIRST_STAGE_DIR:-$MODELS/first_stage_models/kl-f4-shapes}"
 # The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
 NO_IMAGE_LOG="lightning.callbacks.image_logger.params.disabled=true"
 START=$(date +%s)
