@@ -116,8 +116,8 @@ def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> t
 def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> str:
     if name is not None:
         target = BUILTIN_MODELS[name]
-        demo = ("Make it with the main job,\n  bash scripts/demo.sh            (trains the first stage, txt2img and "
-                "inpainting: ~25 min on 2 cores)\nor train it alone" if name in DEMO_MODELS else "Train it")
+        demo = ("Make it with the main job,\n  bash scripts/demo.sh            (trains txt2img and inpainting on the "
+                "shipped first stage: ~30 min on 2 cores)\nor train it alone" if name in DEMO_MODELS else "Train it")
         return (f"the built-in {name!r} model is missing ({missing} does not exist). {demo} and export its weights:\n"
                 f"  python main.py --base {RECIPES[name]} -t\n"
                 f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt --model-dir {target}")

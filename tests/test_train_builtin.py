@@ -38,14 +38,17 @@ def test_stage_exports_then_resumes_its_run(tmp_path):
     assert "encoder.conv_in.weight" in exported
 
 
-def test_txt2img_stage_takes_its_overrides(tmp_path):
-    """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh fits its learning-rate schedule with) reaches the run."""
+def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
+    """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh sets its batch and learning-rate schedule with) reaches the
+    run, and BUILTIN_FIRST_STAGE_DIR (the demo's: the shipped first stage) is the first stage it trains on."""
     schedule = "model.params.scheduler_config.params"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "first_stage txt2img",
-           "BUILTIN_FIRST_STAGE_STEPS": "2", "BUILTIN_TXT2IMG_STEPS": "2",
+    shipped = "models/first_stage_models/kl-f4-shapes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "txt2img", "BUILTIN_FIRST_STAGE_DIR": shipped,
+           "BUILTIN_TXT2IMG_STEPS": "2",
            "BUILTIN_TXT2IMG_OVERRIDES": f"{schedule}.warm_up_steps=[1,1] {schedule}.cycle_lengths=[1,1] "
                                         f"{schedule}.f_start=[0.1,0.3] {schedule}.f_max=[1.0,0.3] "
-                                        f"{schedule}.f_min=[1.0,0.01] data.params.validation.params.num_samples=4",
+                                        f"{schedule}.f_min=[1.0,0.01] data.params.validation.params.num_samples=4 "
+                                        "data.params.batch_size=8",
            "BUILTIN_MODELS_DIR": str(tmp_path / "models"), "BUILTIN_LOGDIR": str(tmp_path / "logs")}
     env.pop("LDM_RUN_NOW", None)
     proc = subprocess.run(["bash", "scripts/train_builtin.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -55,4 +58,7 @@ def test_txt2img_stage_takes_its_overrides(tmp_path):
     project = OmegaConf.load(sorted((run / "configs").glob("*-project.yaml"))[-1])
     assert list(project.model.params.scheduler_config.params.cycle_lengths) == [1, 1]
     assert list(project.model.params.scheduler_config.params.f_min) == [1.0, 0.01]
+    assert project.data.params.batch_size == 8
+    assert project.model.params.first_stage_config.params.ckpt_path == f"{shipped}/model.safetensors"
     assert (tmp_path / "models" / "ldm" / "txt2img-shapes" / "model.safetensors").is_file()
+    assert not (tmp_path / "models" / "first_stage_models").exists()  # nothing trained or copied there
