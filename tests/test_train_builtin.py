@@ -39,7 +39,7 @@ def test_stage_exports_then_resumes_its_run(tmp_path):
 
 
 def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
-    """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh sets its batch and learning-rate schedule with) reaches the
+    """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh sets its learning-rate schedule with) reaches the
     run, and BUILTIN_FIRST_STAGE_DIR (the demo's: the shipped first stage) is the first stage it trains on."""
     schedule = "model.params.scheduler_config.params"
     shipped = "models/first_stage_models/kl-f4-shapes"
