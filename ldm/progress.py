@@ -30,7 +30,6 @@ class StepProgressBar(TQDMProgressBar):
         bar.total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         bar.n = bar.initial = trainer.global_step  # a resumed run continues where it stopped
         bar.unit = "step"
-        self._shown_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         self.train_progress_bar.set_description(f"train (epoch {trainer.current_epoch})")
@@ -44,10 +43,10 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        # Counted in steps, not in the epoch's batch index: an epoch shorter than the refresh interval (a small
-        # image folder) would otherwise never redraw the bar.
-        if trainer.global_step - self._shown_step >= self.refresh_rate:
-            self._shown_step = trainer.global_step
+        # Counted in steps since the step the bar shows (`_show_step` sets it), not in the epoch's batch index:
+        # an epoch shorter than the refresh interval (a small image folder) would otherwise never redraw the bar.
+        bar = self.train_progress_bar
+        if bar is not None and trainer.global_step - bar.n >= self.refresh_rate:
             self._show_step(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
