@@ -15,6 +15,7 @@ from ldm import assets
 from ldm.checkpoint import TRAINING_ONLY_PREFIXES, CheckpointError, load_state_dict, load_weights
 from ldm.config import load_configs, safe_targets_only
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.encoders.tokenization import set_strict_vocab
 from ldm.util import instantiate_from_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -139,7 +140,7 @@ def _resolve_file_params(node: Any) -> Any:
 
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
                device: Union[str, torch.device] = "auto", precision: str = "fp32",
-               trust_config: bool = False) -> LatentDiffusion:
+               trust_config: bool = False, strict_vocab: bool = False) -> LatentDiffusion:
     """A trained model, in eval mode on `device`, ready for the functions below.
 
     `model` is a built-in name (`BUILTIN_MODELS`), the name of a model directory in ``$LDM_MODELS_DIR``, a
@@ -151,6 +152,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     `precision` ("fp32", "bf16", "fp16") is kept as `model.inference_precision`: sampling then runs under
     autocast in that type while the weights stay float32. The config may build only classes of ldm and
     torch.nn (`ldm.config.safe_targets_only`: a shared model directory cannot run code) unless `trust_config`.
+    A prompt with words the text encoder's vocabulary lacks warns once (a `PromptWarning` naming them), or with
+    `strict_vocab` raises `UnknownWordsError` (`ldm.modules.encoders.tokenization.set_strict_vocab`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -184,6 +187,7 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     if ema_keys:
         net.model_ema.copy_to(net.model)
     net.inference_precision = precision
+    set_strict_vocab(net, strict_vocab)
     return net.to(device).eval()
 
 

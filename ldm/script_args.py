@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -18,6 +20,7 @@ from ldm.inference import PRECISIONS, load_model
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.samplers import SAMPLERS, sampler_help
 from ldm.models.diffusion.spacing import SIGMA_SPACINGS
+from ldm.modules.encoders.tokenization import PromptWarning
 
 # Stable Diffusion's scripts say "full" / "autocast".
 PRECISION_ALIASES = {"full": "fp32", "autocast": "bf16"}
@@ -76,6 +79,12 @@ def seed(text: str) -> int:
     return value
 
 
+def add_strict_vocab_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict_vocab", action="store_true",
+                        help="stop with an error when a prompt holds words the model's vocabulary lacks (by default "
+                             "a one-line warning names them and where the model's words are listed)")
+
+
 def add_negative_prompt_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative_prompt", default="",
                         help="what guidance steers away from, in place of the empty prompt (needs --scale > 1; "
@@ -124,7 +133,7 @@ def command_line(main: Callable[[], Any]) -> Callable[[], None]:
     errors end it with one line (`user_errors`), and an integer `main` returns is its exit status."""
 
     def run() -> None:
-        with user_errors():
+        with user_errors(), one_line_prompt_warnings():
             status = main()
         if status:
             raise SystemExit(status)
@@ -132,10 +141,30 @@ def command_line(main: Callable[[], Any]) -> Callable[[], None]:
     return run
 
 
+@contextlib.contextmanager
+def one_line_prompt_warnings() -> Iterator[None]:
+    """`PromptWarning`s (a prompt cut short, words the model does not know) printed as ``warning: <message>``,
+    one line on stderr, rather than with Python's file, line and source."""
+    original = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, PromptWarning):
+            print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
-        return load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config)
+        return load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config,
+                          strict_vocab=getattr(opt, "strict_vocab", False))
 
 
 def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ldm.image_io import load_image
 from ldm.inference import downsampling_factor, image_to_image, latent_shape
-from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg,
-                             add_output_args, add_sampler_args, command_line, guidance_scale, model_from_args,
+from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,
+                             add_sampler_args, add_strict_vocab_arg, command_line, guidance_scale, model_from_args,
                              sampler_kwargs)
 
 
@@ -36,6 +36,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     add_negative_prompt_arg(parser)
+    add_strict_vocab_arg(parser)
     parser.add_argument("--H", type=int, default=None, help="resize the init image to this height (pixels)")
     parser.add_argument("--W", type=int, default=None, help="resize the init image to this width (pixels)")
     add_output_args(parser, "outputs/img2img-samples")

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from ldm.image_io import load_image, load_mask, save_grid, to_pil
 from ldm.inference import inpaint, reads_prompts
 from ldm.script_args import (HelpFormatter, add_model_args, add_negative_prompt_arg, add_sampler_args,
-                             check_writable, command_line, guidance_scale, model_from_args, sampler_kwargs)
+                             add_strict_vocab_arg, check_writable, command_line, guidance_scale, model_from_args,
+                             sampler_kwargs)
 
 MASK_SUFFIX = "_mask.png"
 
@@ -40,6 +41,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=guidance_scale, default=1.0,
                         help="classifier-free guidance scale for --prompt (1 = no guidance)")
     add_negative_prompt_arg(parser)
+    add_strict_vocab_arg(parser)
     parser.add_argument("--skip_grid", action="store_true", help="do not write grid.png")
     add_model_args(parser, default_model="inpainting")
     add_sampler_args(parser)

@@ -29,8 +29,8 @@ from ldm.image_io import next_index, load_image, save_grid
 from ldm.inference import downsampling_factor
 from ldm.interpolation import INTERPOLATION_SAMPLERS, interpolate, progressive_generation, start_step
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, check_writable, command_line,
-                             guidance_scale, model_from_args, sampler_kwargs)
+from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, add_strict_vocab_arg, check_writable,
+                             command_line, guidance_scale, model_from_args, sampler_kwargs)
 
 MODES = ("interpolate", "progressive")
 
@@ -48,6 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slerp", action="store_true",
                         help="mix the noisy latents spherically instead of linearly")
     parser.add_argument("--prompt", default="", help="a prompt, for text-conditional models")
+    add_strict_vocab_arg(parser)
     parser.add_argument("--class_label", type=int, default=None, help="a class index, for class-conditional models")
     parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale for --prompt / --class_label (1 = no guidance)")

@@ -34,6 +34,7 @@ from ldm.config import ConfigError, describe_key, get_obj_from_str, load_configs
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
+from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger("ldm")
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if section not in config:
             raise ConfigError(f"the merged config from {opt.base} has no '{section}:' section")
 
+    prepare_run_vocabulary(config, logdir)  # a text encoder that reads the words of this run's own captions
     model = instantiate_from_config(config.model)
     if trainer_options.get("strategy") == "ddp" and getattr(model, "ddp_find_unused_parameters", False):
         trainer_options["strategy"] = "ddp_find_unused_parameters_true"

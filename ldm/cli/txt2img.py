@@ -15,8 +15,8 @@ from pathlib import Path
 
 
 from ldm.inference import latent_shape, text_to_image
-from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg,
-                             add_output_args, add_sampler_args, command_line, guidance_scale, model_from_args,
+from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,
+                             add_sampler_args, add_strict_vocab_arg, command_line, guidance_scale, model_from_args,
                              read_prompt_file, sampler_kwargs)
 
 
@@ -28,6 +28,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=guidance_scale, default=3.0,
                         help="classifier-free guidance scale (1 = no guidance)")
     add_negative_prompt_arg(parser)
+    add_strict_vocab_arg(parser)
     parser.add_argument("--fixed_code", action="store_true",
                         help="the same start noise for every batch (image j of each batch has seed --seed + j)")
     parser.add_argument("--H", type=int, default=None, help="image height in pixels (default: the training size)")

@@ -1,17 +1,26 @@
 """Built-in captioned dataset: anti-aliased coloured shapes on plain or textured backgrounds.
 
 Everything is made by code, nothing is downloaded. Item ``index`` of split ``split`` with seed ``seed``
-is a pure function of ``(seed, split, index)`` (its own ``numpy.random.Generator``, no global RNG), so
+(all but a ``typed``-style caption) is a pure function of ``(seed, split, index)`` (its own ``numpy.random.Generator``, no global RNG), so
 an item is identical whichever worker, process or order produces it. A scene is drawn in normalised
 [0, 1] canvas coordinates and then rasterised, so the same item at ``size=64`` is the ``size=32`` scene
 drawn sharper.
 
-Scenes hold one or two objects. Each object has a shape, a colour, a size and a position, and the
-caption names all four, e.g.::
+Scenes hold one or two objects. Each object has a shape, a colour, a size and a position. Captions
+(``ldm.data.captions``) come in two styles: ``canonical`` names all four in one template, e.g.::
 
     a small red circle on the left
     a large blue square above a small yellow triangle
     a large green star to the right of a small red circle
+
+and ``typed`` phrases the scene as people type prompts, drawn anew each time an item is read (the text
+models train on it)::
+
+    Two purple triangles side by side.
+    the big green star beneath a square
+    a red circle and a tiny blue cross
+
+Every item also carries ``typed_caption``, one typed phrasing fixed per item (the probes measure on it).
 
 Labels (``attributes``, int64, shape ``(MAX_OBJECTS, 4)`` = per slot ``[shape, colour, size,
 position]``, indices into ``SHAPES``, ``COLOURS``, ``SIZES``, ``POSITIONS``; the absent second slot of a
@@ -36,38 +45,22 @@ asked to compose words it never saw together. Splits draw from disjoint random s
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
+from ldm.data.captions import (  # noqa: F401 (caption_to_attributes and the vocabulary are read from here too)
+    canonical_caption,
+    caption_to_attributes,
+    caption_vocabulary,
+    labelled_objects,
+    typed_caption,
+    write_caption_vocabulary,
+)
 from ldm.data.masks import pixel_centres, random_inpainting_mask
-
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
-SIZES = ("small", "large")
-POSITIONS = ("left", "right", "top", "bottom", "center")
-ATTRIBUTE_NAMES = ("shape", "colour", "size", "position")
-MAX_OBJECTS = 2
-
-# Caption phrase of a single object's position.
-PLACEMENT_PHRASES = {
-    "left": "on the left",
-    "right": "on the right",
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "center": "in the center",
-}
-ARTICLES = ("a", "an", "the")  # accepted before an object's words; captions write "a"
-# Caption relation -> (position of the object named first, position of the object named second).
-RELATIONS = {
-    "to the left of": ("left", "right"),
-    "to the right of": ("right", "left"),
-    "above": ("top", "bottom"),
-    "below": ("bottom", "top"),
-}
+from ldm.data.shape_attributes import ATTRIBUTE_NAMES, COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES
 
 # (shape, colour) pairs that never appear in train/validation; each shape and colour still appears
 # in training with other partners, so the words themselves are known.
@@ -82,6 +75,7 @@ NUM_CLASSES = len(SHAPES) * len(COLOURS)
 CLASS_NAMES = tuple(f"{colour} {shape}" for shape in SHAPES for colour in COLOURS)
 
 SPLITS = ("train", "validation", "test")
+CAPTION_STYLES = ("canonical", "typed")
 DEFAULT_NUM_SAMPLES = {"train": 100_000, "validation": 2_000, "test": 2_000}
 
 # Saturated object colours (RGB in [0, 1]); backgrounds are desaturated (see _sample_background), so
@@ -402,38 +396,9 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _object_phrase(obj: PlacedObject) -> str:
-    return f"a {SIZES[obj.size]} {COLOURS[obj.colour]} {SHAPES[obj.shape]}"
-
-
 def scene_caption(scene: Scene) -> str:
-    if len(scene.objects) == 1:
-        obj = scene.objects[0]
-        return f"{_object_phrase(obj)} {PLACEMENT_PHRASES[POSITIONS[obj.position]]}"
-    first, second = scene.objects if scene.name_slot0_first else scene.objects[::-1]
-    named = (POSITIONS[first.position], POSITIONS[second.position])
-    relation = next(phrase for phrase, sides in RELATIONS.items() if sides == named)
-    return f"{_object_phrase(first)} {relation} {_object_phrase(second)}"
-
-
-# Tokens of BERT's WordPiece vocabulary that its tokenizer needs, in bert-base-uncased's order.
-BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def caption_vocabulary() -> list[str]:
-    """Every word this dataset's captions (and `caption_to_attributes`' accepted variants) can use, sorted.
-
-    Small text encoders trained on these captions need only these rows of an embedding table, not
-    bert-base-uncased's 30,522: `write_caption_vocabulary` turns them into a WordPiece vocab.txt.
-    """
-    phrases = [*SHAPES, *COLOURS, *SIZES, *ARTICLES, *_PLACEMENTS, *RELATIONS]
-    return sorted({word for phrase in phrases for word in phrase.split()})
-
-
-def write_caption_vocabulary(path: str) -> None:
-    """A BERT WordPiece vocab.txt (special tokens first) holding `caption_vocabulary()`."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join([*BERT_SPECIAL_TOKENS, *caption_vocabulary()]) + "\n")
+    """The scene's canonical caption (`ldm.data.captions.canonical_caption`)."""
+    return canonical_caption(scene.objects, scene.name_slot0_first)
 
 
 def scene_attributes(scene: Scene) -> np.ndarray:
@@ -449,57 +414,6 @@ def class_label_of(attributes: np.ndarray) -> int:
     return shape * len(COLOURS) + colour if shape >= 0 and colour >= 0 else -1
 
 
-def _alternatives(words: Any) -> str:
-    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-
-
-_OBJECT = (
-    rf"(?:{_alternatives(ARTICLES)})\s+(?:(?P<size{{i}}>{_alternatives(SIZES)})\s+)?"
-    rf"(?:(?P<colour{{i}}>{_alternatives(COLOURS)})\s+)?(?P<shape{{i}}>{_alternatives(SHAPES)})"
-)
-_PLACEMENTS = {**{phrase: name for name, phrase in PLACEMENT_PHRASES.items()}, "in the centre": "center"}
-_SINGLE_RE = re.compile(rf"{_OBJECT.format(i=0)}(?:\s+(?P<placement>{_alternatives(_PLACEMENTS)}))?")
-_PAIR_RE = re.compile(rf"{_OBJECT.format(i=0)}\s+(?P<relation>{_alternatives(RELATIONS)})\s+{_OBJECT.format(i=1)}")
-
-
-def caption_to_attributes(caption: str) -> dict[str, Any]:
-    """Parse a caption in this dataset's grammar back into its labels.
-
-    Returns ``{"attributes": int64 (MAX_OBJECTS, 4), "num_objects": int, "class_label": int}`` in the
-    canonical slot order of the module docstring. Words a caption leaves out (a user prompt such as
-    "a red circle" names no size and no position) are -1, meaning "not constrained".
-    """
-    text = " ".join(caption.lower().strip().rstrip(".").split())
-    attributes = np.full((MAX_OBJECTS, len(ATTRIBUTE_NAMES)), -1, dtype=np.int64)
-
-    def fill(slot: int, match: re.Match, group: int, position: Optional[str]) -> None:
-        values = (match[f"shape{group}"], match[f"colour{group}"], match[f"size{group}"], position)
-        for column, (vocabulary, value) in enumerate(zip((SHAPES, COLOURS, SIZES, POSITIONS), values)):
-            if value is not None:
-                attributes[slot, column] = vocabulary.index(value)
-
-    pair = _PAIR_RE.fullmatch(text)
-    single = None if pair else _SINGLE_RE.fullmatch(text)
-    if pair:
-        named_first, named_second = RELATIONS[pair["relation"]]
-        # Slot 0 is the left / upper object, whichever the caption names first.
-        first_slot = 0 if named_first in ("left", "top") else 1
-        fill(first_slot, pair, 0, named_first)
-        fill(1 - first_slot, pair, 1, named_second)
-        num_objects = 2
-    elif single:
-        placement = single["placement"]
-        fill(0, single, 0, _PLACEMENTS[placement] if placement else None)
-        num_objects = 1
-    else:
-        raise ValueError(
-            f"cannot parse caption {caption!r}: expected '<object> [{' | '.join(PLACEMENT_PHRASES.values())}]' "
-            f"or '<object> <{' | '.join(RELATIONS)}> <object>', where <object> is "
-            f"'a [{'|'.join(SIZES)}] [{'|'.join(COLOURS)}] <{'|'.join(SHAPES)}>'"
-        )
-    return {"attributes": attributes, "num_objects": num_objects, "class_label": class_label_of(attributes)}
-
-
 # ----------------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +422,9 @@ def caption_to_attributes(caption: str) -> dict[str, Any]:
 class ShapesDataset(Dataset):
     """Captioned shapes, generated on the fly (see the module docstring for the label format).
 
-    Item keys: ``image`` (size, size, 3) float32 in [-1, 1]; ``caption`` str; ``class_label`` int;
+    Item keys: ``image`` (size, size, 3) float32 in [-1, 1]; ``caption`` str (`caption_style` ``canonical``:
+    the template; ``typed``: a fresh typed phrasing at every read, see the module docstring);
+    ``typed_caption`` str (one typed phrasing, fixed per item); ``class_label`` int;
     ``attributes`` int64 (MAX_OBJECTS, 4); ``num_objects`` int; ``index`` int (the item's index: with the
     dataset's config a stable key, e.g. for `cache_latents`); with ``with_mask`` also ``mask``
     (size, size, 1) float32, 1 = region to fill, and ``masked_image`` (the image, 0 inside the mask).
@@ -532,6 +448,7 @@ class ShapesDataset(Dataset):
         two_object_prob: float = 0.5,
         mask_box_prob: float = 0.5,
         keep_items: bool = False,
+        caption_style: str = "canonical",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
@@ -544,6 +461,8 @@ class ShapesDataset(Dataset):
             raise ValueError(f"num_samples must be positive (or null for the split default), got {num_samples}")
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if caption_style not in CAPTION_STYLES:
+            raise ValueError(f"unknown caption_style {caption_style!r}: use one of {CAPTION_STYLES}")
         self.split = split
         self.size = size
         self.num_samples = DEFAULT_NUM_SAMPLES[split] if num_samples is None else num_samples
@@ -553,7 +472,9 @@ class ShapesDataset(Dataset):
         self.two_object_prob = two_object_prob
         self.mask_box_prob = mask_box_prob
         self._split_code = SPLITS.index(split)
+        self.caption_style = caption_style
         self._kept: Optional[dict[int, dict[str, Any]]] = {} if keep_items else None
+        self._caption_rng: Optional[tuple[int, np.random.Generator]] = None  # (worker seed, its stream)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -569,8 +490,21 @@ class ShapesDataset(Dataset):
         if self._kept is not None:
             if index not in self._kept:
                 self._kept[index] = self._make_item(index)
-            return dict(self._kept[index])  # a shallow copy: a caller's edits do not reach the kept item
-        return self._make_item(index)
+            item = dict(self._kept[index])  # a shallow copy: a caller's edits do not reach the kept item
+        else:
+            item = self._make_item(index)
+        if self.caption_style == "typed":
+            item["caption"] = typed_caption(labelled_objects(item["attributes"]), self._fresh_caption_rng())
+        return item
+
+    def _fresh_caption_rng(self) -> np.random.Generator:
+        """The stream of fresh typed captions: its own per DataLoader worker (whose seed differs per worker and
+        per epoch), so workers do not repeat each other's phrasings and an epoch does not repeat the last."""
+        info = get_worker_info()
+        worker_seed = 0 if info is None else int(info.seed)
+        if self._caption_rng is None or self._caption_rng[0] != worker_seed:
+            self._caption_rng = (worker_seed, np.random.default_rng([self.seed, self._split_code, 2, worker_seed]))
+        return self._caption_rng[1]
 
     def _make_item(self, index: int) -> dict[str, Any]:
         scene = self.scene(index)
@@ -578,6 +512,9 @@ class ShapesDataset(Dataset):
         item = {
             "image": render_scene(scene, self.size),
             "caption": scene_caption(scene),
+            # Its own stream (fourth entropy word 3), so the scene and mask streams are unchanged.
+            "typed_caption": typed_caption(scene.objects, np.random.default_rng([self.seed, self._split_code, index, 3]),
+                                           scene.name_slot0_first),
             "class_label": class_label_of(attributes),
             "human_label": CLASS_NAMES[class_label_of(attributes)],  # the reference's key for class names
             "attributes": attributes,

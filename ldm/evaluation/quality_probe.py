@@ -5,7 +5,8 @@ A generative model is judged by its samples, not its loss. These callbacks pause
 nothing here feeds a gradient) and append one row per measurement to ``<run>/quality.csv``:
 
 - `PromptFollowingProbe` (text-to-image models): fixed captions of the validation split (colour-shape
-  pairs seen in training) and of the test split (held-out pairs, words never seen together) are sampled
+  pairs seen in training) and of the test split (held-out pairs, words never seen together), each in the
+  canonical template and as typed prompts (the same scenes, words left out, synonyms, case), are sampled
   with one fixed sampler (DPM-Solver++(2M), 20 steps, guidance 3 by default) from the EMA weights, with
   fixed seeds; rows hold the all-attribute and per-attribute match and the Fréchet distance in the
   classifier's feature space against real images of the same split.
@@ -35,6 +36,7 @@ from ldm.evaluation.prompt_following import prompt_match
 from ldm.evaluation.reconstruction import dataset_images, reconstruct, reconstruction_metrics
 
 MATCH_COLUMNS = ("all", "shape", "colour", "size", "position", "num_objects")
+PROMPT_SETS = ("seen", "held_out", "seen_typed", "held_out_typed")
 
 
 class TimedProbe(Callback):
@@ -186,17 +188,21 @@ class ReconstructionProbe(TimedProbe):
 @torch.no_grad()
 def prompt_sets(classifier: AttributeClassifier, n_captions: int, n_real: int, size: int = 32,
                 ) -> dict[str, tuple[list[str], torch.Tensor, tuple]]:
-    """Per split (``seen``: validation, ``held_out``: test): the first `n_captions` captions, their real images,
-    and the classifier-feature statistics (mean, covariance) of the first `n_real` real images."""
+    """Per prompt set: the first `n_captions` captions, their real images, and the classifier-feature statistics
+    (mean, covariance) of the first `n_real` real images of the split. ``seen`` (validation: colour-shape pairs
+    seen in training) and ``held_out`` (test) hold the canonical captions; ``seen_typed`` and ``held_out_typed``
+    the same items' typed phrasings (`ldm.data.captions.typed_caption`: words left out, synonyms, case, ...)."""
     sets = {}
     device = classifier.head.weight.device
     for split, dataset in (("seen", ShapesValidation), ("held_out", ShapesTest)):
         data = dataset(size=size, num_samples=max(n_captions, n_real))
         features = torch.cat([classifier.features(dataset_images(data, s, min(s + 256, n_real)).to(device))
                               for s in range(0, n_real, 256)])
-        sets[split] = ([data[i]["caption"] for i in range(n_captions)], dataset_images(data, 0, n_captions),
-                       feature_statistics(features))
-    return sets
+        images, stats = dataset_images(data, 0, n_captions), feature_statistics(features)
+        items = [data[i] for i in range(n_captions)]
+        sets[split] = ([item["caption"] for item in items], images, stats)
+        sets[f"{split}_typed"] = ([item["typed_caption"] for item in items], images, stats)
+    return {name: sets[name] for name in PROMPT_SETS}
 
 
 @torch.no_grad()

@@ -84,13 +84,15 @@ class FrozenCLIPEmbedder(FreezableEncoder):
             raise ValueError(f"max_length={max_length} exceeds CLIP's {positions} positions")
         self.max_length = max_length
         self.output_dim = text_model.config.hidden_size
+        self.version = version
+        self.strict_vocab = False  # unknown words: a warning, or with True an error (tokenization.set_strict_vocab)
         self._warned_prompts: set[str] = set()
         if freeze:
             self.freeze()
 
     def forward(self, text: str | list[str]) -> torch.Tensor:
         tokens = tokenize_to_length(self.tokenizer, text, self.max_length, self._warned_prompts,
-                                    "FrozenCLIPEmbedder")["input_ids"]
+                                    "FrozenCLIPEmbedder", self.version, self.strict_vocab)["input_ids"]
         text_model = self.transformer.text_model
         device = next(text_model.parameters()).device
         return text_model(input_ids=tokens.to(device)).last_hidden_state  # no attention mask, as SD v1

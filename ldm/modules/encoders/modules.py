@@ -27,7 +27,7 @@ from torch import nn
 from ldm.modules.encoders.base import AbstractEncoder, FreezableEncoder
 from ldm.modules.encoders.clip import FrozenCLIPEmbedder  # noqa: F401 (Stable Diffusion v1's configs name it here)
 from ldm.modules.encoders.tokenization import Text, tokenize_to_length
-from ldm.modules.encoders.vocabulary import GT_PACKAGE, gt_minilm_dir, load_bert_tokenizer
+from ldm.modules.encoders.vocabulary import GT_PACKAGE, find_bert_vocab, gt_minilm_dir, load_bert_tokenizer, vocabulary_listing
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
 
@@ -123,7 +123,8 @@ class BERTTokenizer(AbstractEncoder):
 
     The vocabulary is found offline first (`ldm.modules.encoders.vocabulary.find_bert_vocab`); pass
     `tokenizer_path` to name it. Tokens are returned on `device`. With `vq_interface`, `encode` returns the
-    reference's VQ-style tuple ``(None, None, [None, None, tokens])``.
+    reference's VQ-style tuple ``(None, None, [None, None, tokens])``. Words the vocabulary lacks are reported
+    once per prompt, or raise `UnknownWordsError` with `strict_vocab` (`ldm.modules.encoders.tokenization`).
     """
 
     def __init__(
@@ -132,16 +133,22 @@ class BERTTokenizer(AbstractEncoder):
         vq_interface: bool = True,
         max_length: int = 77,
         tokenizer_path: Optional[str] = None,
+        strict_vocab: bool = False,
     ):
         super().__init__()
-        self.tokenizer = load_bert_tokenizer(tokenizer_path)
+        vocab_file = find_bert_vocab(tokenizer_path)
+        self.tokenizer = load_bert_tokenizer(vocab_file)
+        self.vocabulary_listing = vocabulary_listing(vocab_file)
         self.device = device
         self.vq_interface = vq_interface
         self.max_length = max_length
+        self.strict_vocab = strict_vocab
         self._warned_prompts: set[str] = set()
 
     def forward(self, text: Text) -> torch.Tensor:
-        encoding = tokenize_to_length(self.tokenizer, text, self.max_length, self._warned_prompts, "BERTTokenizer")
+        # Not while training: a trainable encoder's captions may hold rare words its vocabulary left out.
+        encoding = tokenize_to_length(self.tokenizer, text, self.max_length, self._warned_prompts, "BERTTokenizer",
+                                      self.vocabulary_listing, self.strict_vocab, check_vocab=not self.training)
         return encoding["input_ids"].to(self.device)
 
     @torch.no_grad()
@@ -275,14 +282,15 @@ class FrozenHFTextEmbedder(FreezableEncoder):
         self.max_length = max_length
         self.layer = layer
         self.output_dim = self.transformer.config.hidden_size
+        self.strict_vocab = False  # unknown words: a warning, or with True an error (tokenization.set_strict_vocab)
+        self._model_dir = model_dir
         self._warned_prompts: set[str] = set()
         if freeze:
             self.freeze()
 
     def forward(self, text: Text) -> torch.Tensor:
-        encoding = tokenize_to_length(
-            self.tokenizer, text, self.max_length, self._warned_prompts, "FrozenHFTextEmbedder"
-        )
+        encoding = tokenize_to_length(self.tokenizer, text, self.max_length, self._warned_prompts,
+                                      "FrozenHFTextEmbedder", str(self._model_dir), self.strict_vocab)
         device = _weight_device(self)
         outputs = self.transformer(
             input_ids=encoding["input_ids"].to(device),

@@ -19,10 +19,13 @@ to fix it.
 from __future__ import annotations
 
 import os
+import re
+import string
 from pathlib import Path
 from typing import Optional
 
 from ldm import assets
+from ldm.modules.encoders.tokenization import UNICODE_FOLDS
 
 ENV_VAR = "LDM_BERT_VOCAB"
 # The reference's repo id, and the id the Hub has moved it to; a cache may hold either.
@@ -143,7 +146,7 @@ def find_bert_vocab(tokenizer_path: Optional[str | os.PathLike] = None) -> Path:
 
 def _wordpiece_tokenizer(vocab_file: Path):
     """The uncased BERT pipeline (as ``BertTokenizerFast`` builds it) over a WordPiece vocab.txt."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     vocab = models.WordPiece.read_file(str(vocab_file))
     missing = [t for t in BERT_SPECIAL_TOKENS.values() if t not in vocab]
@@ -153,13 +156,27 @@ def _wordpiece_tokenizer(vocab_file: Path):
             "Point tokenizer_path at the bert-base-uncased vocab.txt."
         )
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=BERT_SPECIAL_TOKENS["unk_token"]))
-    # lowercase=True also strips accents (strip_accents=None follows lowercase), as bert-base-uncased does.
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    # Curly quotes, dashes and odd spaces become the ASCII that vocabularies hold (ldm.data.captions.fold_unicode);
+    # lowercase=True also strips accents (strip_accents=None follows lowercase), as bert-base-uncased does; then
+    # punctuation the vocabulary lacks (a small vocabulary of caption words) is dropped rather than read as [UNK]:
+    # "A red circle." means "a red circle". bert-base-uncased holds all ASCII punctuation, so it is unchanged.
+    steps = [normalizers.Replace(old, new) for old, new in UNICODE_FOLDS.items()]
+    steps.append(normalizers.BertNormalizer(lowercase=True))
+    absent = "".join(c for c in string.punctuation if c not in vocab)
+    if absent:
+        steps.append(normalizers.Replace(Regex(f"[{re.escape(absent)}]"), " "))
+    tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     sep, cls = BERT_SPECIAL_TOKENS["sep_token"], BERT_SPECIAL_TOKENS["cls_token"]
     tokenizer.post_processor = processors.BertProcessing((sep, vocab[sep]), (cls, vocab[cls]))
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     return tokenizer
+
+
+def vocabulary_listing(vocab_file: Path) -> str:
+    """Where a reader finds the words of a vocabulary: the model card (README.md) beside it, else the file."""
+    card = vocab_file.parent / "README.md"
+    return str(card if card.is_file() else vocab_file)
 
 
 def load_bert_tokenizer(tokenizer_path: Optional[str | os.PathLike] = None):
