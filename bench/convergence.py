@@ -158,7 +158,9 @@ def markdown(rows: list[dict], settings: dict) -> str:
              "parent (see the settings table). Figures are the probe's last measurement (at the end of training).",
              "Text-to-image: share of samples matching their caption (all attributes / per attribute) and the",
              "Fréchet distance in the attribute classifier's feature space (FID), for captions of colour-shape pairs",
-             "seen in training and held-out pairs; DPM-Solver++(2M), 20 steps, guidance 3, EMA weights.",
+             "seen in training and held-out pairs; DPM-Solver++(2M), 20 steps, guidance 3, EMA weights. Runs from",
+             "the typed-caption work on also measure the same items as typed prompts (`seen_typed`, `held_out_typed`:",
+             "words left out, synonyms, case, punctuation; scored on what each states).",
              "First stage: PSNR/SSIM on 1,024 held-out images and the share of shapes/colours the classifier still",
              "reads in reconstructions.", ""]
     last = _last_rows(rows)
@@ -212,11 +214,13 @@ def write_plot(rows: list[dict], settings: dict) -> None:
 
     panels = [("match_all", "seen", "all attributes, seen pairs"),
               ("match_all", "held_out", "all attributes, held-out pairs"),
+              ("match_all", "seen_typed", "typed prompts: all stated, seen pairs"),
+              ("match_all", "held_out_typed", "typed prompts: all stated, held-out pairs"),
               ("match_shape", "seen", "shape, seen pairs"),
               ("fid", "seen", "classifier FID, seen pairs"),
               ("psnr", "held_out", "first stage PSNR (dB)"),
               ("keep_shape", "held_out", "first stage: shapes kept")]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(22, 8))
     labels = list(dict.fromkeys(r["label"] for r in rows))
     # One colour per run in every panel (20 before repeating, where the default cycle has 10), and one legend
     # beside the panels, so that no legend covers a curve.

@@ -69,6 +69,8 @@ def test_a_run_on_a_captioned_folder_learns_its_words_and_exports_them(tmp_path)
     subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "last.ckpt"),
                     "--model-dir", str(model_dir)], cwd=REPO, check=True, capture_output=True)
     assert (model_dir / "vocab.txt").read_text().split() == vocab
+    card = (model_dir / "README.md").read_text()
+    assert "reads 12 words" in card and "hexagon" in card  # where the unknown-word warning points
     model = load_model(str(model_dir))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -76,3 +78,4 @@ def test_a_run_on_a_captioned_folder_learns_its_words_and_exports_them(tmp_path)
         text_to_image(model, ["a white unicorn"], steps=2, progress=False)
     messages = [str(w.message) for w in caught if issubclass(w.category, PromptWarning)]
     assert len(messages) == 1 and "'unicorn'" in messages[0] and "hexagon" not in messages[0]
+    assert str(model_dir / "README.md") in messages[0]

@@ -61,9 +61,10 @@ def test_prompt_following_probe_in_a_training_run_and_its_clock_resumes(tmp_path
     assert "[probe] step 1" in proc.stdout
     run = only_run(tmp_path)
     rows = _rows(run / "quality.csv")
-    # Measured after steps 1 and 2 (every step is due), never twice at one step; both caption splits.
-    assert [(r["step"], r["split"]) for r in rows] == [("1", "seen"), ("1", "held_out"), ("2", "seen"),
-                                                         ("2", "held_out")]
+    # Measured after steps 1 and 2 (every step is due), never twice at one step; both caption splits, each in the
+    # canonical template and as typed prompts.
+    sets = ["seen", "held_out", "seen_typed", "held_out_typed"]
+    assert [(r["step"], r["split"]) for r in rows] == [(step, s) for step in ("1", "2") for s in sets]
     for row in rows:
         assert row["label"] == "test"
         assert 0.0 <= float(row["match_all"]) <= float(row["match_colour"]) <= 1.0
@@ -74,9 +75,9 @@ def test_prompt_following_probe_in_a_training_run_and_its_clock_resumes(tmp_path
     saved = next(v for k, v in state.items() if "PromptFollowingProbe" in k)
     run_main(["-r", str(run), "--max_steps", "3", *args], tmp_path)
     resumed = _rows(run / "quality.csv")
-    assert [r["step"] for r in resumed[4:]] == ["3", "3"]
+    assert [r["step"] for r in resumed[8:]] == ["3"] * 4
     # The training clock goes on from where the first fit stopped.
-    assert float(resumed[4]["train_minutes"]) >= saved["train_seconds"] / 60.0 - 0.01
+    assert float(resumed[8]["train_minutes"]) >= saved["train_seconds"] / 60.0 - 0.01
 
 
 def test_convergence_report_from_stored_runs(tmp_path, monkeypatch):

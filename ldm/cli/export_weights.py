@@ -99,8 +99,23 @@ def usage_line(config, model_dir: Path) -> str:
             f"# or: python scripts/{script}.py --config {model_dir} ...")
 
 
-def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str) -> Path:
-    """README.md: what the model is, how it was trained (from the run's config and checkpoint), how to use it."""
+LISTED_WORDS = 2000  # a vocabulary up to this size is listed in the model card itself
+
+
+def vocabulary_section(vocabulary: Path) -> list[str]:
+    """Model card lines listing the words a text encoder's vocabulary file holds (special tokens aside): where the
+    unknown-word warning sends a user."""
+    words = [w for w in vocabulary.read_text(encoding="utf-8").split() if not (w.startswith("[") and w.endswith("]"))]
+    listed = ", ".join(words) if len(words) <= LISTED_WORDS else f"see `{vocabulary.name}`"
+    return ["## Vocabulary", "",
+            f"The caption encoder reads {len(words)} words (`{vocabulary.name}`); any other word is read as unknown, "
+            "and sampling says so (`--strict_vocab` makes it an error). Case, punctuation the vocabulary lacks and "
+            "curly quotes are ignored.", "", listed, ""]
+
+
+def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary: Optional[Path] = None) -> Path:
+    """README.md: what the model is, how it was trained (from the run's config and checkpoint), how to use it, and
+    the words its caption encoder reads."""
     params = config.model.get("params", {})
     step = load_checkpoint_file(ckpt, mmap=True).get("global_step") if ckpt.suffix == ".ckpt" else None
     data = OmegaConf.select(config, "data.params.train", default=None)
@@ -120,6 +135,7 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str) -> Path:
         "Use it:", "", "```bash", usage_line(config, model_dir), "```", "",
         "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
         "(`bench/convergence.py`, `bench/sampling.py`) and add them here.", "",
+        *(vocabulary_section(vocabulary) if vocabulary is not None else []),
     ]
     path = model_dir / "README.md"
     path.write_text("\n".join(lines))
@@ -161,7 +177,7 @@ def main() -> None:
         OmegaConf.save(config, config_path)
         out = save_safetensors(state, opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
-        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype)
+        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype, vocabulary)
         written = ", ".join(str(p) for p in (config_path, out, vocabulary, card) if p is not None)
         print(f"wrote {written} ({out.stat().st_size / 2**20:.2f} MiB of weights)")
         return
