@@ -2,7 +2,7 @@
 # Train the built-in models on the built-in data with the shipped recipe, and export each as a model
 # directory (config.yaml + model.safetensors):
 #   1. the KL-f4 first stage   (configs/autoencoder/autoencoder_kl_shapes_f4.yaml)
-#   2. text-to-image LDM on it (configs/latent-diffusion/txt2img.yaml)
+#   2. text-to-image LDM on it (configs/latent-diffusion/txt2img.yaml): on the canonical captions, then on typed ones
 #   3. text-conditioned inpainting LDM, started from the txt2img model (configs/latent-diffusion/inpainting_txt.yaml)
 #   4. x4 super-resolution (configs/latent-diffusion/sr_shapes.yaml), semantic synthesis
 #      (semantic2img_shapes.yaml) and layout-to-image (layout2img_shapes.yaml) on the same first stage
@@ -13,8 +13,8 @@
 #
 # Interrupt it at any time (Ctrl-C, SIGTERM, a lost machine): every stage writes last.ckpt when stopped,
 # and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
-# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS;
-# BUILTIN_TXT2IMG_OVERRIDES adds config overrides (key=value, space-separated) to the txt2img stage, e.g. a
+# finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,TXT2IMG_TYPED,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS;
+# BUILTIN_TXT2IMG_OVERRIDES adds config overrides (key=value, space-separated) to the txt2img stage's first run, e.g. a
 # learning-rate schedule fitted to fewer steps. BUILTIN_FIRST_STAGE_DIR is the first stage's model directory the
 # other stages train on (and stage first_stage exports to): default $BUILTIN_MODELS_DIR/first_stage_models/kl-f4-shapes;
 # models/first_stage_models/kl-f4-shapes trains the later stages on the shipped one.
@@ -27,6 +27,7 @@ LOGS="${BUILTIN_LOGDIR:-logs/builtin}"
 STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting superres semantic2img layout2img}"
 FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-12000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
 TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-12000}"
+TXT2IMG_TYPED_STEPS="${BUILTIN_TXT2IMG_TYPED_STEPS:-3000}"
 INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-6000}"
 SUPERRES_STEPS="${BUILTIN_SUPERRES_STEPS:-46000}"
 SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-46000}"
@@ -67,8 +68,19 @@ for stage in $STAGES; do
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$FIRST_STAGE" --dtype fp16
       ;;
     txt2img)
+      # Two runs (bench/results/convergence.md): the canonical captions first, where shape is learned soonest (on
+      # typed captions from the start it came ~1,000 steps later: typed-captions-scratch against z8-v-batch128),
+      # then typed captions from those weights, the rate decaying from 3e-4 (typed-finetune): the model then reads
+      # prompts as people write them (words left out, synonyms, counts, case, punctuation).
       train builtin_txt2img configs/latent-diffusion/txt2img.yaml "$TXT2IMG_STEPS" \
-        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" "${TXT2IMG_OVERRIDES[@]}"
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
+        data.params.train.params.caption_style=canonical "${TXT2IMG_OVERRIDES[@]}"
+      schedule=model.params.scheduler_config.params
+      train builtin_txt2img_typed configs/latent-diffusion/txt2img.yaml "$TXT2IMG_TYPED_STEPS" \
+        "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
+        "model.params.ckpt_path=$LAST_RUN/checkpoints/last.ckpt" "$schedule.warm_up_steps=[100]" \
+        "$schedule.cycle_lengths=[$TXT2IMG_TYPED_STEPS]" "$schedule.f_start=[1.0e-6]" "$schedule.f_max=[0.3]" \
+        "$schedule.f_min=[0.01]"
       # --share-first-stage: the built-in models share one first stage file (the wheel carries it once).
       python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \
         --dtype fp16 --share-first-stage
