@@ -3,6 +3,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -44,7 +45,7 @@ def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     schedule = "model.params.scheduler_config.params"
     shipped = "models/first_stage_models/kl-f4-shapes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "txt2img", "BUILTIN_FIRST_STAGE_DIR": shipped,
-           "BUILTIN_TXT2IMG_STEPS": "2", "BUILTIN_TXT2IMG_TYPED_STEPS": "1",
+           "BUILTIN_TXT2IMG_STEPS": "2", "BUILTIN_TXT2IMG_TYPED_RUNS": "1:3e-4",
            "BUILTIN_TXT2IMG_OVERRIDES": f"{schedule}.warm_up_steps=[1,1] {schedule}.cycle_lengths=[1,1] "
                                         f"{schedule}.f_start=[0.1,0.3] {schedule}.f_max=[1.0,0.3] "
                                         f"{schedule}.f_min=[1.0,0.01] data.params.validation.params.num_samples=4 "
@@ -62,11 +63,12 @@ def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     assert project.model.params.first_stage_config.params.ckpt_path == f"{shipped}/model.safetensors"
     assert project.data.params.train.params.caption_style == "canonical"
     # The second run: typed captions, from the first run's weights, its own decaying rate.
-    typed_run = next((tmp_path / "logs").glob("*_builtin_txt2img_typed"))
+    typed_run = next((tmp_path / "logs").glob("*_builtin_txt2img_typed1"))
     typed = OmegaConf.load(sorted((typed_run / "configs").glob("*-project.yaml"))[-1])
     assert typed.data.params.train.params.caption_style == "typed"
     assert typed.model.params.ckpt_path == f"{run}/checkpoints/last.ckpt"
     assert list(typed.model.params.scheduler_config.params.cycle_lengths) == [1]
+    assert typed.model.params.scheduler_config.params.f_max[0] == pytest.approx(0.3)
     exported = OmegaConf.load(tmp_path / "models" / "ldm" / "txt2img-shapes" / "config.yaml")
     assert "ckpt_path" not in exported.model.params  # the export holds every weight itself
     assert (tmp_path / "models" / "ldm" / "txt2img-shapes" / "model.safetensors").is_file()
