@@ -42,3 +42,33 @@ def test_old_prompts_read_the_same_and_new_words_start_from_their_like(tmp_path)
         grow_text_encoder(state, read_vocabulary(str(old_path)), read_vocabulary(str(new_path)), 10, {"big": "huge"})
     with pytest.raises(ValueError, match="below the trained 8 positions"):
         grow_text_encoder(state, read_vocabulary(str(old_path)), read_vocabulary(str(new_path)), 6)
+
+
+def test_grow_vocabulary_script_writes_weights_a_larger_model_loads(tmp_path, capsys):
+    """scripts/grow_vocabulary.py as the README shows it: a model directory onto the built-in 61-word vocabulary."""
+    import copy
+
+    from ldm.checkpoint import load_state_dict, load_weights
+    from ldm.cli.grow_vocabulary import main
+    from ldm.util import instantiate_from_config
+    from tests.test_main import REPO
+    from tests.tiny_models import txt2img_config, write_model_dir
+
+    old_vocab = tmp_path / "old_vocab.txt"
+    old_vocab.write_text("\n".join(SPECIAL + ["a", "blue", "circle", "large", "red", "square"]) + "\n")
+    config = txt2img_config()
+    params = config["model"]["params"]["cond_stage_config"]["params"]
+    params.update(tokenizer_path=str(old_vocab), vocab_size=11, max_seq_len=16)
+    model_dir = write_model_dir(tmp_path / "model", copy.deepcopy(config))
+    new_vocab = REPO / "ldm" / "data" / "shapes_vocab.txt"
+    main([str(model_dir), "--vocab", str(new_vocab), "--max_seq_len", "20", "--like", "big=large",
+          "-o", str(tmp_path / "grown.safetensors")])
+    params.update(tokenizer_path=str(new_vocab), vocab_size=66, max_seq_len=20)
+    bigger = instantiate_from_config(config["model"])
+    load_weights(bigger, load_state_dict(tmp_path / "grown.safetensors"), strict=True, ignore_prefixes=("model_ema.",))
+    emb = bigger.cond_stage_model.transformer.token_emb.weight
+    ids = {w: i for i, w in enumerate(read_vocabulary(str(new_vocab)))}
+    assert torch.equal(emb[ids["big"]], emb[ids["large"]])
+    with pytest.raises(SystemExit):
+        main([str(model_dir), "--vocab", str(new_vocab), "--like", "big", "-o", str(tmp_path / "x.safetensors")])
+    assert "--like 'big': use NEW=OLD" in capsys.readouterr().err
