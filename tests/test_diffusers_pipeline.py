@@ -77,7 +77,7 @@ def test_autoencoder_without_diffusers_equivalent_names_the_param(changes, embed
 
 @pytest.mark.parametrize("max_seq_len", [77, 16])
 def test_text_encoder_same_embeddings_and_exact_round_trip(max_seq_len):
-    ours = randomize_(BERTEmbedder(n_embed=32, n_layer=2, vocab_size=35, max_seq_len=max_seq_len, heads=2,
+    ours = randomize_(BERTEmbedder(n_embed=32, n_layer=2, vocab_size=66, max_seq_len=max_seq_len, heads=2,
                                    dim_head=16, tokenizer_path=str(SHAPES_VOCAB))).eval()
     theirs = text_encoder.to_diffusers(ours)
     # The pipeline pads to 77 tokens: the position table has 77 rows whatever the trained length.
