@@ -1,6 +1,7 @@
 """Stable Diffusion v1: FrozenCLIPEmbedder and configs/stable-diffusion/v1-inference.yaml load SD v1's checkpoint
 layout strictly and sample. CLIP's tokenizer and config are made here (a few words of BPE), so nothing downloads."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from ldm.checkpoint import CheckpointError, load_weights
 from ldm.inference import load_model, text_to_image
 from ldm.modules.encoders.clip import CLIPNotFound, FrozenCLIPEmbedder
+from ldm.modules.encoders.tokenization import PromptWarning
 from ldm.util import instantiate_from_config
 from tests.helpers import REPO
 from tests.test_released_configs import read_key_list, shapes
@@ -114,7 +116,11 @@ def test_a_reduced_sd_v1_checkpoint_loads_strictly_and_samples(tmp_path):
 
 def test_prompts_are_padded_to_77_with_no_attention_mask(tmp_path):
     encoder = FrozenCLIPEmbedder(version=str(write_clip_dir(tmp_path / "clip")), pretrained=False)
-    features = encoder(["a red circle", "the blue square above a red circle"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CLIP's end token is also its unknown token: known words are no warning
+        features = encoder(["a red circle", "the blue square above a red circle"])
+    with pytest.warns(PromptWarning, match=r"1 word .* unknown: 'green'"):
+        encoder(["a green circle"])
     assert features.shape == (2, 77, 32)
     tokens = encoder.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt")
     assert (tokens["input_ids"][0, 4:] == encoder.tokenizer.eos_token_id).all()  # padded with the end token

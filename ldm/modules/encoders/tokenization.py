@@ -45,9 +45,20 @@ def unknown_words(tokenizer: Any, prompt: str, ids: Sequence[int], offsets: Opti
         return []
     if offsets is None:  # a slow tokenizer: no alignment to the text, so name the prompt's words it cannot read
         words = [w for w in prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
-    else:
-        words = [prompt[start:end] for token, (start, end) in zip(ids, offsets) if token == unk]
+    else:  # an empty span is a special token: CLIP's end-of-text token is also its unknown token
+        words = [_word_at(prompt, start, end) for token, (start, end) in zip(ids, offsets)
+                 if token == unk and end > start]
     return list(dict.fromkeys(words))
+
+
+def _word_at(prompt: str, start: int, end: int) -> str:
+    """The whitespace-delimited word of `prompt` holding characters start:end (a sub-word tokenizer may mark
+    only a piece of a word unknown: CLIP's BPE, a letter)."""
+    while start > 0 and not prompt[start - 1].isspace():
+        start -= 1
+    while end < len(prompt) and not prompt[end].isspace():
+        end += 1
+    return prompt[start:end]
 
 
 def tokenize_to_length(tokenizer: Any, text: Text, max_length: int, warned: set[str], owner: str,
