@@ -6,6 +6,8 @@
     python bench/convergence.py --label kl-f4-z8 --config configs/autoencoder/<new>.yaml --steps 6000
     python bench/convergence.py --label kl-f4-z8 --config ... --steps 6000 --resume   # after Ctrl-C / a kill
     python bench/convergence.py --label kl-f4-z8 --config ... --steps 9000 --resume   # train it on to 9,000
+    python bench/convergence.py --label decay --parent baseline --config ... --steps 3000 \
+        model.params.ckpt_path=logs/convergence/<baseline run>/checkpoints/last.ckpt   # continue a run's weights
     python bench/convergence.py --report       # only rebuild convergence.{csv,png,md} from the stored runs
 
 Each run trains through `main.py` exactly as a user would (`--max_steps`, the config plus `key=value`
@@ -17,7 +19,10 @@ Image logging is switched off in these runs (it would cost training time and mea
 
 Every run's probe CSV is kept in bench/results/convergence/<label>.csv with its settings in
 runs.json; `convergence.csv` (all rows), `convergence.png` (curves) and `convergence.md` (the last
-measurement of each run, and the settings) are rebuilt from them after each run.
+measurement of each run, and the settings) are rebuilt from them after each run. Curves and tables put
+quality against training minutes (the probes' time left out), with optimizer steps beside them: what a
+recipe costs is its time, and recipes of different step cost compare directly. A run that continues
+another's weights (`--parent`) is counted from its parent's end, in steps and in minutes.
 """
 from __future__ import annotations
 
@@ -68,6 +73,9 @@ def train(opt: argparse.Namespace) -> None:
     logroot = REPO / "logs" / "convergence"
     logroot.mkdir(parents=True, exist_ok=True)
     name = f"conv_{opt.label}"
+    settings = json.loads((RUNS / "runs.json").read_text()) if (RUNS / "runs.json").exists() else {}
+    if opt.parent:
+        parent_end(opt.parent, read_rows(), settings)  # a parent that is not stored stops here, before training
 
     def label_runs() -> list[Path]:
         return sorted(p for p in logroot.iterdir() if p.is_dir() and p.name.endswith(name))
@@ -94,17 +102,49 @@ def train(opt: argparse.Namespace) -> None:
     run = label_runs()[-1]
     RUNS.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "quality.csv", RUNS / f"{opt.label}.csv")
-    settings = json.loads((RUNS / "runs.json").read_text()) if (RUNS / "runs.json").exists() else {}
     recorded = settings.get(opt.label, {})
     if opt.resume and recorded.get("run_dir") == str(run.relative_to(REPO)):
         wall += recorded["wall_seconds"]  # a finished run trained on: its first part was recorded
     settings[opt.label] = {
         "kind": kind, "config": str(config), "overrides": opt.overrides, "steps": opt.steps,
-        "start_step": opt.start_step,
+        "parent": opt.parent, "start_step": parent_end(opt.parent, read_rows(), settings)[0] if opt.parent else 0,
         "wall_seconds": round(wall, 1), "resumed": opt.resume, "run_dir": str(run.relative_to(REPO)), "note": opt.note,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
     (RUNS / "runs.json").write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def parent_end(label: str, rows: list[dict], settings: dict) -> tuple[int, float]:
+    """(optimizer steps, training minutes) from scratch at `label`'s last measurement: where a run continuing
+    its weights starts."""
+    own = [r for r in rows if r["label"] == label]
+    if not own:
+        raise SystemExit(f"--parent {label}: no stored run of that name in {RUNS}")
+    start_step, start_minutes = run_offsets(rows, settings)[label]
+    last = max(own, key=lambda r: int(r["step"]))
+    return start_step + int(last["step"]), start_minutes + float(last["train_minutes"])
+
+
+def run_offsets(rows: list[dict], settings: dict) -> dict[str, tuple[int, float]]:
+    """Each run's start on the curves, (optimizer steps, training minutes) from scratch: (0, 0) for a run from
+    scratch; for a continued run its recorded start step, and the minutes of its parents (each up to its last
+    measurement) summed along the chain."""
+    offsets: dict[str, tuple[int, float]] = {}
+
+    def offset(label: str, chain: tuple[str, ...]) -> tuple[int, float]:
+        if label not in offsets:
+            setting = settings.get(label, {})
+            parent = setting.get("parent")
+            minutes = 0.0
+            if parent and parent not in chain and any(r["label"] == parent for r in rows):
+                last = max((r for r in rows if r["label"] == parent), key=lambda r: int(r["step"]))
+                minutes = offset(parent, chain + (label,))[1] + float(last["train_minutes"])
+            offsets[label] = (int(setting.get("start_step") or 0), minutes)
+        return offsets[label]
+
+    for label in dict.fromkeys(r["label"] for r in rows):
+        offset(label, ())
+    return offsets
 
 
 def read_rows() -> list[dict]:
@@ -141,7 +181,7 @@ def write_report() -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_plot(rows, settings)
-    (RESULTS / "convergence.md").write_text(markdown(real_rows() + rows, settings))
+    (RESULTS / "convergence.md").write_text(markdown(real_rows() + rows, settings, run_offsets(rows, settings)))
     print(f"wrote {RESULTS / 'convergence.csv'}, .png, .md")
 
 
@@ -152,7 +192,7 @@ def _last_rows(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return last
 
 
-def markdown(rows: list[dict], settings: dict) -> str:
+def markdown(rows: list[dict], settings: dict, offsets: dict[str, tuple[int, float]]) -> str:
     lines = ["# Quality against training time", "",
              "Made by `bench/convergence.py` on the machine below; each run is one config change against its",
              "parent (see the settings table). Figures are the probe's last measurement (at the end of training).",
@@ -162,18 +202,21 @@ def markdown(rows: list[dict], settings: dict) -> str:
              "the typed-caption work on also measure the same items as typed prompts (`seen_typed`, `held_out_typed`:",
              "words left out, synonyms, case, punctuation; scored on what each states).",
              "First stage: PSNR/SSIM on 1,024 held-out images and the share of shapes/colours the classifier still",
-             "reads in reconstructions.", ""]
+             "reads in reconstructions.",
+             "Minutes are training time without the probes; a run that continues another's weights counts from its",
+             "parent's end (`from scratch` columns), and `run` columns are its own.", ""]
     last = _last_rows(rows)
     diffusion = [(k, r) for k, r in last.items() if "match_all" in r and r.get("match_all")]
     if diffusion:
-        lines += ["## Text to image, last measurement of each run", ""] + _match_table(diffusion)
+        lines += ["## Text to image, last measurement of each run", ""] + _match_table(diffusion, offsets)
         # Runs of different lengths compared where all of them were measured: the longest common step.
         steps = [max(int(r["step"]) for r in rows if r["label"] == label and r.get("match_all"))
                  for label in {k[0] for k, r in diffusion if r["step"]}]
         common = str(min(steps)) if steps else ""
         at_common = [((r["label"], r["split"]), r) for r in rows if r["step"] == common and r.get("match_all")]
         if common and any(r["step"] != common for _, r in diffusion if r["step"]):
-            lines += [f"## Text to image at step {common}, reached by every run", ""] + _match_table(at_common)
+            lines += [f"## Text to image at step {common} of each run, reached by every run", ""] + \
+                _match_table(at_common, offsets)
     stages = [(k, r) for k, r in last.items() if r.get("psnr")]
     if stages:
         lines += ["| first stage run | train min | step | PSNR dB | SSIM | shapes kept | colours kept | all kept |",
@@ -195,14 +238,20 @@ def markdown(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
-def _match_table(rows: list[tuple[tuple[str, str], dict]]) -> list[str]:
-    lines = ["| run | split | train min | step | all | shape | colour | size | position | count | FID |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _match_table(rows: list[tuple[tuple[str, str], dict]], offsets: dict[str, tuple[int, float]]) -> list[str]:
+    lines = ["| run | split | train min from scratch | step from scratch | run min | run step | all | shape | "
+             "colour | size | position | count | FID |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (label, split), r in rows:
         pct = [f"{100 * float(r[f'match_{c}']):.0f} %" for c in ("all", "shape", "colour", "size", "position",
                                                                   "num_objects")]
-        lines.append(f"| {label} | {split} | {float(r['train_minutes']):.1f} | {r['step'] or '-'} | "
-                     + " | ".join(pct) + f" | {float(r['fid']):.1f} |")
+        if r["step"]:
+            start_step, start_minutes = offsets.get(label, (0, 0.0))
+            where = (f"{start_minutes + float(r['train_minutes']):.1f} | {start_step + int(r['step'])} | "
+                     f"{float(r['train_minutes']):.1f} | {r['step']}")
+        else:  # the real images' row
+            where = "- | - | - | -"
+        lines.append(f"| {label} | {split} | {where} | " + " | ".join(pct) + f" | {float(r['fid']):.1f} |")
     return lines + [""]
 
 
@@ -225,20 +274,22 @@ def write_plot(rows: list[dict], settings: dict) -> None:
     # One colour per run in every panel (20 before repeating, where the default cycle has 10), and one legend
     # beside the panels, so that no legend covers a curve.
     colours = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    offsets = run_offsets(rows, settings)
     handles = {}
     for ax, (column, split, title) in zip(axes.flat, panels):
         for label in labels:
-            start = settings.get(label, {}).get("start_step", 0)  # a continued run is drawn after its parent
-            points = [(start + int(r["step"]), float(r[column])) for r in rows
+            start = offsets[label][1]  # a continued run is drawn after its parent
+            points = [(start + float(r["train_minutes"]), float(r[column])) for r in rows
                       if r["label"] == label and r["split"] == split and r.get(column) not in (None, "", "nan")]
             if points:
                 handles[label] = ax.plot(*zip(*points), "o-", ms=3, color=colours[label], label=label)[0]
         ax.set_title(title)
-        # Steps, not minutes: the levers compared here share one U-Net (one step cost), and a step axis is
-        # not distorted when other work shares the CPU; the table gives the training minutes too.
-        ax.set_xlabel("optimizer step (continued runs from their parent's last step)")
+        # Minutes, not steps: what a recipe costs is its time, whatever its step costs (the tables give both).
+        # Runs that shared the CPU with other work are slower than they would be alone (their notes say so).
+        ax.set_xlabel("training minutes (continued runs from their parent's end)")
         if column == "fid":
             ax.set_yscale("log")
+    fig.suptitle("Quality against training minutes on 2 CPU cores (the probes' time left out)")
     fig.legend([handles[label] for label in labels if label in handles],
                [label for label in labels if label in handles], loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.84, 1))
@@ -255,9 +306,9 @@ def main() -> None:
                         help="optimizer steps between measurements (default %(default)s)")
     parser.add_argument("--n-captions", dest="n_captions", type=int, default=128, help="captions per split")
     parser.add_argument("--note", default="", help="what this run changes, for the report")
-    parser.add_argument("--start-step", dest="start_step", type=int, default=0,
-                        help="for a run that continues trained weights (model.params.ckpt_path): the steps they had, "
-                             "where the plot draws this run's curve from")
+    parser.add_argument("--parent", help="for a run that continues another stored run's weights "
+                        "(model.params.ckpt_path=its checkpoint): that run's label; curves and tables count this run "
+                        "from the parent's end, in steps and minutes")
     parser.add_argument("--resume", action="store_true",
                         help="continue the latest run of --label (main.py -r) to --steps: after an interruption (give "
                              "the same arguments), or a finished run to more steps; then report. wall_seconds adds "

@@ -1,6 +1,7 @@
 """Quality probes (quality against training time) and the convergence benchmark's report."""
 import csv
 import importlib.util
+import json
 import math
 
 import pytest
@@ -91,6 +92,14 @@ def test_convergence_report_from_stored_runs(tmp_path, monkeypatch):
     (tmp_path / "convergence" / "a.csv").write_text(
         header + "a,10,1.0,seen,0.1,0.2,0.3,0.4,0.5,0.6,100\na,10,1.0,held_out,0.05,0.2,0.3,0.4,0.5,0.6,200\n"
         "a,20,2.0,seen,0.3,0.4,0.5,0.6,0.7,0.8,50\na,20,2.0,held_out,0.1,0.2,0.3,0.4,0.5,0.6,150\n")
+    # b continues a's weights, c continues b's: each counted from its parent's end, in steps and in minutes
+    (tmp_path / "convergence" / "b.csv").write_text(header + "b,5,0.5,seen,0.4,0.5,0.6,0.7,0.8,0.9,40\n")
+    (tmp_path / "convergence" / "c.csv").write_text(header + "c,5,0.25,seen,0.5,0.5,0.6,0.7,0.8,0.9,30\n")
+    run = {"config": "x.yaml", "overrides": [], "wall_seconds": 1, "machine": {}}
+    (tmp_path / "convergence" / "runs.json").write_text(json.dumps(
+        {"a": {**run, "steps": 20, "parent": None, "start_step": 0},
+         "b": {**run, "steps": 5, "parent": "a", "start_step": 20},
+         "c": {**run, "steps": 5, "parent": "b", "start_step": 25}}))
     (tmp_path / "convergence" / "fs.csv").write_text(
         "label,step,train_minutes,split,psnr,ssim,keep_shape,keep_colour,keep_all\n"
         "fs,100,3.0,held_out,29.5,0.91,0.9,0.99,0.85\n")
@@ -99,10 +108,14 @@ def test_convergence_report_from_stored_runs(tmp_path, monkeypatch):
         '"match_position": 1.0, "match_num_objects": 1.0, "fid": 95.0}}')
     convergence.write_report()
     md = (tmp_path / "convergence.md").read_text()
-    assert "| real images | seen | nan | - | 100 % | 100 % | 100 % | 100 % | 100 % | 100 % | 95.0 |" in md
-    assert "| a | seen | 2.0 | 20 | 30 % | 40 % | 50 % | 60 % | 70 % | 80 % | 50.0 |" in md
+    assert "| real images | seen | - | - | - | - | 100 % | 100 % | 100 % | 100 % | 100 % | 100 % | 95.0 |" in md
+    assert "| a | seen | 2.0 | 20 | 2.0 | 20 | 30 % | 40 % | 50 % | 60 % | 70 % | 80 % | 50.0 |" in md
+    assert "| b | seen | 2.5 | 25 | 0.5 | 5 | 40 % |" in md
+    assert "| c | seen | 2.8 | 30 | 0.2 | 5 | 50 % |" in md  # 2.0 + 0.5 + 0.25 minutes
+    assert convergence.parent_end("c", convergence.read_rows(), json.loads(
+        (tmp_path / "convergence" / "runs.json").read_text())) == (30, 2.75)
     assert "| fs | 3.0 | 100 | 29.50 | 0.910 | 90.0 % | 99.0 % | 85.0 % |" in md
-    assert len(_rows(tmp_path / "convergence.csv")) == 5  # the runs' rows; real images are in the table only
+    assert len(_rows(tmp_path / "convergence.csv")) == 7  # the runs' rows; real images are in the table only
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
 
 
@@ -116,7 +129,7 @@ def test_convergence_resume_continues_the_labels_latest_run(tmp_path, monkeypatc
     monkeypatch.setattr(convergence, "REPO", tmp_path)
     monkeypatch.setattr(convergence, "RUNS", tmp_path / "runs")
     opt = convergence.argparse.Namespace(config=str(config), label="x", steps=100, every_steps=50, n_captions=4,
-                                         note="", start_step=0, overrides=[], resume=True)
+                                         note="", parent=None, overrides=[], resume=True)
     with pytest.raises(SystemExit, match="no run named"):
         convergence.train(opt)
     older = tmp_path / "logs" / "convergence" / "2026-01-01T00-00-00_conv_x"
