@@ -20,7 +20,7 @@ from ldm.checkpoint import inference_state_dict, save_safetensors
 from ldm.divergence import TrainingDiverged, non_finite_tensors
 from ldm.visualization import make_grid, save_png, to_uint8
 
-log = logging.getLogger("ldm")
+log = logging.getLogger(__name__)
 
 
 class SetupCallback(Callback):
@@ -72,16 +72,16 @@ class LastCheckpoint(Callback):
             # The weights may already hold the divergence: the checkpoint there is the last good one.
             if trainer.is_global_zero:
                 kept = f"kept {self.path}" if self.path.is_file() else "no checkpoint was written"
-                print(f"\n[ldm] training diverged at global step {trainer.global_step}; {kept} (the diverged "
-                      "weights are not saved)", flush=True)
+                log.warning(f"training diverged at global step {trainer.global_step}; {kept} (the diverged "
+                            "weights are not saved)")
             return
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
-            print(f"\n[ldm] training interrupted ({exception.__class__.__name__}) at global step "
-                  f"{trainer.global_step}; saved {self.path}. Resume with: python main.py -r {self.path.parent.parent}",
-                  flush=True)
+            log.warning(f"training interrupted ({exception.__class__.__name__}) at global step "
+                        f"{trainer.global_step}; saved {self.path}. "
+                        f"Resume with: python main.py -r {self.path.parent.parent}")
 
 
 class ImageLogger(Callback):
@@ -181,7 +181,7 @@ class ExportSafetensors(Callback):
             save_safetensors(inference_state_dict(pl_module.state_dict()), self.path, metadata={
                 "class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                 "global_step": trainer.global_step})
-            print(f"[ldm] wrote weights-only {self.path}")
+            log.info(f"wrote weights-only {self.path}")
 
 
 class ResumedLearningRate(Callback):
@@ -213,8 +213,8 @@ class ResumedLearningRate(Callback):
                 scheduler.base_lrs = [wanted for _ in scheduler.base_lrs]
         if changed:
             olds = ", ".join(f"{v:.2e}" for v in sorted(changed))
-            print(f"[ldm] learning rate changed on resume: {olds} (checkpoint) -> {wanted:.2e} (config), applied from "
-                  f"step {trainer.global_step}; the schedule keeps its place")
+            log.warning(f"learning rate changed on resume: {olds} (checkpoint) -> {wanted:.2e} (config), applied from "
+                        f"step {trainer.global_step}; the schedule keeps its place")
 
 
 # The losses worth a curve: the objective itself, not each of its terms (metrics.csv keeps those).
@@ -276,5 +276,5 @@ class SkippedImages(Callback):
         skipped = dataset.skipped_files()
         if skipped:
             names = ", ".join(str(p) for p in skipped[:self.show]) + (", ..." if len(skipped) > self.show else "")
-            print(f"[ldm] epoch {trainer.current_epoch}: {len(skipped)} of {len(dataset)} training images could not "
-                  f"be read and were skipped ({names})")
+            log.warning(f"epoch {trainer.current_epoch}: {len(skipped)} of {len(dataset)} training images could not "
+                        f"be read and were skipped ({names})")

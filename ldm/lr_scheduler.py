@@ -6,8 +6,11 @@ Configs name them under `model.params.scheduler_config`; the module builds
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class LambdaWarmUpCosineScheduler:
@@ -27,7 +30,7 @@ class LambdaWarmUpCosineScheduler:
 
     def schedule(self, n: int, **kwargs: object) -> float:
         if self.verbosity_interval > 0 and n % self.verbosity_interval == 0:
-            print(f"current step: {n}, recent lr-multiplier: {self(n):.3g}")
+            log.info(f"current step: {n}, recent lr-multiplier: {self(n):.3g}")
         return self(n)
 
     def __call__(self, n: int) -> float:
@@ -67,7 +70,7 @@ class LambdaWarmUpCosineScheduler2:
 
     def schedule(self, n: int, **kwargs: object) -> float:
         if self.verbosity_interval > 0 and n % self.verbosity_interval == 0:
-            print(f"current step: {n}, recent lr-multiplier: {self(n):.3g}")
+            log.info(f"current step: {n}, recent lr-multiplier: {self(n):.3g}")
         return self(n)
 
     def __call__(self, n: int) -> float:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import torch
 
 from ldm import __version__
 from ldm.checkpoint import CheckpointError
+from ldm.console import configure_logging
 from ldm.image_io import next_index, save_grid, save_images
 from ldm.inference import PRECISIONS, load_model
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -38,6 +40,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     group.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *PRECISION_ALIASES],
                        help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
     add_trust_config_arg(group)
+    group.add_argument("--verbose", action="store_true",
+                       help="also print the library's messages (what was loaded, the sampler's timesteps, ...)")
 
 
 def add_trust_config_arg(parser: Any) -> None:
@@ -133,6 +137,7 @@ def command_line(main: Callable[[], Any]) -> Callable[[], None]:
     errors end it with one line (`user_errors`), and an integer `main` returns is its exit status."""
 
     def run() -> None:
+        configure_logging(logging.WARNING)  # the library's messages with --verbose (`model_from_args`)
         with user_errors(), one_line_prompt_warnings():
             status = main()
         if status:
@@ -161,6 +166,8 @@ def one_line_prompt_warnings() -> Iterator[None]:
 
 
 def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
+    if opt.verbose:
+        configure_logging(logging.INFO)
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
         return load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config,

@@ -1,11 +1,14 @@
 """Small helpers shared across the package, under the reference's names (`ldm.util.*`)."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
 from ldm.config import ConfigError, get_obj_from_str, instantiate_from_config
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
@@ -33,5 +36,5 @@ def default(value: Optional[T], fallback: T | Callable[[], T]) -> T:
 def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     total = sum(p.numel() for p in model.parameters())
     if verbose:
-        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
+        log.info(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
     return total

@@ -1,4 +1,5 @@
 """The reference's learning-rate multipliers, at the steps where their formulas change, and under LambdaLR."""
+import logging
 import math
 
 import pytest
@@ -88,12 +89,13 @@ def test_lambda_lr_applies_the_factor_each_step(scheduler):
         lr_scheduler.step()
 
 
-def test_verbosity_interval_prints_the_factor(capsys):
+def test_verbosity_interval_logs_the_factor(caplog):
     scheduler = LambdaWarmUpCosineScheduler(warm_up_steps=4, lr_min=0.1, lr_max=1.0, lr_start=0.0,
                                             max_decay_steps=10, verbosity_interval=2)
-    for step in range(4):
-        scheduler.schedule(step)
-    lines = capsys.readouterr().out.splitlines()
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        for step in range(4):
+            scheduler.schedule(step)
+    lines = [record.getMessage() for record in caplog.records]
     assert lines == ["current step: 0, recent lr-multiplier: 0", "current step: 2, recent lr-multiplier: 0.5"]
 
 

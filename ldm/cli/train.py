@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 # (`ldm.config.REFERENCE_MODULES`), so they resolve here.
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
+from ldm.console import configure_logging
 from ldm.config import ConfigError, describe_key, get_obj_from_str, load_configs
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
@@ -37,7 +38,7 @@ from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_wr
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
 from ldm.util import instantiate_from_config
 
-log = logging.getLogger("ldm")
+log = logging.getLogger(__name__)
 
 
 class _DropLightningAdverts(logging.Filter):
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                      "config overrides look like key.path=value")
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot both be given: a resumed run keeps its name")
-    logging.basicConfig(level=logging.DEBUG if opt.debug else logging.INFO, format="[%(name)s] %(message)s")
+    configure_logging(logging.DEBUG if opt.debug else logging.INFO)
 
     # Child processes of a DDP launch re-run this script: they must reuse the parent's run directory.
     first_process = "LDM_RUN_NOW" not in os.environ

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -39,6 +40,8 @@ from torch import nn
 
 from ldm.checkpoint import save_safetensors
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+log = logging.getLogger(__name__)
 
 # Each cached item is about (2·C·h·w) float32 values: 2 KiB for the built-in 8x8x4 latents (200 MiB at the
 # default), 32 KiB for 32x32x4 latents of 256² images.
@@ -128,7 +131,7 @@ class LatentCache:
             keys, values = f.get_tensor("keys").tolist(), f.get_tensor("values")
         self._kind = kind
         self._rows = dict(zip(keys, values.unbind(0)))
-        print(f"cache_latents: loaded {len(self._rows)} latents from {self.path}")
+        log.info(f"cache_latents: loaded {len(self._rows)} latents from {self.path}")
 
     def save(self) -> Optional[Path]:
         """Write the disk cache if it has items not yet on disk; the file written, or None."""

@@ -20,6 +20,7 @@ run resumed with ``-r`` continues its curve. A last measurement is taken when tr
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ from ldm.evaluation.attribute_classifier import AttributeClassifier, attribute_a
 from ldm.evaluation.frechet import feature_statistics, frechet_distance_from_statistics
 from ldm.evaluation.prompt_following import prompt_match
 from ldm.evaluation.reconstruction import dataset_images, reconstruct, reconstruction_metrics
+
+log = logging.getLogger(__name__)
 
 MATCH_COLUMNS = ("all", "shape", "colour", "size", "position", "num_objects")
 PROMPT_SETS = ("seen", "held_out", "seen_typed", "held_out_typed")
@@ -125,8 +128,8 @@ class TimedProbe(Callback):
         self._probe_seconds += time.perf_counter() - start
         summary = "; ".join(f"{split}: " + ", ".join(f"{c} {_fmt(v[c])}" for c in self.columns[:4])
                             for split, v in rows.items())
-        print(f"[probe] step {trainer.global_step}, {minutes:.1f} train min: {summary} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        log.info(f"[probe] step {trainer.global_step}, {minutes:.1f} train min: {summary} "
+                 f"({time.perf_counter() - start:.0f} s)")
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
         raise NotImplementedError

@@ -13,6 +13,7 @@ state-dict names equal the CompVis code, so its configs and checkpoints work. Di
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -31,6 +32,8 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
 from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
 
 # Fixed seed of the prior samples shown by `log_images`: the same latents at every logging step make the
 # grids comparable over training, and drawing them does not disturb the training RNG stream.
@@ -98,8 +101,8 @@ class FirstStageModule(pl.LightningModule):
         if self.use_ema and not checkpoint_has_ema:
             self.model_ema = LitEma(self, decay=self.ema_decay)
         unused = len(loss_state) - len(fitting)
-        print(f"{self.__class__.__name__}: restored from {path}"
-              + (f" ({unused} loss keys do not fit this loss config and were skipped)" if unused else ""))
+        log.info(f"{self.__class__.__name__}: restored from {path}"
+                 + (f" ({unused} loss keys do not fit this loss config and were skipped)" if unused else ""))
 
     @contextmanager
     def ema_scope(self, context: Optional[str] = None) -> Iterator[None]:
@@ -110,14 +113,14 @@ class FirstStageModule(pl.LightningModule):
             self.model_ema.store(swapped)
             self.model_ema.copy_to(self)
             if context is not None:
-                print(f"{context}: switched to EMA weights")
+                log.debug(f"{context}: switched to EMA weights")
         try:
             yield None
         finally:
             if self.use_ema:
                 self.model_ema.restore(swapped)
                 if context is not None:
-                    print(f"{context}: restored training weights")
+                    log.debug(f"{context}: restored training weights")
 
     def on_fit_start(self) -> None:
         wrapped = self.trainer.strategy.model
@@ -407,7 +410,7 @@ class VQModel(FirstStageModule):
             if len(batch_resize_range) != 2 or not 0 < batch_resize_range[0] <= batch_resize_range[1]:
                 raise ValueError(f"batch_resize_range must be [low, high] with 0 < low <= high, got "
                                  f"{list(batch_resize_range)}")
-            print(f"{self.__class__.__name__}: using per-batch resizing in range {list(batch_resize_range)}")
+            log.info(f"{self.__class__.__name__}: using per-batch resizing in range {list(batch_resize_range)}")
         self.batch_resize_range = batch_resize_range
         self.embed_dim = embed_dim
         self.n_embed = n_embed

@@ -8,6 +8,7 @@ The sampler's tensors live on the model's schedule device; nothing is moved to C
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -20,6 +21,8 @@ from ldm.models.diffusion.noise import Generators, randn
 from ldm.models.diffusion.spacing import ddim_alphas, ddim_sigmas, make_ddim_timesteps
 from ldm.modules.diffusionmodules.denoiser import Prediction, X0Prediction, as_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
+
+log = logging.getLogger(__name__)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 X0Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -113,7 +116,7 @@ class DDIMSampler:
         self.ddim_sigmas_for_original_num_steps = ddim_sigmas(alphas_cumprod, self.model.schedule.alphas_cumprod_prev,
                                                               ddim_eta)
         if verbose:
-            print(f"Selected timesteps for {self.name.lower()} sampler: {self.ddim_timesteps}")
+            log.info(f"Selected timesteps for {self.name.lower()} sampler: {self.ddim_timesteps}")
 
     # ------------------------------------------------------------------------------------ sampling
 
@@ -161,7 +164,7 @@ class DDIMSampler:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected (batch_size, *shape) = {size}")
         self.make_schedule(ddim_num_steps=S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         if verbose:
-            print(f"Data shape for {self.name} sampling is {size}, eta {eta}")
+            log.info(f"Data shape for {self.name} sampling is {size}, eta {eta}")
         x = randn(size, generator, device=self.ddim_alphas.device) if x_T is None else x_T
         samples, intermediates = self._denoise(
             x, conditioning, self.ddim_timesteps, self.ddim_alphas_prev, self.ddim_sigmas,

@@ -8,6 +8,7 @@ noise levels exist), `.denoiser` (what the network predicts: ε/x_0/v/flow/EDM),
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,8 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.optim import adamw
 from ldm.visualization import make_grid, render_boxes, render_captions, render_label_maps
+
+log = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = ("concat", "crossattn", "hybrid", "adm")
 LAYOUT_KEY = "objects_bbox"  # the reference's batch key of layout tokens (shown as boxes in image logs)
@@ -129,7 +132,7 @@ class DDPM(pl.LightningModule):
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
-            print(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
+            log.debug(f"Keeping EMAs of {len(list(self.model_ema.buffers()))}.")
         self.scheduler_config = scheduler_config
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -214,7 +217,7 @@ class DDPM(pl.LightningModule):
         load_weights(target, state_dict, strict=True, ignore_prefixes=ignore, source=str(path))
         if ema_from_model:
             self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
-        print(f"Restored from {path}")
+        log.info(f"Restored from {path}")
 
     @contextmanager
     def ema_scope(self, context: Optional[str] = None) -> Iterator[None]:
@@ -223,14 +226,14 @@ class DDPM(pl.LightningModule):
             self.model_ema.store(self.model.parameters())
             self.model_ema.copy_to(self.model)
             if context is not None:
-                print(f"{context}: Switched to EMA weights")
+                log.debug(f"{context}: Switched to EMA weights")
         try:
             yield
         finally:
             if self.use_ema:
                 self.model_ema.restore(self.model.parameters())
                 if context is not None:
-                    print(f"{context}: Restored training weights")
+                    log.debug(f"{context}: Restored training weights")
 
     # ------------------------------------------------------------------------------------ model calls
 
@@ -375,7 +378,7 @@ class DDPM(pl.LightningModule):
         if self.scheduler_config is None:
             return opt
         scheduler = instantiate_from_config(self.scheduler_config)
-        print("Setting up LambdaLR scheduler...")
+        log.debug("Setting up LambdaLR scheduler...")
         return [opt], [{"scheduler": LambdaLR(opt, lr_lambda=scheduler.schedule), "interval": "step", "frequency": 1}]
 
     # ------------------------------------------------------------------------------------ images
@@ -542,10 +545,10 @@ class LatentDiffusion(DDPM):
             if self.cond_stage_trainable:
                 raise ValueError("cond_stage_config '__is_first_stage__' uses the frozen first stage; "
                                  "set cond_stage_trainable: false")
-            print("Using first stage also as cond stage.")
+            log.info("Using first stage also as cond stage.")
             self.cond_stage_model = self.first_stage_model
         elif config == "__is_unconditional__":
-            print(f"Training {self.__class__.__name__} as an unconditional model.")
+            log.info(f"Training {self.__class__.__name__} as an unconditional model.")
             self.cond_stage_model = None
         else:
             model = instantiate_from_config(config)
@@ -681,18 +684,18 @@ class LatentDiffusion(DDPM):
             self.scale_factor.copy_(1.0 / z.flatten().std())
             # Every rank saw another first batch: all take rank 0's value, so they train on one latent scale.
             self.scale_factor.copy_(self._from_rank_zero(self.scale_factor))
-            print(f"scale_by_std: latent std {1.0 / float(self.scale_factor):.4f} on the first batch -> "
-                  f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint"
-                  f"{f'; rank 0 measured it for all {self._world_size()} ranks' if self._world_size() > 1 else ''})")
+            log.info(f"scale_by_std: latent std {1.0 / float(self.scale_factor):.4f} on the first batch -> "
+                     f"scale_factor {float(self.scale_factor):.5f} (stored in the checkpoint"
+                     f"{f'; rank 0 measured it for all {self._world_size()} ranks' if self._world_size() > 1 else ''})")
         if (self.latent_channel_norm and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
                 and not self.restarted_from_ckpt):
             x = DDPM.get_input(self, batch, self.first_stage_key).to(self.device)
             z = self.scale_factor * self.encode_first_stage(x).mode()
             self.latent_shift.copy_(self._from_rank_zero(z.mean(dim=(0, 2, 3)).reshape(-1, 1, 1)))
             self.latent_scale.copy_(self._from_rank_zero(1.0 / z.std(dim=(0, 2, 3)).reshape(-1, 1, 1)))
-            print("latent_channel_norm: per-channel mean " + ", ".join(f"{v:.3f}" for v in self.latent_shift.flatten())
-                  + "; std " + ", ".join(f"{1 / v:.3f}" for v in self.latent_scale.flatten())
-                  + " on the first batch (stored in the checkpoint)")
+            log.info("latent_channel_norm: per-channel mean "
+                     + ", ".join(f"{v:.3f}" for v in self.latent_shift.flatten()) + "; std " + ", ".join(f"{1 / v:.3f}" for v in self.latent_scale.flatten())
+                     + " on the first batch (stored in the checkpoint)")
 
     def _world_size(self) -> int:
         return self._trainer.world_size if self._trainer is not None else 1
@@ -702,8 +705,8 @@ class LatentDiffusion(DDPM):
         return self._trainer.strategy.broadcast(value, src=0) if self._world_size() > 1 else value
 
     def on_fit_start(self) -> None:
-        print(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"
-              + (" (scale_by_std: measured on the first batch of a fresh run)" if self.scale_by_std else ""))
+        log.info(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"
+                 + (" (scale_by_std: measured on the first batch of a fresh run)" if self.scale_by_std else ""))
 
     def on_train_start(self) -> None:
         # The train loader exists from here on (not yet in on_fit_start).
@@ -711,8 +714,8 @@ class LatentDiffusion(DDPM):
             data_configs = getattr(self.trainer.datamodule, "dataset_configs", {})
             self.latent_cache.open(self.first_stage_model, self.trainer.train_dataloader.dataset,
                                    data_configs.get("train"))
-            print(f"cache_latents: {len(self.latent_cache)} latents cached"
-                  + (f", disk cache {self.latent_cache.path}" if self.latent_cache.path else ", in memory"))
+            log.info(f"cache_latents: {len(self.latent_cache)} latents cached"
+                     + (f", disk cache {self.latent_cache.path}" if self.latent_cache.path else ", in memory"))
 
     def on_train_epoch_end(self) -> None:
         if self.latent_cache is not None and self.trainer.is_global_zero:
@@ -726,7 +729,8 @@ class LatentDiffusion(DDPM):
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = super().trainable_parameters()
         if self.cond_stage_trainable and self.cond_stage_model is not None:
-            print(f"{self.__class__.__name__}: also optimizing the parameters of {type(self.cond_stage_model).__name__}")
+            log.info(f"{self.__class__.__name__}: also optimizing the parameters of "
+                     f"{type(self.cond_stage_model).__name__}")
             params.extend(self.cond_stage_model.parameters())
         return params
 

@@ -13,6 +13,7 @@ a hole that hides a whole object can then be filled with the object the caption 
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from ldm.checkpoint import CheckpointError, load_state_dict, load_weights
 from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+log = logging.getLogger(__name__)
 
 
 _LEARNED_PREFIXES = ("model.", "model_ema.", "cond_stage_model.", "first_stage_model.")
@@ -92,8 +95,8 @@ class LatentInpaintDiffusion(LatentDiffusion):
             for param, shadow in self.model_ema._tracked(self.model):
                 shadow.copy_(param.detach())
         self.restarted_from_ckpt = True  # keep the text model's scale_factor: its U-Net was trained on it
-        print(f"{type(self).__name__}: initialised from the text-to-image model {path} (input convolution widened "
-              "with zeros)")
+        log.info(f"{type(self).__name__}: initialised from the text-to-image model {path} (input convolution widened "
+                 "with zeros)")
 
     @property
     def text_conditioned(self) -> bool:

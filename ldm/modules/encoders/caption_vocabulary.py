@@ -19,6 +19,7 @@ encoder already names ``tokenizer_path`` (your own file, or a resumed run's) is 
 """
 from __future__ import annotations
 
+import logging
 import string
 from collections import Counter
 from collections.abc import Iterable
@@ -28,6 +29,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from ldm.modules.encoders.tokenization import fold_unicode
+
+log = logging.getLogger(__name__)
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_FILE = "vocab.txt"
@@ -96,6 +99,6 @@ def prepare_run_vocabulary(config: DictConfig, logdir: Path) -> Optional[Path]:
     path = write_vocabulary(words, logdir / VOCAB_FILE)
     params.tokenizer_path = str(path)
     params.vocab_size = len(BERT_SPECIAL_TOKENS) + len(words)
-    print(f"[ldm] vocabulary: {len(words)} words of {len(captions)} training captions (seen at least "
-          f"{options['min_count']} times, at most {options['max_size']}) -> {path}")
+    log.info(f"vocabulary: {len(words)} words of {len(captions)} training captions (seen at least "
+             f"{options['min_count']} times, at most {options['max_size']}) -> {path}")
     return path
