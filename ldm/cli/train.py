@@ -121,7 +121,7 @@ def get_parser() -> argparse.ArgumentParser:
                         help="legacy: '0,1' means --accelerator gpu --devices [0,1]")
     trainer_group = parser.add_argument_group("trainer", "any pytorch_lightning.Trainer argument")
     for name, param in inspect.signature(pl.Trainer.__init__).parameters.items():
-        if name in ("self", "logger", "callbacks", "plugins", "profiler") or name in OWN_FLAGS:
+        if name in ("self", "callbacks", "plugins") or name in OWN_FLAGS:  # objects, given in the config
             continue
         trainer_group.add_argument(f"--{name}", type=_parse_value, default=None, help=argparse.SUPPRESS)
     return parser
@@ -264,8 +264,20 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         "skipped_images": {"target": "ldm.callbacks.SkippedImages"},
     }
     callbacks_cfg = OmegaConf.merge(defaults, lightning_config.get("callbacks", OmegaConf.create()))
-    callbacks = [instantiate_from_config(checkpoint_cfg)]
+    trainer_options = lightning_config.get("trainer", {})
+    # Trainer flags that switch a feature off switch off the callbacks that provide it (Lightning refuses a
+    # progress bar or checkpoint callback beside `enable_progress_bar: false` / `enable_checkpointing: false`).
+    off = set()
+    if trainer_options.get("enable_progress_bar") is False:
+        off.add("progress_bar")
+    if trainer_options.get("enable_checkpointing") is False:
+        off.add("last_checkpoint")
+    if trainer_options.get("logger") is False:
+        off.update({"learning_rate_logger", "loss_curve"})  # they read or write the loggers' metrics
+    callbacks = [] if "last_checkpoint" in off else [instantiate_from_config(checkpoint_cfg)]
     for key, cfg in callbacks_cfg.items():
+        if key in off:
+            continue
         if key == "setup_callback":
             callbacks.append(instantiate_from_config(cfg, config=config, lightning_config=lightning_config))
         else:
@@ -352,11 +364,16 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_run_vocabulary(config, logdir)  # a text encoder that reads the words of this run's own captions
     model = instantiate_from_config(config.model)
+    if (trainer_options.get("accumulate_grad_batches") or 1) > 1 and not model.automatic_optimization:
+        raise ConfigError(f"--accumulate_grad_batches: {type(model).__name__} steps its optimizers itself (the "
+                          "autoencoder and its discriminator alternate), which Lightning cannot accumulate; raise "
+                          "data.params.batch_size instead")
     if trainer_options.get("strategy") == "ddp" and getattr(model, "ddp_find_unused_parameters", False):
         trainer_options["strategy"] = "ddp_find_unused_parameters_true"
         print(f"[ldm] {type(model).__name__} leaves some parameters without gradients in each backward pass: "
               "using strategy ddp_find_unused_parameters_true")
-    loggers = build_loggers(lightning_config, logdir)
+    # `--logger false` (a Trainer flag) or `lightning.logger: false`: no metrics files at all.
+    loggers = [] if trainer_options.pop("logger", None) is False else build_loggers(lightning_config, logdir)
     callbacks = build_callbacks(lightning_config, model, opt, now, logdir, ckptdir, cfgdir, config)
     # Checkpoints: finite weights only, written atomically (ldm/divergence.py).
     trainer = pl.Trainer(**trainer_options, logger=loggers, callbacks=callbacks, default_root_dir=str(logdir),
