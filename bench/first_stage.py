@@ -5,7 +5,7 @@
 
 Each config is trained through `main.py` exactly as a user would (with Lightning's `--max_time`), then
 its `last.ckpt` reconstructs held-out built-in images (the validation split, never seen in training).
-PSNR and SSIM are always reported; LPIPS only where VGG16 weights can be found (see README).
+PSNR and SSIM are always reported; LPIPS only where VGG16 weights can be found (see docs/compatibility.md).
 Results go to bench/results/first_stage.{json,md}.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ pass height=width=8 x latent size to the pipeline, or leave them out (the defaul
 model.safetensors, vocab.txt) that load_model and the sampling scripts load; or a UNet2DConditionModel
 folder (config.json + weights) and writes unet.yaml (`target: ...UNetModel` and its params, for
 `ldm.util.instantiate_from_config`) and unet.safetensors (the CompVis key names). Needs the diffusers
-package: pip install diffusers (or pip install -e .[bench]).
+package: pip install "ldm[diffusers]" (or pip install diffusers).
 """
 from __future__ import annotations
 
