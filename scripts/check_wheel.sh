@@ -39,3 +39,23 @@ config = load_configs(["configs/latent-diffusion/txt2img.yaml"])
 assert config.model.target == "ldm.models.diffusion.ddpm.LatentDiffusion"
 print(f"[check_wheel] ok: ldm-txt2img wrote out/, a copied model directory loads from {copy}")
 PYTHON
+# The README's Python as written, and the training and model-building paths of a packaged config (its first
+# stage and vocabulary are packaged too), all from the wheel.
+"$WORK/venv/bin/python" - "$ROOT/README.md" <<'PYTHON'
+import re
+import sys
+from pathlib import Path
+
+from ldm.model_loading import build_model
+
+for block in re.findall(r"```python\n(.*?)```", Path(sys.argv[1]).read_text(encoding="utf-8"), re.S):
+    exec(compile(block, "README.md", "exec"), {})
+model = build_model("configs/latent-diffusion/txt2img.yaml")
+assert model.first_stage_model is not None and model.cond_stage_model is not None
+print("[check_wheel] ok: the README's Python, build_model on a packaged config")
+PYTHON
+"$WORK/venv/bin/ldm-train" --base configs/latent-diffusion/txt2img.yaml -t --no-test --max_steps 1 -l runs \
+  data.params.batch_size=2 data.params.train.params.num_samples=8 data.params.validation.params.num_samples=4 \
+  lightning.callbacks.image_logger.params.disabled=true --limit_val_batches 1 --enable_progress_bar false > train.log
+test -f runs/*/checkpoints/last.ckpt || { tail -20 train.log; exit 1; }
+echo "[check_wheel] ok: ldm-train --base configs/latent-diffusion/txt2img.yaml trained a step from $PWD"
