@@ -88,6 +88,17 @@ def next_index(directory: Union[str, Path], prefix: str = "") -> int:
     return max(numbers, default=-1) + 1
 
 
+def unused_path(path: Union[str, Path]) -> Path:
+    """`path` if nothing is there, else the first free `stem-1.suffix`, `stem-2.suffix`, ... beside it: a new
+    output never replaces an input or an earlier output."""
+    path = Path(path)
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
 def save_images(images: torch.Tensor, directory: Union[str, Path], start: Optional[int] = None,
                 text: Union[Mapping[str, str], Sequence[Mapping[str, str]], None] = None) -> list[Path]:
     """One PNG per image, numbered 00000.png, 00001.png, ... from `start` (default: after the existing ones), each
@@ -101,6 +112,7 @@ def save_images(images: torch.Tensor, directory: Union[str, Path], start: Option
             for i, image in enumerate(images)]
 
 
-def save_grid(images: torch.Tensor, path: Union[str, Path], nrow: int) -> Path:
-    """All images tiled in one PNG, `nrow` per row."""
-    return save_png(to_uint8(make_grid(images.float().cpu(), nrow=nrow)), path)
+def save_grid(images: torch.Tensor, path: Union[str, Path], nrow: int,
+              text: Optional[Mapping[str, str]] = None) -> Path:
+    """All images tiled in one PNG, `nrow` per row, with `text` as PNG text metadata."""
+    return save_png(to_uint8(make_grid(images.float().cpu(), nrow=nrow)), path, text)

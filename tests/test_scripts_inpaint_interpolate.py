@@ -381,12 +381,40 @@ def test_inpaint_keeps_known_pixels_and_fills_the_mask(runs, example_dir, run_na
         assert result.shape == original.shape == (SIZE, SIZE, 3)
         np.testing.assert_array_equal(result[~fill], original[~fill])
         assert (result[fill] != original[fill]).any()
-    grid = outdir / "grid.png"
+    grid = outdir / "grid-0000.png"
     if run_name == "inpaint_txt2img_model":  # --skip_grid
         assert not grid.exists()
     else:
         rows = cells(read_rgb(grid), N_PAIRS, 2)
         np.testing.assert_array_equal(rows[0, 1], read_rgb(outdir / "shapes_test_000.png"))
+
+
+def test_inpaint_never_replaces_inputs_or_earlier_results_and_says_how_each_was_made(tmp_path, tiny_inpainting_model):
+    """--outdir = --indir keeps the sources (results take name-1.png); a second run keeps the first run's results
+    and grid; --overwrite replaces earlier results but still not the inputs; every PNG carries its settings."""
+    folder = tmp_path / "pairs"
+    load_script("make_inpainting_examples").write_examples(folder, 1, SIZE)
+    source = folder / "shapes_test_000.png"
+    original = source.read_bytes()
+    args = ["--indir", str(folder), "--outdir", str(folder), "--config", str(tiny_inpainting_model),
+            "--steps", str(STEPS), "--prompt", "a red circle"]
+    inpaint = load_script("inpaint")
+    inpaint.main(args)
+    inpaint.main(args)
+    assert source.read_bytes() == original
+    assert (folder / "shapes_test_000-1.png").is_file() and (folder / "shapes_test_000-2.png").is_file()
+    assert (folder / "grid-0000.png").is_file() and (folder / "grid-0001.png").is_file()
+    inpaint.main([*args, "--overwrite", "--skip_grid"])
+    assert source.read_bytes() == original and (folder / "shapes_test_000-3.png").is_file()  # inputs: never
+    text = Image.open(folder / "shapes_test_000-1.png").text
+    assert text["prompt"] == "a red circle" and text["source"] == str(source) and text["steps"] == str(STEPS)
+    assert text["mask"] == str(folder / "shapes_test_000_mask.png") and text["model"] == str(tiny_inpainting_model)
+
+    elsewhere = tmp_path / "out"
+    inpaint.main([*args[:2], "--outdir", str(elsewhere), *args[4:], "--skip_grid"])
+    first = (elsewhere / "shapes_test_000.png").read_bytes()
+    inpaint.main([*args[:2], "--outdir", str(elsewhere), *args[4:], "--skip_grid", "--overwrite", "--seed", "7"])
+    assert (elsewhere / "shapes_test_000.png").read_bytes() != first and not (elsewhere / "shapes_test_000-1.png").exists()
 
 
 def test_interpolation_strip_ends_are_each_image_decoded_alone(runs, pair_images, txt2img_model):

@@ -6,8 +6,11 @@
 --indir holds pairs name.png + name_mask.png; in a mask, white (grey level >= 0.5) marks the region to fill
 and black the pixels to keep. A name.txt beside a pair is its prompt for a text-conditioned model, unless
 --prompt gives one for every pair. Each result is written to <outdir>/name.png, the same size as its input: the
-kept pixels are the input's exactly, the filled region is the model's. Unless --skip_grid, <outdir>/grid.png
-shows a row per pair: the masked input the model sees, then the result.
+kept pixels are the input's exactly, the filled region is the model's. A file already there (an earlier result,
+or the input itself when --outdir is --indir) is never replaced: the result takes the next free name-1.png,
+name-2.png, ... (--overwrite replaces earlier results, never inputs). Unless --skip_grid, <outdir>/grid-NNNN.png
+shows a row per pair: the masked input the model sees, then the result. Every PNG carries how it was made (the
+prompt, sampler, steps, scale, seed, model, its input and mask) as PNG text.
 
 The default model, the built-in "inpainting" one, is conditioned on the masked image and mask (as the
 reference's inpainting model) and on the prompt (as Stable Diffusion's). Any other model (e.g. --config
@@ -21,7 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ldm.image_io import load_image, load_mask, save_grid, to_pil
+from ldm import __version__
+from ldm.image_io import load_image, load_mask, next_index, save_grid, unused_path
+from ldm.visualization import save_png, to_uint8
 from ldm.inference import inpaint, reads_prompts
 from ldm.script_args import (HelpFormatter, add_model_args, add_negative_prompt_arg, add_sampler_args,
                              add_strict_vocab_arg, check_writable, command_line, guidance_scale, model_from_args,
@@ -42,7 +47,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale for --prompt (1 = no guidance)")
     add_negative_prompt_arg(parser)
     add_strict_vocab_arg(parser)
-    parser.add_argument("--skip_grid", action="store_true", help="do not write grid.png")
+    parser.add_argument("--skip_grid", action="store_true", help="do not write the grid")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace earlier results of the same name in --outdir (inputs are never replaced)")
     add_model_args(parser, default_model="inpainting")
     add_sampler_args(parser)
     return parser
@@ -83,6 +90,16 @@ def load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Te
     return image, mask
 
 
+def made_with(opt: argparse.Namespace, image_path: Path | None, prompts: list[str] | None) -> dict[str, str]:
+    """PNG text metadata of a result: what it was asked for and how it was sampled."""
+    text = {"prompt": prompts[0] if prompts else (opt.prompt or ""), "negative_prompt": opt.negative_prompt,
+            "sampler": "plms" if opt.plms else opt.sampler, "steps": str(opt.steps), "scale": str(opt.scale),
+            "eta": str(opt.eta), "seed": str(opt.seed), "model": str(opt.config)}
+    if image_path is not None:
+        text.update(source=str(image_path), mask=str(image_path.with_name(image_path.stem + MASK_SUFFIX)))
+    return {**text, "software": f"ldm {__version__}"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
@@ -99,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         print("note: this model takes no text; --prompt is not used")
 
     opt.outdir.mkdir(parents=True, exist_ok=True)
+    inputs_on_disk = {path.resolve() for pair in pairs for path in pair}
     shown = []
     for (image_path, _), (image, mask) in tqdm(list(zip(pairs, inputs)), desc="Inpainting", unit="image"):
         try:
@@ -108,13 +126,17 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:  # a size the first stage cannot encode, ...
             parser.error(f"{image_path}: {e}")
         out_path = opt.outdir / image_path.name
-        to_pil(result)[0].save(out_path)
+        if not (opt.overwrite and out_path.resolve() not in inputs_on_disk):
+            out_path = unused_path(out_path)
+        save_png(to_uint8(result[0]), out_path, made_with(opt, image_path, prompts))
         tqdm.write(f"wrote {out_path}")
         shown.append((image * (1.0 - mask), result.cpu()))
 
     if not opt.skip_grid:
         if len({masked.shape for masked, _ in shown}) == 1:
-            grid_path = save_grid(torch.cat([torch.cat(row) for row in shown]), opt.outdir / "grid.png", nrow=2)
+            grid_path = save_grid(torch.cat([torch.cat(row) for row in shown]),
+                                  opt.outdir / f"grid-{next_index(opt.outdir, 'grid-'):04}.png", nrow=2,
+                                  text={**made_with(opt, None, None), "rows": "masked input, result per pair"})
             print(f"grid (a row per pair: masked input, result): {grid_path}")
         else:
             print("no grid: the images differ in size")
