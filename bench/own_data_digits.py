@@ -108,7 +108,7 @@ def stage(state: dict[str, Any], key: str, name: str, config: str, steps: int, w
         return False
     run_dir, minutes = train(name, config, steps, workdir / "logs", overrides)
     minutes += run([sys.executable, "scripts/export_weights.py", str(run_dir / "checkpoints" / "last.ckpt"),
-                    "--model-dir", str(model_dir)])
+                    "--model-dir", str(model_dir), "--overwrite"])  # a re-run re-exports its stage
     same_run = done.get("run") == str(run_dir)  # a resumed run: its earlier minutes count too
     state[key] = {**wanted, "run": str(run_dir), "trained_steps": global_step(run_dir),
                   "minutes": round(minutes + (done.get("minutes", 0.0) if same_run else 0.0), 2)}

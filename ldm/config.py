@@ -68,19 +68,23 @@ def _flatten_keys(node: Any, prefix: str = "") -> list[str]:
     return []
 
 
-# Parameters that name files. A relative one that exists beside its config file means that file (a model directory's
-# `tokenizer_path: vocab.txt`), wherever the config is loaded from; otherwise it is left as written (configs/ name
-# the built-in weights relative to the repository root, found by `ldm.assets.resolve`).
+# Parameters that name files. A relative one means, in order: the file beside its config file (a model directory's
+# `tokenizer_path: vocab.txt`), the file relative to the working directory (a user's own file always wins), or the
+# toolkit's own file of that name (configs/ name the built-in weights relative to the repository root, found by
+# `ldm.assets.resolve` from any directory and inside a wheel). A name found nowhere is left as written, so that the
+# error names what the user wrote.
 FILE_PARAMS = ("ckpt_path", "tokenizer_path")
 
 
 def _anchor_file_references(node: Any, directory: Path) -> None:
-    """`FILE_PARAMS` in a plain (unresolved) container made absolute where they name a file beside the config."""
+    """`FILE_PARAMS` in a plain (unresolved) container made absolute where they name an existing file."""
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in children:
         if key in FILE_PARAMS and isinstance(value, str) and value and "${" not in value \
-                and not Path(value).is_absolute() and (directory / value).exists():
-            node[key] = str((directory / value).resolve())
+                and not Path(value).is_absolute():
+            found = directory / value if (directory / value).exists() else assets.resolve(value)
+            if found.exists() and found != Path(value):
+                node[key] = str(found.resolve())
         else:
             _anchor_file_references(value, directory)
 

@@ -128,16 +128,6 @@ def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> 
             f"  python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --model-dir {config.parent}")
 
 
-def _resolve_file_params(node: Any) -> Any:
-    """Config file references (`ckpt_path`, `tokenizer_path`) made to work from any working directory."""
-    if isinstance(node, Mapping):
-        return {k: (str(assets.resolve(v)) if k in ("ckpt_path", "tokenizer_path") and isinstance(v, str)
-                    else _resolve_file_params(v)) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
-        return [_resolve_file_params(v) for v in node]
-    return node
-
-
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
                device: Union[str, torch.device] = "auto", precision: str = "fp32",
                trust_config: bool = False, strict_vocab: bool = False) -> LatentDiffusion:
@@ -174,7 +164,6 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     params["use_ema"] = bool(ema_keys)  # an export already holds the EMA weights as the model's
     for init in INIT_PARAMS:
         params.pop(init, None)  # the weights come from `weights_path`, not the training config's init
-    config["model"]["params"] = _resolve_file_params(params)
     with safe_targets_only(not trust_config):
         net = instantiate_from_config(config["model"])
     ignore = list(TRAINING_ONLY_PREFIXES)

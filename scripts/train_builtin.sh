@@ -67,7 +67,7 @@ for stage in $STAGES; do
   case "$stage" in
     first_stage)
       train builtin_first_stage configs/autoencoder/autoencoder_kl_shapes_f4.yaml "$FIRST_STAGE_STEPS"
-      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$FIRST_STAGE" --dtype fp16
+      python scripts/export_weights.py --overwrite "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$FIRST_STAGE" --dtype fp16
       ;;
     txt2img)
       # The canonical captions first, where shape is learned soonest (on typed captions from the start it came
@@ -90,7 +90,7 @@ for stage in $STAGES; do
           "$schedule.f_min=[0.01]"
       done
       # --share-first-stage: the built-in models share one first stage file (the wheel carries it once).
-      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \
+      python scripts/export_weights.py --overwrite "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \
         --dtype fp16 --share-first-stage
       ;;
     inpainting)
@@ -98,7 +98,7 @@ for stage in $STAGES; do
       train builtin_inpainting configs/latent-diffusion/inpainting_txt.yaml "$INPAINTING_STEPS" \
         "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
         "model.params.init_from_text_model=$MODELS/ldm/txt2img-shapes/model.safetensors"
-      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/inpainting-shapes" \
+      python scripts/export_weights.py --overwrite "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/inpainting-shapes" \
         --dtype fp16 --share-first-stage
       ;;
     superres|semantic2img|layout2img)
@@ -108,7 +108,7 @@ for stage in $STAGES; do
       [ "$stage" = layout2img ] && init=("model.params.ckpt_path=$MODELS/ldm/txt2img-shapes/model.safetensors")
       train "builtin_$stage" "configs/latent-diffusion/${TASK_CONFIGS[$stage]}.yaml" "${!steps_var}" \
         "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" "${init[@]}"
-      python scripts/export_weights.py "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/$stage-shapes" \
+      python scripts/export_weights.py --overwrite "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/$stage-shapes" \
         --dtype fp16 --share-first-stage
       ;;
     *) echo "unknown stage '$stage' in BUILTIN_STAGES (use first_stage, txt2img, inpainting, superres, semantic2img," \

@@ -3,6 +3,7 @@ import importlib
 import shutil
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,24 @@ def test_a_path_resolves_as_given_first_then_in_the_checkout(tmp_path, monkeypat
         tmp_path / "configs/latent-diffusion/txt2img.yaml")
     # Nowhere: the path as written, for the error message.
     assert str(assets.resolve("models/none/such.safetensors")) == "models/none/such.safetensors"
+
+
+def test_a_config_loaded_from_elsewhere_finds_the_files_it_names(tmp_path, monkeypatch):
+    # configs/ name the built-in first stage and vocabulary relative to the repository root: from another
+    # directory (or a wheel) they resolve to the toolkit's own files, so `build_model` and `ldm-train` work there.
+    monkeypatch.chdir(tmp_path)
+    params = load_configs(["configs/latent-diffusion/txt2img.yaml"]).model.params
+    first_stage, vocabulary = params.first_stage_config.params.ckpt_path, params.cond_stage_config.params.tokenizer_path
+    assert first_stage == str(REPO / "models/first_stage_models/kl-f4-shapes/model.safetensors")
+    assert vocabulary.startswith(str(REPO)) and Path(vocabulary).is_file()
+    # A user's own file of that name, in the working directory, wins; a name found nowhere stays as written.
+    (tmp_path / "models/first_stage_models/kl-f4-shapes").mkdir(parents=True)
+    (tmp_path / "models/first_stage_models/kl-f4-shapes/model.safetensors").write_bytes(b"")
+    assert load_configs(["configs/latent-diffusion/txt2img.yaml"]).model.params.first_stage_config.params.ckpt_path \
+        == "models/first_stage_models/kl-f4-shapes/model.safetensors"
+    missing = load_configs(["configs/latent-diffusion/txt2img.yaml"],
+                           ["model.params.first_stage_config.params.ckpt_path=no/such.safetensors"])
+    assert missing.model.params.first_stage_config.params.ckpt_path == "no/such.safetensors"
 
 
 def test_an_installed_wheel_finds_models_and_configs_under_ldm_assets(tmp_path, monkeypatch):

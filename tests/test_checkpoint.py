@@ -59,6 +59,36 @@ def test_export_script_drops_loss_weights(tmp_path):
     assert set(load_state_dict(tmp_path / "last.safetensors")) == {"encoder.w"}
 
 
+def test_export_never_replaces_its_checkpoint_nor_without_overwrite_an_earlier_export(tmp_path, monkeypatch):
+    from ldm.cli import export_weights
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"encoder.w": torch.ones(2)}}, ckpt)
+    original = ckpt.read_bytes()
+
+    def export(*args):  # the console command in this process: its one-line error, or None when it worked
+        monkeypatch.setattr(sys, "argv", ["ldm-export", str(ckpt), *args])
+        try:
+            export_weights.cli()
+        except SystemExit as stop:
+            return str(stop.code)
+        return None
+
+    for args in (["-o", str(ckpt)], ["-o", str(ckpt), "--overwrite"]):
+        assert "is the checkpoint being exported" in export(*args)
+    assert ckpt.read_bytes() == original
+    earlier = tmp_path / "w.safetensors"
+    earlier.write_bytes(b"earlier")
+    assert "--overwrite to replace it" in export("-o", str(earlier)) and earlier.read_bytes() == b"earlier"
+    assert export("-o", str(earlier), "--overwrite") is None
+    assert set(load_state_dict(earlier)) == {"encoder.w"}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"a model")
+    assert "already holds a model (model.safetensors)" in export("--model-dir", str(model_dir))
+    assert (model_dir / "model.safetensors").read_bytes() == b"a model"
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
 def test_a_damaged_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, damage):
     from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors

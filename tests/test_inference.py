@@ -256,7 +256,7 @@ def test_export_model_dir_is_self_contained_and_holds_the_ema_weights(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (run / "checkpoints" / "broken.ckpt").write_bytes(b"not a checkpoint")
     proc = subprocess.run([sys.executable, "scripts/export_weights.py", str(run / "checkpoints" / "broken.ckpt"),
-                           "--model-dir", str(out)], cwd=REPO, capture_output=True, text=True)
+                           "--model-dir", str(out), "--overwrite"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read") and "broken.ckpt" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

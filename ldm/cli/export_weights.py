@@ -142,6 +142,23 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
     return path
 
 
+def refuse_to_lose(opt: argparse.Namespace) -> None:
+    """Stop before any work when the export would replace the checkpoint it reads (a weights file where `-r`
+    needs a training checkpoint), or, without --overwrite, an existing file or model directory."""
+    if opt.model_dir is not None:
+        existing = [p.name for p in (opt.model_dir / "config.yaml", opt.model_dir / "model.safetensors") if p.exists()]
+        if existing and not opt.overwrite:
+            raise SystemExit(f"error: --model-dir {opt.model_dir} already holds a model ({', '.join(existing)}); "
+                             "give a new directory, or --overwrite to replace it")
+        return
+    out = opt.out or opt.ckpt.with_suffix(".safetensors")
+    if out.exists() and out.resolve() == opt.ckpt.resolve():
+        raise SystemExit(f"error: -o {out} is the checkpoint being exported; write the weights elsewhere "
+                         "(the training checkpoint is what `main.py -r` resumes from)")
+    if out.exists() and not opt.overwrite:
+        raise SystemExit(f"error: {out} exists; give another -o, or --overwrite to replace it")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("ckpt", type=Path, help="a Lightning .ckpt (or .pt/.pth state dict)")
@@ -156,8 +173,11 @@ def main() -> None:
                              "config names its own checkpoint (the directory then needs that file)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="with --model-dir: type of the stored parameters (fp16 halves the file)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing -o file or --model-dir model (the checkpoint read is never replaced)")
     add_trust_config_arg(parser)
     opt = parser.parse_args()
+    refuse_to_lose(opt)
     if opt.model_dir is not None:
         config = load_configs(opt.config or ckpt_run_configs(opt.ckpt))
         # The directory holds every weight: the training run's starting point is not needed to load it.
