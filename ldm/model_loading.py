@@ -114,6 +114,19 @@ def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> t
     return config, weights, name
 
 
+# Where released weights for the reference configs come from (Hugging Face Hub repository, file), by config name.
+RELEASED_WEIGHTS = {"v1-inference": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt")}
+
+
+def _weights_source(config: Path) -> str:
+    """For a reference config whose weights are released: how to download them."""
+    if config.stem not in RELEASED_WEIGHTS:
+        return ""
+    repo, filename = RELEASED_WEIGHTS[config.stem]
+    return (f", e.g. `hf download {repo} {filename} --local-dir .` (huggingface_hub's command; accept the model's "
+            f"license on its Hub page first) and then --ckpt {filename}")
+
+
 def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> str:
     if name is not None:
         target = BUILTIN_MODELS[name]
@@ -124,6 +137,8 @@ def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> 
                 f"  python scripts/export_weights.py logs/<that run>/checkpoints/last.ckpt --model-dir {target}")
     if missing == config:
         return f"no model config at {config}: pass a config .yaml, or a directory holding config.yaml and model.safetensors"
+    if config.suffix in (".yaml", ".yml"):
+        return f"{config} is a config without weights: pass its weights with --ckpt (a .ckpt or .safetensors){_weights_source(config)}"
     return (f"no weights at {missing}: pass --ckpt (a .safetensors export or a Lightning .ckpt), or export a run with\n"
             f"  python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --model-dir {config.parent}")
 

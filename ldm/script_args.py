@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib.metadata
 import logging
 import math
 import sys
@@ -120,13 +122,33 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"error: {e}") from e
 
 
+@functools.lru_cache(maxsize=1)
+def installed_commands() -> dict[str, str]:
+    """``python scripts/X.py`` and ``python main.py`` -> the installed console command running the same code
+    (``ldm-txt2img``, ``ldm-train``; pyproject.toml's [project.scripts]); empty when the package is not installed."""
+    commands = {}
+    for entry in importlib.metadata.entry_points(group="console_scripts"):
+        module = entry.value.split(":")[0]
+        if module.startswith("ldm.cli."):
+            script = "main" if module == "ldm.cli.train" else module.rsplit(".", 1)[1]
+            commands[f"python {'' if script == 'main' else 'scripts/'}{script}.py"] = entry.name
+    return commands
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """`--help` as written in each program's docstring, with every option's default shown (unless its help already
-    says it, or there is none to show)."""
+    says it, or there is none to show). Run as an installed command (``ldm-txt2img``, where a wheel has no
+    scripts/), the docstring's ``python scripts/X.py`` examples name the commands instead."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if not self._prog.endswith(".py"):
+            for script, command in installed_commands().items():
+                text = text.replace(script, command)
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+        if (not action.option_strings or "default" in text or action.default in (None, False, "", [], argparse.SUPPRESS)
                 or isinstance(action, argparse._HelpAction)):
             return text
         return f"{text} (default: %(default)s)"

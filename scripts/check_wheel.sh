@@ -20,6 +20,9 @@ mkdir "$WORK/elsewhere"
 cd "$WORK/elsewhere"
 "$WORK/venv/bin/ldm-txt2img" --prompt "a large red circle in the center" --n_samples 2 --steps 4 --outdir out
 test -f out/samples/00000.png -a -f out/samples/00001.png -a -f out/grid-0000.png
+"$WORK/venv/bin/ldm-make-inpainting-examples" --outdir examples --n 2 > /dev/null
+"$WORK/venv/bin/ldm-inpaint" --indir examples --outdir inpainted --steps 4 > /dev/null
+test -f inpainted/shapes_test_000.png -a -f inpainted/shapes_test_001.png
 "$WORK/venv/bin/python" - <<'PYTHON'
 import shutil
 from pathlib import Path

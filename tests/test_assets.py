@@ -88,6 +88,26 @@ def test_every_console_script_names_a_callable_entry_point():
         assert callable(getattr(importlib.import_module(module), attribute)), command
 
 
+def test_every_console_scripts_help_names_the_commands_as_installed(capsys, monkeypatch):
+    # A wheel has no scripts/: run as `ldm-...`, the help's examples say `ldm-...`, not `python scripts/....py`.
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    helps = {}
+    for command, target in scripts.items():
+        module, _, attribute = target.partition(":")
+        monkeypatch.setattr(sys, "argv", [f"/venv/bin/{command}", "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            getattr(importlib.import_module(module), attribute)()
+        assert exit_info.value.code in (0, None), command
+        helps[command] = capsys.readouterr().out
+        assert helps[command].startswith(f"usage: {command}"), command
+        assert "python scripts/" not in helps[command] and "python main.py" not in helps[command], command
+    assert "ldm-txt2img --prompt" in helps["ldm-txt2img"] and "ldm-train -r logs/<run>" in helps["ldm-train"]
+    monkeypatch.setattr(sys, "argv", ["txt2img.py", "--help"])  # run from a checkout: as the docstring says
+    with pytest.raises(SystemExit):
+        importlib.import_module("ldm.cli.txt2img").cli()
+    assert "python scripts/txt2img.py --prompt" in capsys.readouterr().out
+
+
 def test_a_console_script_reports_user_errors_in_one_line(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ldm-txt2img", "--config", "/nonexistent/model"])
     from ldm.cli.txt2img import cli

@@ -10,6 +10,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.checkpoint import CheckpointError, load_weights
 from ldm.inference import load_model, text_to_image
+from ldm.model_loading import ModelNotFound
 from ldm.modules.encoders.clip import CLIPNotFound, FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenization import PromptWarning
 from ldm.util import instantiate_from_config
@@ -131,5 +132,12 @@ def test_prompts_are_padded_to_77_with_no_attention_mask(tmp_path):
 
 def test_a_missing_clip_says_where_to_get_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CLIPNotFound, match="huggingface-cli download not-a-user/no-such-clip"):
+    with pytest.raises(CLIPNotFound, match="hf download not-a-user/no-such-clip"):
         FrozenCLIPEmbedder(version="not-a-user/no-such-clip")
+
+
+def test_the_sd_config_without_weights_says_where_they_come_from():
+    with pytest.raises(ModelNotFound) as error:
+        load_model(REPO / "configs/stable-diffusion/v1-inference.yaml")
+    assert "hf download CompVis/stable-diffusion-v-1-4-original sd-v1-4.ckpt" in str(error.value)
+    assert "--ckpt sd-v1-4.ckpt" in str(error.value) and "export_weights" not in str(error.value)

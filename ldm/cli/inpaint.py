@@ -62,7 +62,7 @@ def find_pairs(indir: Path) -> list[tuple[Path, Path]]:
     masks = sorted(indir.glob(f"*{MASK_SUFFIX}"))
     if not masks:
         raise FileNotFoundError(f"--indir {indir} has no *{MASK_SUFFIX} files; each image name.png needs a mask "
-                                f"name{MASK_SUFFIX} (white = fill), e.g. python scripts/make_inpainting_examples.py")
+                                f"name{MASK_SUFFIX} (white = fill), e.g. from ldm-make-inpainting-examples")
     pairs = []
     for mask in masks:
         image = mask.with_name(mask.name[: -len(MASK_SUFFIX)] + ".png")

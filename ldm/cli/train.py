@@ -1,6 +1,6 @@
 """Train or evaluate any model of the toolkit from OmegaConf YAML configs (the CompVis `main.py` CLI).
 
-    python main.py --base configs/autoencoder/autoencoder_kl_shapes_f4.yaml -t     # or: ldm-train --base ...
+    python main.py --base configs/autoencoder/autoencoder_kl_shapes_f4.yaml -t
     python main.py -r logs/<run>                # resume: optimizer, step and EMA state continue exactly
     python main.py --base a.yaml b.yaml -t model.params.base_learning_rate=1e-4 --max_steps 500
 
@@ -36,6 +36,7 @@ from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
+from ldm.script_args import HelpFormatter
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def get_parser() -> argparse.ArgumentParser:
     import pytorch_lightning as pl
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("-n", "--name", type=str, default="", help="postfix for the log directory")
     parser.add_argument("-r", "--resume", type=str, default="",
                         help="resume from a log directory or a checkpoint inside one")

@@ -41,14 +41,15 @@ def _from_pretrained(loader: Any, version: str, what: str, **kwargs: Any) -> Any
     except (OSError, ValueError) as cached_error:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise CLIPNotFound(f"FrozenCLIPEmbedder: CLIP's {what} ({version}) is not in the Hugging Face cache and "
-                               "HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run `huggingface-cli "
-                               f"download {version}`, or set cond_stage_config.params.version to a local copy") from cached_error
+                               "HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run `hf "
+                               f"download {version}` (huggingface_hub's command), or set "
+                               "cond_stage_config.params.version to a local copy") from cached_error
     try:
         return loader.from_pretrained(version, **kwargs)
     except Exception as e:  # noqa: BLE001 (network, HTTP, missing repo: all end in the one message)
         raise CLIPNotFound(f"FrozenCLIPEmbedder: cannot load CLIP's {what} from {version!r} (not a local directory, not "
                            f"in the Hugging Face cache, and the download failed: {e.__class__.__name__}); run "
-                           f"`huggingface-cli download {version}` where there is network, or set "
+                           f"`hf download {version}` where there is network, or set "
                            "cond_stage_config.params.version to a local copy") from e
 
 
