@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import importlib
 import inspect
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -33,28 +34,45 @@ class ConfigError(ValueError):
 # What a config read to load a model (a model directory someone shared) may build: classes of these packages.
 # `target: os.system` in such a config would otherwise run a command when the model loads. The programs
 # (`ldm.cli`, whose `main` reads and runs further configs) are not classes and are refused with everything else.
-# A training config is the user's own program and may name anything, as in the reference.
+# A training config is the user's own program and may name anything, as in the reference; a run being resumed
+# (`main.py -r`, its saved configs possibly someone else's) may also build Lightning's callbacks and loggers.
 SAFE_TARGET_PACKAGES = ("ldm", "torch.nn")
-_SAFE_TARGETS_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("safe_targets_only", default=False)
+RESUME_TARGET_PACKAGES = SAFE_TARGET_PACKAGES + ("torch.optim", "pytorch_lightning.callbacks",
+                                                 "pytorch_lightning.loggers", "lightning.pytorch.callbacks",
+                                                 "lightning.pytorch.loggers")
 TRUST_HINT = ("if you trust this config (it is your own, or from someone you trust), load it with --trust_config "
               "(load_model(..., trust_config=True))")
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetPolicy:
+    """What `instantiate_from_config` may build within `safe_targets_only`, and what its refusal says."""
+    packages: tuple[str, ...] = SAFE_TARGET_PACKAGES
+    doing: str = "loading a model"
+    hint: str = TRUST_HINT
+
+    def allows(self, module_name: str) -> bool:
+        return any(module_name == p or module_name.startswith(p + ".") for p in self.packages)
+
+
+RESUMING_A_RUN = TargetPolicy(RESUME_TARGET_PACKAGES, "resuming a run from its saved configs",
+                              "if you trust this run's configs (your own run, or from someone you trust), resume it "
+                              "with --trust_config")
+_SAFE_TARGETS_ONLY: contextvars.ContextVar[Optional[TargetPolicy]] = contextvars.ContextVar("safe_targets_only",
+                                                                                           default=None)
+
+
 @contextlib.contextmanager
-def safe_targets_only(enabled: bool = True) -> Iterator[None]:
-    """Within this block `instantiate_from_config` builds only classes of `SAFE_TARGET_PACKAGES` (the module
+def safe_targets_only(enabled: bool = True, policy: TargetPolicy = TargetPolicy()) -> Iterator[None]:
+    """Within this block `instantiate_from_config` builds only classes of the `policy`'s packages (the module
     is checked before it is imported) and refuses anything else with a `ConfigError` naming the target, also
     for the configs a constructor instantiates in turn. `enabled=False` (a trusted config) lifts nothing that
     an outer block set."""
-    token = _SAFE_TARGETS_ONLY.set(_SAFE_TARGETS_ONLY.get() or enabled)
+    token = _SAFE_TARGETS_ONLY.set(_SAFE_TARGETS_ONLY.get() or (policy if enabled else None))
     try:
         yield
     finally:
         _SAFE_TARGETS_ONLY.reset(token)
-
-
-def _in_safe_package(module_name: str) -> bool:
-    return any(module_name == p or module_name.startswith(p + ".") for p in SAFE_TARGET_PACKAGES)
 
 
 def _flatten_keys(node: Any, prefix: str = "") -> list[str]:
@@ -188,7 +206,7 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
     module = importlib.import_module(module_name)
     if reload:
         module = importlib.reload(module)
-    if not hasattr(module, cls):
+    if cls.startswith("__") or not hasattr(module, cls):  # `ldm.util.__class__` is the type of modules, not a target
         raise ImportError(f"module '{module_name}' has no attribute '{cls}'")
     return getattr(module, cls)
 
@@ -293,24 +311,7 @@ def instantiate_from_config(config: Any, /, **extra: Any) -> Any:
     """
     if isinstance(config, str) and config in ("__is_first_stage__", "__is_unconditional__"):
         return None
-    if not isinstance(config, (Mapping, DictConfig)):
-        raise ConfigError(f"expected a mapping with a 'target:' key, got {config!r}")
-    if "target" not in config:
-        raise ConfigError(f"{describe_key(config)}: expected key 'target' to instantiate (with optional 'params:')")
-    target = config["target"]
-    safe_only = _SAFE_TARGETS_ONLY.get()
-    refused = ConfigError(f"{describe_key(config, 'target')}: refusing to build '{target}' while loading a model: "
-                          f"only classes of {' and '.join(SAFE_TARGET_PACKAGES)} are built from a model's config "
-                          f"(anything else could run code); {TRUST_HINT}")
-    module_name = str(target).rpartition(".")[0]
-    if safe_only and not _in_safe_package(REFERENCE_MODULES.get(module_name, module_name)):
-        raise refused  # before the import: importing a module can run code too
-    try:
-        cls = get_obj_from_str(target)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{describe_key(config, 'target')}: unknown target '{target}': {e}") from e
-    if safe_only and not inspect.isclass(cls):
-        raise refused
+    cls = target_of(config)
     params = config.get("params", None) or {}
     if not isinstance(params, (Mapping, DictConfig)):
         raise ConfigError(f"{describe_key(config, 'params')}: 'params' must be a mapping, got {params!r}")
@@ -321,3 +322,46 @@ def instantiate_from_config(config: Any, /, **extra: Any) -> Any:
         raise
     except ValueError as e:  # a constructor refusing a value it was given: name where the config set it
         raise ConfigError(f"{describe_key(config)}: {e}") from e
+
+
+def refuse_unsafe_targets(paths: Sequence[str | Path], policy: TargetPolicy = RESUMING_A_RUN) -> None:
+    """A `ConfigError` naming the first `target:` in the config files at `paths` that `policy` refuses (checked
+    before anything is built: `main.py -r` of a run someone else saved)."""
+    def targets(node: Any) -> Iterator[Any]:
+        if isinstance(node, DictConfig):
+            if isinstance(node.get("target", None), str):
+                yield node
+            for key in node:
+                yield from targets(node._get_node(key))
+        elif isinstance(node, ListConfig):
+            for item in node:
+                yield from targets(item)
+
+    with safe_targets_only(True, policy):
+        for path in paths:
+            for node in targets(load_configs([path])):
+                target_of(node)
+
+
+def target_of(config: Any) -> Any:
+    """What ``config.target`` names, imported, within the `safe_targets_only` policy in force."""
+    if not isinstance(config, (Mapping, DictConfig)):
+        raise ConfigError(f"expected a mapping with a 'target:' key, got {config!r}")
+    if "target" not in config:
+        raise ConfigError(f"{describe_key(config)}: expected key 'target' to instantiate (with optional 'params:')")
+    target = config["target"]
+    policy = _SAFE_TARGETS_ONLY.get()
+    safe_only = policy is not None
+    refused = ConfigError(f"{describe_key(config, 'target')}: refusing to build '{target}' while {policy.doing}: "
+                          f"only classes of {', '.join(policy.packages)} are built from such a config "
+                          f"(anything else could run code); {policy.hint}") if safe_only else None
+    module_name = str(target).rpartition(".")[0]
+    if safe_only and not policy.allows(REFERENCE_MODULES.get(module_name, module_name)):
+        raise refused  # before the import: importing a module can run code too
+    try:
+        cls = get_obj_from_str(target)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{describe_key(config, 'target')}: unknown target '{target}': {e}") from e
+    if safe_only and not (inspect.isclass(cls) and policy.allows(cls.__module__)):  # also no re-exported classes
+        raise refused
+    return cls

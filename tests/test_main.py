@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.helpers import optimizer_fingerprint
 
@@ -65,7 +66,8 @@ def test_train_writes_run_directory_then_resume_continues_exactly(kind, tmp_path
     saved = load_ckpt(last)
     assert saved["global_step"] == 8
     # Resume: starts from the saved step and optimizer moments, then trains on.
-    run_main(["-r", str(logdir), "-t", "--no-test", "--max_steps", "12", *FAST, *recorder], tmp_path)
+    # --trust_config: the run's saved configs name the test's own recorder class.
+    run_main(["-r", str(logdir), "-t", "--no-test", "--max_steps", "12", "--trust_config", *FAST, *recorder], tmp_path)
     start = json.loads((tmp_path / "start.json").read_text())
     assert start["global_step"] == 8
     assert start["optimizers"] == pytest.approx(optimizer_fingerprint(saved["optimizer_states"]), rel=1e-12)
@@ -167,6 +169,31 @@ def test_a_learning_rate_changed_on_resume_is_applied(tmp_path):
     assert [g["lr"] for opt in saved["optimizer_states"] for g in opt["param_groups"]] == pytest.approx([2.5e-5] * 2)
 
 
+def test_a_resumed_runs_configs_build_only_safe_classes_unless_trusted(tmp_path):
+    # A run directory from elsewhere: its saved configs must not run code on `-r` (model directories are held to
+    # the same rule); the user's own flags and overrides are not restricted.
+    run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "2", *FAST], tmp_path)
+    logdir = only_run(tmp_path)
+    last = (logdir / "checkpoints" / "last.ckpt").read_bytes()
+    lightning_yaml = next((logdir / "configs").glob("*-lightning.yaml"))
+    mark = tmp_path / "ran"
+    evil = {"os.system": {"evil": {"target": "os.system", "params": {"command": f"touch {mark}"}}},
+            "ldm.util.__class__": {"evil": {"target": "ldm.util.__class__"}},
+            "tests.helpers.StateRecorder": {"recorder": {"target": "tests.helpers.StateRecorder",
+                                                         "params": {"path": str(mark)}}}}
+    saved = OmegaConf.load(lightning_yaml)
+    for target, callbacks in evil.items():
+        OmegaConf.save(OmegaConf.merge(saved, {"lightning": {"callbacks": callbacks}}), lightning_yaml)
+        proc = run_main(["-r", str(logdir), "--max_steps", "4", *FAST], tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a config error
+        assert f"'{target}'" in proc.stderr.strip().splitlines()[-1]
+        assert target == "ldm.util.__class__" or "while resuming a run" in proc.stderr and "--trust_config" in proc.stderr
+        assert not mark.exists() and (logdir / "checkpoints" / "last.ckpt").read_bytes() == last
+    # Trusted: the run's own callback class is built and the run goes on.
+    run_main(["-r", str(logdir), "--max_steps", "4", "--trust_config", *FAST], tmp_path)
+    assert json.loads(mark.read_text())["global_step"] == 2
+
+
 def _metrics_steps(logdir):
     rows = (logdir / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -176,7 +203,8 @@ def _metrics_steps(logdir):
 @pytest.mark.parametrize("kill", ["during_training", "while_saving"])
 def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_path):
     """SIGKILL (no handler runs) mid-training or mid-checkpoint-write, $TMPDIR on another directory; then
-    `main.py -r <run>` with no other flag finishes the run. Checkpoints every 4 batches = 8 steps."""
+    `main.py -r <run>` with no other flag finishes the run (--trust_config here only because the run's configs name
+    the test's own killer callback). Checkpoints every 4 batches = 8 steps."""
     marker = tmp_path / "killed"
     killer = ({"target": "tests.helpers.KillAtStep", "step": 14} if kill == "during_training"
               else {"target": "tests.helpers.KillWhileSaving", "step": 8})
@@ -200,7 +228,7 @@ def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_pa
     if kill == "while_saving":
         assert list(checkpoints.glob(".*.tmp")), "the killed write should have left its temporary file"
 
-    proc = run_main(["-r", str(logdir)], tmp_path)
+    proc = run_main(["-r", str(logdir), "--trust_config"], tmp_path)
     assert load_ckpt(checkpoints / "last.ckpt")["global_step"] == 24
     assert not list(checkpoints.glob(".*.tmp")) and not list(checkpoints.glob("last-v*.ckpt"))
     # metrics.csv is complete: every batch of the run logged (the autoencoder's 24 optimizer steps are 12 batches,

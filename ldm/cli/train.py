@@ -31,11 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.checkpoint import CheckpointError
 from ldm.console import configure_logging
-from ldm.config import ConfigError, describe_key, get_obj_from_str, load_configs
+from ldm.config import ConfigError, describe_key, load_configs, refuse_unsafe_targets, target_of
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
+from ldm.script_args import HelpFormatter
 from ldm.script_args import HelpFormatter
 from ldm.util import instantiate_from_config
 
@@ -58,7 +59,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 # Our own flags; every other `--name value` that names a `pytorch_lightning.Trainer` argument is a
 # trainer option, and bare `a.b=c` words are config overrides.
 OWN_FLAGS = {"name", "resume", "base", "train", "no_test", "debug", "seed", "postfix", "logdir",
-             "scale_lr", "gpus"}
+             "scale_lr", "gpus", "trust_config"}
 
 
 def _parse_value(text: str) -> Any:
@@ -118,6 +119,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
     parser.add_argument("--scale_lr", type=_str2bool, nargs="?", const=True, default=False,
                         help="scale base-lr by ngpu * batch_size * n_accumulate (off by default)")
+    parser.add_argument("--trust_config", action="store_true",
+                        help="with -r: build whatever the run's saved configs name (by default only classes of ldm, "
+                             "torch.nn/optim and Lightning's callbacks and loggers: a run from elsewhere runs no code)")
     parser.add_argument("--gpus", type=str, default=None,
                         help="legacy: '0,1' means --accelerator gpu --devices [0,1]")
     trainer_group = parser.add_argument_group("trainer", "any pytorch_lightning.Trainer argument")
@@ -301,7 +305,7 @@ def build_loggers(lightning_config: DictConfig, logdir: Path) -> list:
     spec = OmegaConf.to_container(spec, resolve=True)
     params = spec.setdefault("params", {}) or {}
     spec["params"] = params
-    accepted = inspect.signature(get_obj_from_str(spec["target"])).parameters
+    accepted = inspect.signature(target_of(spec)).parameters
     if "save_dir" in accepted and "save_dir" not in params:
         params["save_dir"] = str(logdir)
     return loggers + [instantiate_from_config(spec)]
@@ -328,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         if first_process:
             for partial in remove_partial_writes(logdir / "checkpoints"):
                 print(f"[ldm] removed {partial}: a checkpoint write that was killed before it finished")
-        # -b files and key=value overrides come on top of the run's own configs.
+        # The run's saved configs may come from someone else: they build only what a model directory may (plus
+        # Lightning's callbacks and loggers) unless --trust_config. -b files and key=value overrides, the user's
+        # own, come on top of them.
+        if not opt.trust_config:
+            refuse_unsafe_targets(run_config_files(logdir))
         opt.base = [str(p) for p in run_config_files(logdir)] + list(opt.base)
         nowname = logdir.name
     else:
