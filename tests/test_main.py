@@ -194,6 +194,25 @@ def test_a_resumed_runs_configs_build_only_safe_classes_unless_trusted(tmp_path)
     assert json.loads(mark.read_text())["global_step"] == 2
 
 
+def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path):
+    from ldm import run_lock
+
+    run = tmp_path / "logs" / "2026-01-01T00-00-00_a"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"not yet a checkpoint")
+    run_lock.lock_run(run)  # this process trains in it
+    try:
+        proc = run_main(["-r", str(run)], tmp_path, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {run} is being trained by process {os.getpid()}")
+        assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"not yet a checkpoint"
+    finally:
+        run_lock._held.pop().close()  # the process ends (or is killed): the lock goes with it
+    proc = run_main(["-r", str(run)], tmp_path, check=False)
+    # On to the next problem: the run has no saved configs.
+    assert proc.stderr.strip().splitlines()[-2].startswith(f"error: cannot resume {run}: its configs/ folder has no")
+
+
 def _metrics_steps(logdir):
     rows = (logdir / "csv" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")

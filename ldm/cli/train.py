@@ -36,6 +36,7 @@ from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
+from ldm.run_lock import LOCK_NAME, RunLocked, lock_run
 from ldm.script_args import HelpFormatter
 from ldm.script_args import HelpFormatter
 from ldm.util import instantiate_from_config
@@ -168,7 +169,8 @@ CLAIMED_RUN_DIRS: list[Path] = []
 def release_empty_run_dirs() -> None:
     """Remove the run directories this process claimed and never wrote into (it stopped on a user error)."""
     for path in CLAIMED_RUN_DIRS:
-        if path.is_dir() and not any(path.iterdir()):
+        if path.is_dir() and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+            (path / LOCK_NAME).unlink(missing_ok=True)
             path.rmdir()
 
 
@@ -330,11 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     if opt.resume:
         logdir, ckpt_path = _resolve_resume(opt.resume)
         if first_process:
+            lock_run(logdir)  # before anything in it is touched
             for partial in remove_partial_writes(logdir / "checkpoints"):
                 print(f"[ldm] removed {partial}: a checkpoint write that was killed before it finished")
         # The run's saved configs may come from someone else: they build only what a model directory may (plus
         # Lightning's callbacks and loggers) unless --trust_config. -b files and key=value overrides, the user's
         # own, come on top of them.
+        if not run_config_files(logdir) and not opt.base:
+            raise FileNotFoundError(f"cannot resume {logdir}: its configs/ folder has no saved *-project.yaml; give "
+                                    "the run's config with --base CONFIG.yaml beside -r (the one it was started with)")
         if not opt.trust_config:
             refuse_unsafe_targets(run_config_files(logdir))
         opt.base = [str(p) for p in run_config_files(logdir)] + list(opt.base)
@@ -351,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["LDM_RUN_NOW"] = now  # what DDP's child processes read
         nowname = now + name + opt.postfix
         logdir = Path(opt.logdir) / nowname
+        if first_process and opt.base:
+            lock_run(logdir)  # a `-r` of this run while it trains waits its turn
     if not opt.base:
         parser.error("no config given: use --base configs/<...>.yaml (or -r a previous run)")
     if opt.train is None:
@@ -430,7 +438,7 @@ def cli() -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, RunLocked) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
