@@ -8,6 +8,7 @@ unexpected keys by name instead of failing deep inside ``load_state_dict``.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -181,4 +182,14 @@ def save_safetensors(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     save_file(tensors, str(path), metadata=meta)
+    with_umask_permissions(path)
     return path
+
+
+def with_umask_permissions(path: Path) -> None:
+    """`path` readable as the user's umask allows, as `open()` and `torch.save` create files: safetensors (and
+    `tempfile.mkstemp`, used for atomic writes) create them 0600, so a shared model directory or run would
+    otherwise be unreadable to the others it is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

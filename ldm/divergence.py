@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, with_umask_permissions
 
 
 class TrainingDiverged(FloatingPointError):
@@ -98,6 +98,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        with_umask_permissions(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

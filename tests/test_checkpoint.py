@@ -1,4 +1,6 @@
 """Safe checkpoint reading, clear key errors, safetensors export."""
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +100,18 @@ def test_a_damaged_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, da
     path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello, not weights"}[damage])
     with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors as safetensors"):
         load_state_dict(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_weights_and_checkpoints_are_written_with_the_users_umask(tmp_path, umask):
+    # As torch.save and open() create files; safetensors and mkstemp alone would make every file 0600.
+    from ldm.divergence import atomic_torch_save
+
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        atomic_torch_save({"state_dict": {}}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "last.ckpt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
