@@ -219,6 +219,13 @@ def _metrics_steps(logdir):
     return {int(row.split(",")[header.index("step")]) for row in rows[1:] if row.split(",")[header.index("step")]}
 
 
+def _train_loss_steps(logdir):
+    rows = (logdir / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    step, loss = header.index("step"), header.index("train/rec_loss")
+    return [int(row.split(",")[step]) for row in rows[1:] if row.split(",")[loss]]
+
+
 @pytest.mark.parametrize("kill", ["during_training", "while_saving"])
 def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_path):
     """SIGKILL (no handler runs) mid-training or mid-checkpoint-write, $TMPDIR on another directory; then
@@ -253,6 +260,7 @@ def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_pa
     # metrics.csv is complete: every batch of the run logged (the autoencoder's 24 optimizer steps are 12 batches,
     # which its metrics count), those before the kill kept, those after the resumed checkpoint logged again.
     assert _metrics_steps(logdir) == set(range(12))
+    assert sorted(_train_loss_steps(logdir)) == list(range(12))  # each once: none left from before the kill
 
 
 def test_the_configs_logger_is_used_and_a_loss_curve_is_drawn(tmp_path):

@@ -266,6 +266,7 @@ def build_callbacks(lightning_config: DictConfig, model: Any, opt: argparse.Name
         "last_checkpoint": {"target": "ldm.callbacks.LastCheckpoint",
                             "params": {"ckptdir": str(ckptdir)}},
         "resumed_learning_rate": {"target": "ldm.callbacks.ResumedLearningRate"},
+        "resumed_metrics": {"target": "ldm.csv_logger.ResumedMetrics"},
         "progress_bar": {"target": "ldm.progress.StepProgressBar"},
         "loss_curve": {"target": "ldm.callbacks.LossCurve", "params": {"logdir": str(logdir)}},
         "skipped_images": {"target": "ldm.callbacks.SkippedImages"},
