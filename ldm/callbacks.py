@@ -35,16 +35,27 @@ class SetupCallback(Callback):
         self.cfgdir = Path(cfgdir)
         self.config = config
         self.lightning_config = lightning_config
+        self.written: list[Path] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not trainer.is_global_zero:
             return
         for d in (self.logdir, self.ckptdir, self.cfgdir, self.logdir / "images"):
             d.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
-        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
-                       self.cfgdir / f"{self.now}-lightning.yaml")
+        self.written = [self.cfgdir / f"{self.now}-project.yaml", self.cfgdir / f"{self.now}-lightning.yaml"]
+        OmegaConf.save(self.config, self.written[0])
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), self.written[1])
         log.info("Run directory: %s", self.logdir)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.written = []  # a step was trained under these configs: they are the run's now
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A resume that failed before training a step (a changed architecture, a bad override) leaves the run's
+        # configs as they were: the next plain `-r` would otherwise restore the configs that failed.
+        if trainer.is_global_zero and trainer.ckpt_path is not None:
+            for path in self.written:
+                path.unlink(missing_ok=True)
 
 
 class LastCheckpoint(Callback):

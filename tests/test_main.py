@@ -162,6 +162,12 @@ def test_a_learning_rate_changed_on_resume_is_applied(tmp_path):
     run_main(["--base", BUILTIN["kl"], "-t", "--no-test", "--max_steps", "4", *FAST], tmp_path)
     logdir = only_run(tmp_path)
     before = load_ckpt(logdir / "checkpoints" / "last.ckpt")["optimizer_states"][0]["param_groups"][0]["lr"]
+    # A resume that fails (here: an architecture the checkpoint does not fit) leaves the run's configs as they
+    # were, so the plain `-r` below restores the run, not the failed attempt.
+    configs = sorted(p.name for p in (logdir / "configs").iterdir())
+    failed = run_main(["-r", str(logdir), "--max_steps", "8", "model.params.ddconfig.ch=16", *FAST], tmp_path,
+                      check=False)
+    assert failed.returncode != 0 and sorted(p.name for p in (logdir / "configs").iterdir()) == configs
     proc = run_main(["-r", str(logdir), "--max_steps", "8", "model.base_learning_rate=2.5e-5", *FAST], tmp_path)
     assert "learning rate changed on resume" in proc.stdout and "-> 2.50e-05 (config)" in proc.stdout
     saved = load_ckpt(logdir / "checkpoints" / "last.ckpt")
