@@ -49,6 +49,17 @@ def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
+def non_finite_optimizer_state(optimizer_states: Any) -> list[str]:
+    """Names (``optimizer 0, parameter 3: exp_avg_sq``) of the optimizer-state tensors holding a NaN or an
+    infinity, in Lightning's checkpoint list of `Optimizer.state_dict()`s."""
+    bad = []
+    for index, optimizer in enumerate(optimizer_states):
+        for parameter, state in (optimizer.get("state", {}) if isinstance(optimizer, Mapping) else {}).items():
+            bad += [f"optimizer {index}, parameter {parameter}: {name}"
+                    for name in non_finite_tensors(state if isinstance(state, Mapping) else {})]
+    return bad
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint writer with two guarantees: finite weights only, written atomically; and a
     checkpoint that cannot be read (damaged, or not a checkpoint) is a `CheckpointError` naming the file."""
@@ -65,11 +76,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
                                   "checkpoint; resume from another one with -r <run>/checkpoints/<file>.ckpt") from e
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        bad = non_finite_tensors(checkpoint.get("state_dict", {}))
+        # The optimizer's moments too: finite weights with a NaN in Adam's second moment diverge on the next step.
+        bad = non_finite_tensors(checkpoint.get("state_dict", {})) + non_finite_optimizer_state(
+            checkpoint.get("optimizer_states", []))
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            raise TrainingDiverged(f"not writing {path}: the weights are not finite ({shown}); the checkpoint "
-                                   f"already there is kept. {ADVICE}")
+            raise TrainingDiverged(f"not writing {path}: the weights or optimizer state are not finite ({shown}); "
+                                   f"the checkpoint already there is kept. {ADVICE}")
         atomic_torch_save(checkpoint, Path(path))
 
 

@@ -32,8 +32,15 @@ def test_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     io.save_checkpoint({"state_dict": {"w": torch.full((3,), 2.0)}, "global_step": 2}, path)
     assert load_ckpt(path)["global_step"] == 2
     good = path.read_bytes()
-    with pytest.raises(TrainingDiverged, match=r"not writing .*last.ckpt: the weights are not finite \(w\)"):
+    with pytest.raises(TrainingDiverged, match=r"not writing .*last.ckpt: the weights or optimizer state are not "
+                                               r"finite \(w\)"):
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, path)
+    assert path.read_bytes() == good
+    # Finite weights, but Adam's second moment overflowed: the next step would diverge from this checkpoint.
+    adam = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3),
+                          "exp_avg_sq": torch.tensor([1.0, float("inf"), 0.0])}}, "param_groups": [{"lr": 1e-3}]}
+    with pytest.raises(TrainingDiverged, match=r"\(optimizer 0, parameter 0: exp_avg_sq\)"):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "optimizer_states": [adam]}, path)
     assert path.read_bytes() == good
 
     def torn_save(obj, f):  # a kill (or a full disk) in the middle of writing
