@@ -2,6 +2,7 @@
 and the Python API (`ldm.inference` re-exports `load_model`)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -125,6 +126,16 @@ def _weights_source(config: Path) -> str:
     repo, filename = RELEASED_WEIGHTS[config.stem]
     return (f", e.g. `hf download {repo} {filename} --local-dir .` (huggingface_hub's command; accept the model's "
             f"license on its Hub page first) and then --ckpt {filename}")
+
+
+def weights_hash(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None) -> str:
+    """The first 10 hex digits of the SHA-256 of the weights `load_model(model, ckpt)` reads (AUTOMATIC1111's
+    "Model hash"; the whole digest is what a model card or the Hub lists)."""
+    digest = hashlib.sha256()
+    with open(_model_files(model, ckpt)[1], "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
 
 
 def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> str:

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import functools
 import importlib.metadata
+import json
 import logging
 import math
 import sys
@@ -21,6 +22,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.console import configure_logging
 from ldm.image_io import next_index, save_grid, save_images
 from ldm.inference import PRECISIONS, load_model
+from ldm.model_loading import weights_hash
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.samplers import SAMPLERS, sampler_help
 from ldm.models.diffusion.spacing import SIGMA_SPACINGS
@@ -192,8 +194,10 @@ def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
         configure_logging(logging.INFO)
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
-        return load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config,
-                          strict_vocab=getattr(opt, "strict_vocab", False))
+        model = load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config,
+                           strict_vocab=getattr(opt, "strict_vocab", False))
+        opt.model_hash = weights_hash(opt.config, opt.ckpt)  # for the images' metadata (`generation_text`)
+    return model
 
 
 def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> None:
@@ -221,6 +225,20 @@ def check_writable(folder: Path, flag: str = "--outdir") -> None:
         raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from e
 
 
+def generation_text(opt: argparse.Namespace, prompt: str, seed: int, **extra: str) -> dict[str, str]:
+    """PNG text metadata of a generated image: what it was asked for, how it was sampled and by which model (its
+    name and the first 10 hex digits of its weights file's SHA-256, as AUTOMATIC1111's "Model hash"): enough to
+    make it again. `save_png` adds the size and the `parameters` text other tools read."""
+    text = {"prompt": prompt, "negative_prompt": getattr(opt, "negative_prompt", None) or "", "seed": str(seed),
+            "sampler": "plms" if getattr(opt, "plms", False) else opt.sampler, "steps": str(opt.steps),
+            "scale": str(getattr(opt, "scale", 1.0)), "eta": str(opt.eta), "model": str(opt.config),
+            "model_hash": getattr(opt, "model_hash", "")}
+    for optional in ("ckpt", "spacing", "strength"):
+        if getattr(opt, optional, None) is not None:
+            text[optional] = str(getattr(opt, optional))
+    return {**text, **extra, "software": f"ldm {__version__}"}
+
+
 class SampleWriter:
     """Writes each batch as numbered PNGs in <outdir>/samples/ as soon as it exists (an interrupted run keeps
     what it made), then one grid <outdir>/grid-NNNN.png of all batches, a row each (the reference's layout)."""
@@ -229,28 +247,18 @@ class SampleWriter:
         """Made before the model is loaded: an --outdir that cannot be written is an error before any work."""
         self.opt = opt
         self.batches: list[torch.Tensor] = []
+        self.prompts: list[str] = []
         check_writable(opt.outdir)
 
     def add(self, images: torch.Tensor, prompt: str, seed: Union[int, Sequence[int]]) -> None:
         """Write a batch made from `prompt` with `seed` (the batch's, or one per image); each PNG carries how it
-        was made (`settings`)."""
+        was made (`generation_text`)."""
         seeds = [seed] * len(images) if isinstance(seed, int) else list(seed)
         if not self.opt.skip_save:
-            save_images(images, self.opt.outdir / "samples", text=[self.settings(prompt, s) for s in seeds])
+            save_images(images, self.opt.outdir / "samples", text=[generation_text(self.opt, prompt, s) for s in seeds])
         self.batches.append(images.cpu())
+        self.prompts.append(prompt)  # the grid's row
 
-    def settings(self, prompt: str, seed: int) -> dict[str, str]:
-        """PNG text metadata: what the image was asked for and how it was sampled, enough to make it again."""
-        opt = self.opt
-        text = {"prompt": prompt, "negative_prompt": getattr(opt, "negative_prompt", None) or "", "seed": str(seed),
-                "sampler": "plms" if opt.plms else opt.sampler, "steps": str(opt.steps),
-                "scale": str(getattr(opt, "scale", 1.0)),
-                "eta": str(opt.eta), "model": str(opt.config)}
-        for optional in ("ckpt", "spacing", "strength"):
-            if getattr(opt, optional, None) is not None:
-                text[optional] = str(getattr(opt, optional))
-        text["software"] = f"ldm {__version__}"
-        return text
 
     def finish(self, grid: Optional[torch.Tensor] = None, columns: Optional[int] = None) -> None:
         """Report where the samples are and write the grid: of every batch (a row each, --n_samples or --n_rows
@@ -261,7 +269,10 @@ class SampleWriter:
             path = self.opt.outdir / f"grid-{next_index(self.opt.outdir, 'grid-'):04}.png"
             images = torch.cat(self.batches) if grid is None else grid
             columns = columns or self.opt.n_rows or self.opt.n_samples
-            save_grid(images, path, nrow=columns)
+            # The grid carries the settings of its first image and every row's prompt.
+            prompts = self.prompts or [getattr(self.opt, "prompt", None) or ""]
+            save_grid(images, path, nrow=columns,
+                      text={**generation_text(self.opt, prompts[0], self.opt.seed), "prompts": json.dumps(prompts)})
             print(f"grid ({-(-len(images) // columns)} rows x {columns}): {path}")
 
 

@@ -37,12 +37,36 @@ def to_uint8(image: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+# The sampler names AUTOMATIC1111's web UI writes (and ComfyUI, civitai and other readers of its `parameters` text).
+A1111_SAMPLER_NAMES = {"ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                       "dpmpp_2m": "DPM++ 2M", "ddpm": "DDPM"}
+
+
+def a1111_parameters(text: Mapping[str, str]) -> str:
+    """The `parameters` PNG text of AUTOMATIC1111's web UI, from the toolkit's own keys: the prompt, then
+    ``Negative prompt: ...``, then one line of ``Key: value`` settings."""
+    names = {"steps": "Steps", "scale": "CFG scale", "seed": "Seed", "size": "Size", "model_hash": "Model hash",
+             "model": "Model", "strength": "Denoising strength", "eta": "Eta", "software": "Version"}
+    settings = [f"{label}: {text[key]}" for key, label in names.items() if text.get(key) not in (None, "")]
+    if text.get("sampler"):
+        settings.insert(1, f"Sampler: {A1111_SAMPLER_NAMES.get(text['sampler'], text['sampler'])}")
+    lines = [text.get("prompt", "")]
+    if text.get("negative_prompt"):
+        lines.append(f"Negative prompt: {text['negative_prompt']}")
+    return "\n".join(lines + [", ".join(settings)])
+
+
 def save_png(image: np.ndarray, path: str | Path, text: Optional[Mapping[str, str]] = None) -> Path:
-    """Write an HWC uint8 array as PNG (creating the folder), with `text` as its tEXt metadata; returns the path."""
+    """Write an HWC uint8 array as PNG (creating the folder), with `text` as its tEXt metadata, its ``size``
+    (WxH) added, and with a ``prompt`` also as the `parameters` text other tools read (`a1111_parameters`);
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = None
     if text:
+        text = {**text, "size": f"{image.shape[1]}x{image.shape[0]}"}
+        if "prompt" in text:
+            text["parameters"] = a1111_parameters(text)
         info = PngInfo()
         for key, value in text.items():
             info.add_text(key, str(value))

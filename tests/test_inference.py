@@ -231,6 +231,7 @@ def test_export_model_dir_is_self_contained_and_holds_the_ema_weights(tmp_path):
     assert OmegaConf.load(out / "config.yaml").model.params.cond_stage_config.params.tokenizer_path == "shapes_vocab.txt"
     card = (out / "README.md").read_text()
     assert "7 optimizer steps" in card and "ldm-txt2img --config" in card
+    assert card.startswith("---\nlicense: mit\nlibrary_name: ldm\npipeline_tag: text-to-image\n") and "## Limitations" in card
     # Copied anywhere, without the first stage's own file, it loads and samples the same.
     (tmp_path / "first_stage.safetensors").rename(tmp_path / "moved.safetensors")
     shutil.copytree(out, tmp_path / "elsewhere" / "copy")

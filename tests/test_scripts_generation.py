@@ -5,6 +5,8 @@ time); the further runs and the error cases call the same `main(argv)` in this p
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -133,14 +135,24 @@ def test_txt2img_larger_than_training_size(tmp_path, tiny_txt2img_model):
 def test_samples_carry_how_they_were_made_in_their_png_text(tmp_path, tiny_txt2img_model):
     load_script("txt2img").main(["--config", str(tiny_txt2img_model), "--n_samples", "2", "--steps", STEPS,
                                  "--prompt", "a red circle", "--negative_prompt", "blue", "--scale", "2.5",
-                                 "--sampler", "euler", "--seed", "7", "--skip_grid", "--outdir", str(tmp_path)])
+                                 "--sampler", "euler", "--seed", "7", "--outdir", str(tmp_path)])
+    model_hash = hashlib.sha256((tiny_txt2img_model / "model.safetensors").read_bytes()).hexdigest()[:10]
     for index in (0, 1):
         text = Image.open(tmp_path / "samples" / f"0000{index}.png").text
         assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "sampler", "steps", "scale", "model",
-                                     "batch_index")} == {
+                                     "batch_index", "size", "model_hash")} == {
             "prompt": "a red circle", "negative_prompt": "blue", "seed": str(7 + index), "sampler": "euler", "steps": STEPS,
-            "scale": "2.5", "model": str(tiny_txt2img_model), "batch_index": str(index)}
+            "scale": "2.5", "model": str(tiny_txt2img_model), "batch_index": str(index), "size": "32x32",
+            "model_hash": model_hash}
         assert text["software"].startswith("ldm ")
+        # AUTOMATIC1111's `parameters` text, which ComfyUI, civitai and image viewers read.
+        prompt, negative, settings = text["parameters"].split("\n")
+        assert prompt == "a red circle" and negative == "Negative prompt: blue"
+        assert settings.startswith(f"Steps: {STEPS}, Sampler: Euler, CFG scale: 2.5, Seed: {7 + index}, Size: 32x32, "
+                                   f"Model hash: {model_hash}, Model: {tiny_txt2img_model}")
+    grid = Image.open(tmp_path / "grid-0000.png").text  # the grid too: its first image's settings, every prompt
+    assert grid["seed"] == "7" and grid["model_hash"] == model_hash and json.loads(grid["prompts"]) == ["a red circle"]
+    assert grid["size"] == "70x36" and grid["parameters"].startswith("a red circle\n")
 
 
 def test_a_samples_seed_remakes_it_alone_and_fixed_code_repeats_the_start_noise(tmp_path, tiny_txt2img_model):

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from omegaconf import OmegaConf
 
+from ldm.cli.export_weights import front_matter
 from ldm.data.layout import scene_layout
 from ldm.data.semantic import ShapesSemantic
 from ldm.data.shapes import ShapesTest, ShapesValidation
@@ -40,6 +43,18 @@ def test_shipped_weights_fit_in_20_mb():
     # About 19 MB in fp16 for the first stage, six diffusion models and the classifier (each diffusion model
     # 2.3-3.8 MB; the first stage is stored once and shared).
     assert total <= 20_000_000, f"shipped weights take {total / 1e6:.2f} MB"
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_shipped_model_cards_carry_hub_metadata_and_limitations(name):
+    card = (REPO / BUILTIN_MODELS[name] / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n"), f"{name}: no Hugging Face front matter"
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "mit" and meta["library_name"] == "ldm" and "latent-diffusion" in meta["tags"]
+    # The card's task agrees with what export_weights writes for the model's config.
+    expected = front_matter(OmegaConf.load(REPO / BUILTIN_MODELS[name] / "config.yaml"))
+    assert card.startswith("\n".join(expected)), name
+    assert "\n## Limitations\n" in card, name
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,31 @@ def vocabulary_section(vocabulary: Path) -> list[str]:
             "curly quotes are ignored.", "", listed, ""]
 
 
+# What a model does, by the input its condition encoder reads (`cond_stage_key`): the Hugging Face Hub's task
+# (`pipeline_tag`; none where the Hub has no such task) and a tag naming it.
+TASKS = {"caption": ("text-to-image", "text-to-image"), "LR_image": ("image-to-image", "super-resolution"),
+         "segmentation": ("image-to-image", "semantic-synthesis"), "objects_bbox": (None, "layout-to-image"),
+         "class_label": (None, "class-conditional")}
+
+
+def front_matter(config) -> list[str]:
+    """The Hugging Face model card metadata block (what the Hub lists and searches: license, library, task, tags)."""
+    params = config.model.get("params", {})
+    task, tag = TASKS.get(params.get("cond_stage_key"), ("unconditional-image-generation", "unconditional"))
+    if params.get("conditioning_key") == "hybrid":  # the masked image concatenated, the caption attended to
+        task, tag = "image-to-image", "inpainting"
+    return ["---", "license: mit", "library_name: ldm", *([f"pipeline_tag: {task}"] if task else []),
+            "tags:", "- latent-diffusion", "- ldm", f"- {tag}", "---", ""]
+
+
+def limitations_section(config) -> list[str]:
+    data = OmegaConf.select(config, "data.params.train.target", default="its training data")
+    return ["## Limitations", "",
+            f"It draws only what its training data (`{data}`) show, at the size it was trained at, and it has not "
+            "been evaluated by this export: measure how often its samples do what was asked (the benchmarks above) "
+            "before relying on it. It inherits whatever its training images and captions hold.", ""]
+
+
 def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary: Optional[Path] = None) -> Path:
     """README.md: what the model is, how it was trained (from the run's config and checkpoint), how to use it, and
     the words its caption encoder reads."""
@@ -120,6 +145,7 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
     step = load_checkpoint_file(ckpt, mmap=True).get("global_step") if ckpt.suffix == ".ckpt" else None
     data = OmegaConf.select(config, "data.params.train", default=None)
     lines = [
+        *front_matter(config),
         f"# {model_dir.name}", "",
         f"A `{config.model.target.rpartition('.')[2]}` model of the ldm toolkit, exported by "
         f"`ldm-export {ckpt} --model-dir {model_dir}`.", "",
@@ -135,6 +161,7 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
         "Use it:", "", "```bash", usage_line(config, model_dir), "```", "",
         "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
         "(`bench/convergence.py`, `bench/sampling.py`) and add them here.", "",
+        *limitations_section(config),
         *(vocabulary_section(vocabulary) if vocabulary is not None else []),
     ]
     path = model_dir / "README.md"

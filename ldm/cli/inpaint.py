@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ldm import __version__
 from ldm.image_io import load_image, load_mask, next_index, save_grid, unused_path
 from ldm.visualization import save_png, to_uint8
 from ldm.inference import inpaint, reads_prompts
 from ldm.script_args import (HelpFormatter, add_model_args, add_negative_prompt_arg, add_sampler_args,
-                             add_strict_vocab_arg, check_writable, command_line, guidance_scale, model_from_args,
-                             sampler_kwargs)
+                             add_strict_vocab_arg, check_writable, command_line, generation_text, guidance_scale,
+                             model_from_args, sampler_kwargs)
 
 MASK_SUFFIX = "_mask.png"
 
@@ -90,16 +89,6 @@ def load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Te
     return image, mask
 
 
-def made_with(opt: argparse.Namespace, image_path: Path | None, prompts: list[str] | None) -> dict[str, str]:
-    """PNG text metadata of a result: what it was asked for and how it was sampled."""
-    text = {"prompt": prompts[0] if prompts else (opt.prompt or ""), "negative_prompt": opt.negative_prompt,
-            "sampler": "plms" if opt.plms else opt.sampler, "steps": str(opt.steps), "scale": str(opt.scale),
-            "eta": str(opt.eta), "seed": str(opt.seed), "model": str(opt.config)}
-    if image_path is not None:
-        text.update(source=str(image_path), mask=str(image_path.with_name(image_path.stem + MASK_SUFFIX)))
-    return {**text, "software": f"ldm {__version__}"}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
@@ -128,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         out_path = opt.outdir / image_path.name
         if not (opt.overwrite and out_path.resolve() not in inputs_on_disk):
             out_path = unused_path(out_path)
-        save_png(to_uint8(result[0]), out_path, made_with(opt, image_path, prompts))
+        save_png(to_uint8(result[0]), out_path, generation_text(
+            opt, prompts[0] if prompts else (opt.prompt or ""), opt.seed, source=str(image_path),
+            mask=str(image_path.with_name(image_path.stem + MASK_SUFFIX))))
         tqdm.write(f"wrote {out_path}")
         shown.append((image * (1.0 - mask), result.cpu()))
 
@@ -136,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         if len({masked.shape for masked, _ in shown}) == 1:
             grid_path = save_grid(torch.cat([torch.cat(row) for row in shown]),
                                   opt.outdir / f"grid-{next_index(opt.outdir, 'grid-'):04}.png", nrow=2,
-                                  text={**made_with(opt, None, None), "rows": "masked input, result per pair"})
+                                  text=generation_text(opt, opt.prompt or "", opt.seed,
+                                                       rows="masked input, result per pair"))
             print(f"grid (a row per pair: masked input, result): {grid_path}")
         else:
             print("no grid: the images differ in size")

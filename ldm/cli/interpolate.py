@@ -30,7 +30,7 @@ from ldm.inference import downsampling_factor
 from ldm.interpolation import INTERPOLATION_SAMPLERS, interpolate, progressive_generation, start_step
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, add_strict_vocab_arg, check_writable,
-                             command_line, guidance_scale, model_from_args, sampler_kwargs)
+                             command_line, generation_text, guidance_scale, model_from_args, sampler_kwargs)
 
 MODES = ("interpolate", "progressive")
 
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     name = "interpolation" if opt.mode == "interpolate" else "progressive"
     path = opt.outdir / f"{name}-{next_index(opt.outdir, f'{name}-'):04}.png"
-    save_grid(rows.flatten(0, 1), path, nrow=opt.n_frames)
+    text = {"mode": opt.mode, "t": str(opt.t)} if opt.mode == "interpolate" else {"mode": opt.mode}
+    if opt.image_a is not None:
+        text.update(image_a=" ".join(map(str, opt.image_a)), image_b=" ".join(map(str, opt.image_b)))
+    save_grid(rows.flatten(0, 1), path, nrow=opt.n_frames, text=generation_text(opt, opt.prompt, opt.seed, **text))
     print(f"strip ({rows.shape[0]} row(s) x {opt.n_frames}): {path}")
 
 
