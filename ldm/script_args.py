@@ -27,6 +27,7 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.samplers import SAMPLERS, sampler_help
 from ldm.models.diffusion.spacing import SIGMA_SPACINGS
 from ldm.modules.encoders.tokenization import PromptWarning
+from ldm.util import read_utf8
 
 # Stable Diffusion's scripts say "full" / "autocast".
 PRECISION_ALIASES = {"full": "fp32", "autocast": "bf16"}
@@ -62,6 +63,17 @@ def guidance_scale(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number; use e.g. 3 (1 = no guidance)")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts where 0 means "the default", such as --n_rows: an integer of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (0 means the default)")
     return value
 
 
@@ -205,7 +217,7 @@ def add_output_args(parser: argparse.ArgumentParser, default_outdir: str) -> Non
     group.add_argument("--outdir", type=Path, default=Path(default_outdir), help="where to write")
     group.add_argument("--n_samples", type=positive_int, default=4, help="samples per batch (grid columns)")
     group.add_argument("--n_iter", type=positive_int, default=1, help="batches per prompt")
-    group.add_argument("--n_rows", type=int, default=0, help="images per row of the grid (0: --n_samples)")
+    group.add_argument("--n_rows", type=non_negative_int, default=0, help="images per row of the grid (0: --n_samples)")
     group.add_argument("--skip_grid", action="store_true", help="do not write the grid")
     group.add_argument("--skip_save", action="store_true", help="do not write the individual samples")
 
@@ -280,7 +292,10 @@ def read_prompt_file(parser: argparse.ArgumentParser, path: Path) -> list[str]:
     """The non-blank lines of a --from-file prompt file; a missing or empty file is a usage error."""
     if not path.is_file():
         parser.error(f"--from-file {path}: no such file (give a text file with one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
+    except ValueError as e:
+        parser.error(f"--from-file {e}")
     if not prompts:
         parser.error(f"--from-file {path} has no prompts (write one prompt per line)")
     return prompts

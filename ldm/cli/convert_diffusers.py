@@ -38,7 +38,7 @@ from ldm.diffusers_bridge.pipeline import export_pipeline, import_pipeline
 from ldm.diffusers_bridge.unet import diffusers_unet_class, from_diffusers, to_diffusers, unet_params
 from ldm.inference import load_model
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.script_args import HelpFormatter, command_line, user_errors
+from ldm.script_args import HelpFormatter, check_writable, command_line, user_errors
 from ldm.util import instantiate_from_config
 
 UNET_TARGET = f"{UNetModel.__module__}.{UNetModel.__name__}"
@@ -85,6 +85,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="with --to-diffusers: write the U-Net alone (a UNet2DConditionModel folder)")
     parser.add_argument("--outdir", type=Path, required=True, help="folder to write")
     opt = parser.parse_args(argv)
+    with user_errors():
+        check_writable(opt.outdir)  # before converting anything
 
     if opt.from_diffusers is not None:
         if opt.config is not None or opt.ckpt is not None:

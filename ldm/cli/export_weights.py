@@ -31,7 +31,7 @@ from ldm.checkpoint import inference_state_dict, load_checkpoint_file, load_stat
 from ldm.model_loading import INIT_PARAMS, build_model
 from ldm.config import load_configs
 from ldm.modules.encoders.vocabulary import find_bert_vocab
-from ldm.script_args import HelpFormatter, add_trust_config_arg, command_line
+from ldm.script_args import HelpFormatter, add_trust_config_arg, check_writable, command_line
 from ldm.cli.train import run_config_files
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -171,7 +171,10 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
 
 def refuse_to_lose(opt: argparse.Namespace) -> None:
     """Stop before any work when the export would replace the checkpoint it reads (a weights file where `-r`
-    needs a training checkpoint), or, without --overwrite, an existing file or model directory."""
+    needs a training checkpoint), or, without --overwrite, an existing file or model directory; or when the
+    output cannot be written at all."""
+    check_writable(opt.model_dir if opt.model_dir is not None else (opt.out or opt.ckpt).parent,
+                   "--model-dir" if opt.model_dir is not None else "-o")
     if opt.model_dir is not None:
         existing = [p.name for p in (opt.model_dir / "config.yaml", opt.model_dir / "model.safetensors") if p.exists()]
         if existing and not opt.overwrite:

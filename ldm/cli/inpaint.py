@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.image_io import load_image, load_mask, next_index, save_grid, unused_path
+from ldm.util import read_utf8
 from ldm.visualization import save_png, to_uint8
 from ldm.inference import inpaint, reads_prompts
 from ldm.script_args import (HelpFormatter, add_model_args, add_negative_prompt_arg, add_sampler_args,
@@ -77,7 +78,7 @@ def pair_prompt(image_path: Path, prompt: str) -> str:
     caption = image_path.with_suffix(".txt")
     if prompt or not caption.is_file():
         return prompt
-    return caption.read_text(encoding="utf-8").strip()
+    return read_utf8(caption).strip()
 
 
 def load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ through to the next readable image, so a long run is not stopped by one bad file
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.image_io import to_rgb
+from ldm.util import read_utf8
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "csv", "none")
 CROPS = ("center", "random")
@@ -61,7 +63,7 @@ def _list_missing(paths: Sequence[Path], root: Path, limit: int = 5) -> str:
 
 def _read_jsonl(path: Path, caption_column: str) -> list[tuple[str, str]]:
     rows = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -78,14 +80,11 @@ def _read_jsonl(path: Path, caption_column: str) -> list[tuple[str, str]]:
 
 
 def _read_csv(path: Path, caption_column: str) -> list[tuple[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if "file_name" not in columns or caption_column not in columns:
-            raise ValueError(
-                f"{path}: needs a header with columns 'file_name' and '{caption_column}', found {columns}"
-            )
-        return [(row["file_name"], row[caption_column]) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    columns = reader.fieldnames or []
+    if "file_name" not in columns or caption_column not in columns:
+        raise ValueError(f"{path}: needs a header with columns 'file_name' and '{caption_column}', found {columns}")
+    return [(row["file_name"], row[caption_column]) for row in reader]
 
 
 METADATA_READERS = {"jsonl": _read_jsonl, "csv": _read_csv}
@@ -180,7 +179,7 @@ class ImageFolderDataset(Dataset):
                     f"({_list_missing(missing, self.root)}); write e.g. {missing[0].with_suffix('.txt').name} "
                     "with the caption, or use caption_source 'none' to train without captions"
                 )
-            return [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.paths]
+            return [read_utf8(p.with_suffix(".txt")).strip() for p in self.paths]
         return self._metadata_captions(self.caption_source, caption_column)
 
     def _metadata_captions(self, kind: str, caption_column: str) -> list[str]:

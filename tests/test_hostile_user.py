@@ -1,0 +1,70 @@
+"""A careless or hostile user's inputs: each ends in one line that names the problem and the fix, before any work
+is done or anything already written is touched (issue 28's list). Other modules hold the rest of the suite:
+kill/resume and concurrent resume (test_main.py), malicious configs and pickles (test_safe_loading.py,
+test_main.py), outputs that never replace inputs (test_scripts_inpaint_interpolate.py), export over its own
+checkpoint (test_checkpoint.py)."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ldm.data.folder import ImageFolderDataset
+from tests.helpers import REPO, load_script
+
+UNWRITABLE = "/proc/ldm-out"  # not writable even as root
+NOT_UTF8 = "a red circle \xe9".encode("latin-1")
+
+
+def usage_error(capsys, script: str, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_negative_grid_width_is_refused_before_any_sample_is_written(capsys, tmp_path):
+    line = usage_error(capsys, "txt2img", ["--n_rows", "-2", "--outdir", str(tmp_path)])
+    assert "--n_rows: -2 is negative" in line and not any(tmp_path.iterdir())
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(NOT_UTF8)
+    line = usage_error(capsys, "txt2img", ["--from-file", str(prompts), "--outdir", str(tmp_path / "out")])
+    assert f"--from-file {prompts} is not UTF-8 text (byte 0xe9 at offset 13); save it as UTF-8" in line
+
+
+def test_a_caption_file_that_is_not_utf8_is_named(tmp_path):
+    shutil.copy(REPO / "data/inpainting_examples/shapes_test_000.png", tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(NOT_UTF8)
+    with pytest.raises(ValueError, match=r"a\.txt is not UTF-8 text"):
+        ImageFolderDataset(str(tmp_path), size=32, caption_source="txt")
+
+
+def test_export_to_a_place_it_cannot_write_stops_before_reading_the_checkpoint(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"never read")
+    for flag in ("-o", "--model-dir"):
+        target = f"{UNWRITABLE}/model.safetensors" if flag == "-o" else UNWRITABLE
+        monkeypatch.setattr(sys, "argv", ["ldm-export", str(checkpoint), flag, target])
+        with pytest.raises(SystemExit) as exit_info:
+            load_script("export_weights").cli()
+        assert str(exit_info.value).startswith(f"error: {flag} ") and "cannot write there" in str(exit_info.value)
+
+
+def test_convert_to_a_place_it_cannot_write_stops_before_converting(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ldm-convert-diffusers", "--to-diffusers", "txt2img", "--outdir", UNWRITABLE])
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("convert_diffusers").cli()
+    assert str(exit_info.value).startswith(f"error: --outdir {UNWRITABLE}: cannot write there")
+
+
+def test_resuming_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
+    run = tmp_path / "logs" / "2026-01-01T00-00-00_a"
+    (run / "csv").mkdir(parents=True)
+    (run / "csv" / "metrics.csv").write_text("step,loss\n0,1.0\n")
+    proc = subprocess.run([sys.executable, "main.py", "-r", str(run / "csv" / "metrics.csv")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"cannot resume {run}: its configs/ folder has no saved" in proc.stderr
