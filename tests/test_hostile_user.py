@@ -68,3 +68,21 @@ def test_resuming_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"cannot resume {run}: its configs/ folder has no saved" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_on_a_folder_whose_every_image_is_unreadable_is_one_line(tmp_path, workers):
+    for split in ("train", "validation"):
+        (tmp_path / split).mkdir()
+        for name in ("a.png", "b.png"):
+            (tmp_path / split / name).write_bytes(b"not an image")
+    proc = subprocess.run([sys.executable, "main.py", "--base", "configs/autoencoder/autoencoder_kl_f4_folder32.yaml",
+                           "-t", "--no-test", "--max_steps", "2", "-l", str(tmp_path / "logs"),
+                           f"data.params.num_workers={workers}", "data.params.batch_size=2",
+                           f"data.params.train.params.root={tmp_path / 'train'}",
+                           f"data.params.validation.params.root={tmp_path / 'validation'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2] == (f"error: none of the 2 images under {tmp_path / 'validation'} could be read (see the "
+                         "warnings above); replace the damaged files or point 'root' at another folder"), lines[-2:]

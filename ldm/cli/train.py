@@ -421,6 +421,16 @@ def data_has_split(data: Any, split: str) -> bool:
     return split in getattr(data, "dataset_configs", {})
 
 
+def user_message(error: BaseException) -> str:
+    """The error's own message; for one raised in a DataLoader worker (which torch re-raises in this process with
+    the worker's traceback as its text), that traceback's last line without its type."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def cli() -> None:
     """`ldm-train` and `python main.py`: user errors end with one line and a non-zero exit status (a traceback
     with -d/--debug)."""
@@ -448,7 +458,7 @@ def cli() -> None:
         # Missing data folders, VGG16 weights, checkpoints: the message says what to provide.
         if debug:
             raise
-        print(f"error: {e}\n(run with -d for the traceback)", file=sys.stderr)
+        print(f"error: {user_message(e)}\n(run with -d for the traceback)", file=sys.stderr)
         sys.exit(2)
     finally:
         release_empty_run_dirs()  # a run that stopped before writing anything leaves no empty directory

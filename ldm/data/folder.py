@@ -90,6 +90,10 @@ def _read_csv(path: Path, caption_column: str) -> list[tuple[str, str]]:
 METADATA_READERS = {"jsonl": _read_jsonl, "csv": _read_csv}
 
 
+class NoReadableImages(FileNotFoundError):
+    """Every image of a folder is unreadable: nothing to train on."""
+
+
 class ImageFolderDataset(Dataset):
     """Images (and captions or class labels) from a folder; see the module docstring for layouts.
 
@@ -265,4 +269,5 @@ class ImageFolderDataset(Dataset):
                 "file_path_": str(path),
                 "index": candidate,
             }
-        raise RuntimeError(f"none of the {len(self.paths)} images under {self.root} could be read; see the warnings above")
+        raise NoReadableImages(f"none of the {len(self.paths)} images under {self.root} could be read (see the warnings "
+                               "above); replace the damaged files or point 'root' at another folder")
