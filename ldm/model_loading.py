@@ -215,7 +215,8 @@ def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None,
 
     Training-only ``loss.*`` weights are ignored by default, so weights-only exports and full training
     checkpoints both load. ``model_ema.*`` is ignored too when the model keeps no EMA (``use_ema: false``
-    in an evaluation config for a checkpoint trained with one).
+    in an evaluation config for a checkpoint trained with one), and a weights file without EMA weights (an export,
+    whose weights are the EMA's) loads into a model that then keeps none (`ema_scope` uses the weights as they are).
     """
     config = load_configs([config_path])
     if "model" not in config:
@@ -224,8 +225,12 @@ def build_model(config_path: str | Path, ckpt_path: Optional[str | Path] = None,
         model = instantiate_from_config(config.model)
     if ckpt_path is not None:
         ignore = tuple(ignore_prefixes)
+        state = load_state_dict(ckpt_path)
+        if getattr(model, "use_ema", False) and not any(k.startswith("model_ema.") for k in state):
+            # A weights-only export holds the EMA weights as the model's own: no separate average to swap in.
+            model.use_ema = False
+            del model.model_ema
         if not any(k.startswith("model_ema.") for k in model.state_dict()):
             ignore += ("model_ema.",)
-        load_weights(model, load_state_dict(ckpt_path), strict=strict, ignore_prefixes=ignore,
-                     source=str(ckpt_path))
+        load_weights(model, state, strict=strict, ignore_prefixes=ignore, source=str(ckpt_path))
     return model.to(resolve_device(device) if isinstance(device, str) else device).eval()

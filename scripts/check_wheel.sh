@@ -57,6 +57,8 @@ model = build_model("configs/latent-diffusion/txt2img.yaml")
 assert model.first_stage_model is not None and model.cond_stage_model is not None
 print("[check_wheel] ok: the README's Python, build_model on a packaged config")
 PYTHON
+# Every Python block of the README and docs/, as written (placeholders filled with the packaged files).
+"$WORK/venv/bin/python" "$ROOT/tests/docs_blocks.py" "$ROOT" 2> docs.log || { cat docs.log; exit 1; }
 "$WORK/venv/bin/ldm-train" --base configs/latent-diffusion/txt2img.yaml -t --no-test --max_steps 1 -l runs \
   data.params.batch_size=2 data.params.train.params.num_samples=8 data.params.validation.params.num_samples=4 \
   lightning.callbacks.image_logger.params.disabled=true --limit_val_batches 1 --enable_progress_bar false > train.log
