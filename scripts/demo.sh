@@ -4,7 +4,8 @@
 #   1. text-to-image latent diffusion (configs/latent-diffusion/txt2img.yaml) on the shipped KL-f4 first stage
 #      (models/first_stage_models/kl-f4-shapes; DEMO_FIRST_STAGE_STEPS=8000 trains the demo's own first stage, about 8 min more);
 #   2. text-conditioned latent inpainting, started from the txt2img model (configs/latent-diffusion/inpainting_txt.yaml);
-#   3. txt2img samples for a few prompts and inpainting of data/inpainting_examples/.
+#   3. txt2img samples for a few prompts and inpainting of data/inpainting_examples/;
+#   4. the text model's figures: the share of samples matching their prompt (canonical, typed and plain prompts).
 # Each model is exported as a model directory (config.yaml + model.safetensors) under $DEMO_MODELS_DIR
 # (default outputs/demo/models). Training is scripts/train_builtin.sh (the recipe of the models shipped in
 # models/) with fewer steps, DEMO_*_STEPS; run again after an interruption, it resumes where it stopped.
@@ -46,8 +47,14 @@ python scripts/txt2img.py --config "$MODELS/ldm/txt2img-shapes" --outdir "$OUT/t
 python scripts/inpaint.py --config "$MODELS/ldm/inpainting-shapes" --indir data/inpainting_examples \
   --outdir "$OUT/inpainting"
 
+stage "figures: how often the text model's samples do what their prompt says (bench/prompt_following.py)"
+# 256 captions per prompt set, read by the attribute classifier (never a training signal); the benchmarks page
+# quotes the same benchmark at 512 (docs/benchmarks.md).
+python bench/prompt_following.py --model "demo=$MODELS/ldm/txt2img-shapes" --n 256 --n-real 1000 --outdir "$OUT/figures"
+
 stage "done in $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s"
 echo "models (config.yaml + model.safetensors): $MODELS"
 echo "txt2img samples and grids: $OUT/txt2img"
 ls "$OUT"/txt2img/grid-*.png
 echo "inpainting results: $OUT/inpainting"
+echo "figures: $OUT/figures/prompt_following.md"
