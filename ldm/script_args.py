@@ -66,26 +66,24 @@ def guidance_scale(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type of counts where 0 means "the default", such as --n_rows: an integer of at least 0."""
+def _integer(text: str, minimum: int, too_small: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (0 means the default)")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(too_small.format(value=value))
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts where 0 means "the default", such as --n_rows: an integer of at least 0."""
+    return _integer(text, 0, "{value} is negative (0 means the default)")
 
 
 def positive_int(text: str) -> int:
     """argparse type of counts such as --n_samples: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
+    return _integer(text, 1, "{value} is not at least 1")
 
 
 def seed(text: str) -> int:
