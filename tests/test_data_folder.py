@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.folder import ImageFolderDataset
+from ldm.data.folder import ImageFolderDataset, NoReadableImages
 
 
 def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Path:
@@ -122,7 +122,7 @@ def test_corrupt_image_is_reported_once_and_skipped(tmp_path):
 def test_all_images_unreadable(tmp_path):
     (tmp_path / "a.png").write_bytes(b"junk")
     dataset = ImageFolderDataset(str(tmp_path), caption_source="none")
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="none of the 1 images"):
+    with pytest.warns(UserWarning), pytest.raises(NoReadableImages, match="none of the 1 images"):
         dataset[0]
 
 

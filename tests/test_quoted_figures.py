@@ -21,6 +21,9 @@ QUOTES = [
     ("docs/benchmarks.md", "bench/results/demo/prompt_following.json",
      "canonical captions {demo.seen} % / {demo.held_out} %, typed prompts {demo.seen_typed} % / "
      "{demo.held_out_typed} %, plain prompts {demo.seen_plain} % / {demo.held_out_plain} %"),
+    ("docs/benchmarks.md", "bench/results/demo/split-5000-1500/prompt_following.json",
+     "canonical {c5000-t1500.seen} % / {c5000-t1500.held_out} %, typed {c5000-t1500.seen_typed} % / "
+     "{c5000-t1500.held_out_typed} %, plain {c5000-t1500.seen_plain} % / {c5000-t1500.held_out_plain} %"),
 ]
 
 
