@@ -133,6 +133,9 @@ def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
         cli = OmegaConf.from_dotlist(list(overrides))
     except Exception as e:
         raise ConfigError(f"cannot parse command-line override(s) {list(overrides)}: {e}") from e
+    raw = OmegaConf.to_container(cli, resolve=False)
+    _anchor_file_references(raw, Path.cwd())  # a file named on the command line: from here, else the toolkit's own
+    cli = OmegaConf.create(raw)
     for key in _flatten_keys(OmegaConf.to_container(cli)):
         sources[key] = "command line"
     merged = OmegaConf.create({})

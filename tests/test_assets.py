@@ -44,6 +44,15 @@ def test_a_config_loaded_from_elsewhere_finds_the_files_it_names(tmp_path, monke
     missing = load_configs(["configs/latent-diffusion/txt2img.yaml"],
                            ["model.params.first_stage_config.params.ckpt_path=no/such.safetensors"])
     assert missing.model.params.first_stage_config.params.ckpt_path == "no/such.safetensors"
+    # Named on the command line, a packaged file is found the same way.
+    (tmp_path / "models/first_stage_models/kl-f4-shapes/model.safetensors").unlink()
+    override = load_configs(["configs/latent-diffusion/txt2img.yaml"],
+                            ["model.params.cond_stage_config.params.tokenizer_path=ldm/data/shapes_vocab.txt",
+                             "model.params.first_stage_config.params.ckpt_path="
+                             "models/first_stage_models/kl-f4-shapes/model.safetensors"])
+    assert override.model.params.cond_stage_config.params.tokenizer_path == str(REPO / "ldm/data/shapes_vocab.txt")
+    assert override.model.params.first_stage_config.params.ckpt_path == str(
+        REPO / "models/first_stage_models/kl-f4-shapes/model.safetensors")
 
 
 def test_an_installed_wheel_finds_models_and_configs_under_ldm_assets(tmp_path, monkeypatch):
