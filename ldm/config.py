@@ -94,13 +94,15 @@ def _flatten_keys(node: Any, prefix: str = "") -> list[str]:
 FILE_PARAMS = ("ckpt_path", "tokenizer_path")
 
 
-def _anchor_file_references(node: Any, directory: Path) -> None:
-    """`FILE_PARAMS` in a plain (unresolved) container made absolute where they name an existing file."""
+def _anchor_file_references(node: Any, directory: Optional[Path]) -> None:
+    """`FILE_PARAMS` in a plain (unresolved) container made absolute where they name an existing file (`directory`:
+    the config file's; None for the command line, whose paths are the working directory's and stay as written)."""
     children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in children:
         if key in FILE_PARAMS and isinstance(value, str) and value and "${" not in value \
                 and not Path(value).is_absolute():
-            found = directory / value if (directory / value).exists() else assets.resolve(value)
+            beside = directory / value if directory is not None else None
+            found = beside if beside is not None and beside.exists() else assets.resolve(value)
             if found.exists() and found != Path(value):
                 node[key] = str(found.resolve())
         else:
@@ -134,7 +136,7 @@ def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
     except Exception as e:
         raise ConfigError(f"cannot parse command-line override(s) {list(overrides)}: {e}") from e
     raw = OmegaConf.to_container(cli, resolve=False)
-    _anchor_file_references(raw, Path.cwd())  # a file named on the command line: from here, else the toolkit's own
+    _anchor_file_references(raw, None)  # a file named on the command line: from here, else the toolkit's own
     cli = OmegaConf.create(raw)
     for key in _flatten_keys(OmegaConf.to_container(cli)):
         sources[key] = "command line"
