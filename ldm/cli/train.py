@@ -38,7 +38,6 @@ from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_wr
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
 from ldm.run_lock import LOCK_NAME, RunLocked, lock_run
 from ldm.script_args import HelpFormatter
-from ldm.script_args import HelpFormatter
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -339,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         # The run's saved configs may come from someone else: they build only what a model directory may (plus
         # Lightning's callbacks and loggers) unless --trust_config. -b files and key=value overrides, the user's
         # own, come on top of them.
-        if not run_config_files(logdir) and not opt.base:
+        saved = run_config_files(logdir)
+        if not saved and not opt.base:
             raise FileNotFoundError(f"cannot resume {logdir}: its configs/ folder has no saved *-project.yaml; give "
                                     "the run's config with --base CONFIG.yaml beside -r (the one it was started with)")
         if not opt.trust_config:
-            refuse_unsafe_targets(run_config_files(logdir))
-        opt.base = [str(p) for p in run_config_files(logdir)] + list(opt.base)
+            refuse_unsafe_targets(saved)
+        opt.base = [str(p) for p in saved] + list(opt.base)
         nowname = logdir.name
     else:
         if opt.name:
