@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from ldm.checkpoint import inference_state_dict, save_safetensors
+from ldm.checkpoint import inference_state_dict, is_disk_full, save_safetensors
 from ldm.divergence import TrainingDiverged, non_finite_tensors
 from ldm.visualization import make_grid, save_png, to_uint8
 
@@ -79,12 +79,17 @@ class LastCheckpoint(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return
+        kept = f"kept {self.path}" if self.path.is_file() else "no checkpoint was written"
         if isinstance(exception, TrainingDiverged) or non_finite_tensors(pl_module.state_dict()):
             # The weights may already hold the divergence: the checkpoint there is the last good one.
             if trainer.is_global_zero:
-                kept = f"kept {self.path}" if self.path.is_file() else "no checkpoint was written"
                 log.warning(f"training diverged at global step {trainer.global_step}; {kept} (the diverged "
                             "weights are not saved)")
+            return
+        if is_disk_full(exception):
+            # Another write would fail the same way, and could only leave less room for the user to recover.
+            if trainer.is_global_zero:
+                log.warning(f"no space left on the disk at global step {trainer.global_step}; {kept}")
             return
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if trainer.is_global_zero:

@@ -7,6 +7,7 @@ unexpected keys by name instead of failing deep inside ``load_state_dict``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -31,6 +32,14 @@ def inference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left; disk quota exceeded
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is a write that failed for want of space (which the user fixes, not the code)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
 
 
 class LightningCallbackStub:

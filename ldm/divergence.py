@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from ldm.checkpoint import CheckpointError, with_umask_permissions
+from ldm.checkpoint import CheckpointError, is_disk_full, with_umask_permissions
 
 
 class TrainingDiverged(FloatingPointError):
@@ -100,21 +100,44 @@ def remove_partial_writes(directory: Path) -> list[Path]:
     return partial
 
 
+class _RecordingWriter:
+    """A file for `torch.save` that keeps the first OSError of its writes: torch's zip writer reports a write
+    that failed for want of space as "unexpected pos" (a RuntimeError), losing the reason."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """`torch.save` to `path` through a temporary file in its directory, fsync'd, then `os.replace`d: readers
     see the old file or the new one, never a part; a failure removes the temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, _, suffix = PARTIAL_WRITE.format(name=path.name).partition("*")
     handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    writer = None
     try:
         with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         with_umask_permissions(Path(temporary))
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as e:
         Path(temporary).unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if is_disk_full(cause):  # say which file it was: a failed write() names none
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -86,3 +86,38 @@ def test_training_on_a_folder_whose_every_image_is_unreadable_is_one_line(tmp_pa
     lines = proc.stderr.strip().splitlines()
     assert lines[-2] == (f"error: none of the 2 images under {tmp_path / 'validation'} could be read (see the "
                          "warnings above); replace the damaged files or point 'root' at another folder"), lines[-2:]
+
+
+def test_a_checkpoint_write_that_finds_the_disk_full_keeps_the_old_one_and_says_how_to_go_on(tmp_path, monkeypatch):
+    """The disk fills while a checkpoint is written (here every write goes to /dev/full, which fails as a full disk
+    does): the checkpoint already there stays whole, no temporary file is left, and the error names the file and
+    the way on. (Checked by hand on a real, small tmpfs: main.py ends with this line and `-r` goes on.)"""
+    import os
+    import tempfile
+
+    import torch
+
+    from ldm import divergence
+    from ldm.checkpoint import is_disk_full
+    from ldm.cli.train import disk_full_message
+
+    run = tmp_path / "logs" / "2026-01-01T00-00-00_run"
+    last = run / "checkpoints" / "last.ckpt"
+    divergence.atomic_torch_save({"global_step": 4}, last)
+    real_mkstemp = tempfile.mkstemp
+
+    def full_disk(*args, **kwargs):
+        handle, name = real_mkstemp(*args, **kwargs)
+        os.close(handle)
+        return os.open("/dev/full", os.O_WRONLY), name
+
+    monkeypatch.setattr(divergence.tempfile, "mkstemp", full_disk)
+    with pytest.raises(OSError) as error:
+        divergence.atomic_torch_save({"global_step": 8, "weights": torch.zeros(100_000)}, last)
+    assert is_disk_full(error.value) and error.value.filename == str(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert disk_full_message(error.value).startswith(f"no space left on the disk writing {last}: free some space, "
+                                                     f"then resume with: python main.py -r {run}.")
+    last.unlink()
+    assert f"then start it again (it had saved no checkpoint; remove {run} first)" in disk_full_message(error.value)

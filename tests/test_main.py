@@ -1,6 +1,7 @@
 """End-to-end runs of main.py: train, write checkpoints/grids/logs, resume exactly, DDP, interrupts."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.cli.train import run_config_files
+from ldm.config import ConfigError, refuse_unsafe_targets
 from tests.helpers import optimizer_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,11 +193,14 @@ def test_a_resumed_runs_configs_build_only_safe_classes_unless_trusted(tmp_path)
     saved = OmegaConf.load(lightning_yaml)
     for target, callbacks in evil.items():
         OmegaConf.save(OmegaConf.merge(saved, {"lightning": {"callbacks": callbacks}}), lightning_yaml)
-        proc = run_main(["-r", str(logdir), "--max_steps", "4", *FAST], tmp_path, check=False)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a config error
-        assert f"'{target}'" in proc.stderr.strip().splitlines()[-1]
-        assert target == "ldm.util.__class__" or "while resuming a run" in proc.stderr and "--trust_config" in proc.stderr
-        assert not mark.exists() and (logdir / "checkpoints" / "last.ckpt").read_bytes() == last
+        # What main.py -r checks first, in this process; then one of them through main.py itself.
+        with pytest.raises(ConfigError, match=re.escape(f"'{target}'")) as refused:
+            refuse_unsafe_targets(run_config_files(logdir))
+        assert target == "ldm.util.__class__" or "while resuming a run" in str(refused.value)
+    proc = run_main(["-r", str(logdir), "--max_steps", "4", *FAST], tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # a config error
+    assert "'tests.helpers.StateRecorder'" in proc.stderr.strip().splitlines()[-1] and "--trust_config" in proc.stderr
+    assert not mark.exists() and (logdir / "checkpoints" / "last.ckpt").read_bytes() == last
     # Trusted: the run's own callback class is built and the run goes on.
     run_main(["-r", str(logdir), "--max_steps", "4", "--trust_config", *FAST], tmp_path)
     assert json.loads(mark.read_text())["global_step"] == 2

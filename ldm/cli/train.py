@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 # Reference configs name `main.DataModuleFromConfig`, `main.ImageLogger`, ...: `main` is this module
 # (`ldm.config.REFERENCE_MODULES`), so they resolve here.
 from ldm.callbacks import ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, is_disk_full
 from ldm.console import configure_logging
 from ldm.config import ConfigError, describe_key, load_configs, refuse_unsafe_targets, target_of
 from ldm.csv_logger import ResumableCSVLogger
@@ -431,6 +431,20 @@ def user_message(error: BaseException) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def disk_full_message(error: OSError) -> str:
+    """What a write that found the disk full means for the run, and how to go on."""
+    written = Path(error.filename) if error.filename else None
+    run = written.parent.parent if written is not None and written.parent.name == "checkpoints" else None
+    if run is not None and (run / "checkpoints" / "last.ckpt").is_file():
+        go_on = f"then resume with: python main.py -r {run}"
+    elif run is not None:
+        go_on = f"then start it again (it had saved no checkpoint; remove {run} first)"
+    else:
+        go_on = "then resume the run with -r"
+    return (f"no space left on the disk writing {written or 'the run'}: free some space, {go_on}. Checkpoints "
+            "already written are whole (they are only replaced by complete ones)")
+
+
 def cli() -> None:
     """`ldm-train` and `python main.py`: user errors end with one line and a non-zero exit status (a traceback
     with -d/--debug)."""
@@ -460,5 +474,10 @@ def cli() -> None:
             raise
         print(f"error: {user_message(e)}\n(run with -d for the traceback)", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if debug or not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        sys.exit(1)
     finally:
         release_empty_run_dirs()  # a run that stopped before writing anything leaves no empty directory
