@@ -186,14 +186,23 @@ class ImageLogger(Callback):
 
 
 class ExportSafetensors(Callback):
-    """Writes ``checkpoints/last.safetensors`` (weights only, no pickle) when training ends (rank 0)."""
+    """Writes ``checkpoints/last.safetensors`` (weights only, no pickle) when training ends (rank 0); for a LoRA run,
+    the adapter alone in diffusers' key format (what `ldm-export --lora` writes, ready for ``--lora``)."""
 
     def __init__(self, ckptdir: str) -> None:
         super().__init__()
         self.path = Path(ckptdir) / "last.safetensors"
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and getattr(pl_module, "lora_settings", None) is not None:
+            from ldm.lora import export_trained_lora
+
+            try:
+                export_trained_lora(pl_module, self.path, metadata={"global_step": trainer.global_step})
+                log.info(f"wrote the LoRA adapter {self.path}")
+            except ValueError as e:  # a U-Net with no diffusers layout: the adapter stays in last.ckpt
+                log.warning(f"no {self.path.name}: {e}")
+        elif trainer.is_global_zero:
             save_safetensors(inference_state_dict(pl_module.state_dict()), self.path, metadata={
                 "class": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
                 "global_step": trainer.global_step})

@@ -142,11 +142,17 @@ def load_configs(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> 
         sources[key] = "command line"
     merged = OmegaConf.create({})
     for cfg in (*configs, cli):
-        base = OmegaConf.to_container(merged, resolve=False)
-        _drop_retargeted(base, OmegaConf.to_container(cfg, resolve=False))
-        merged = OmegaConf.merge(OmegaConf.create(base), cfg)
+        merged = merge_onto(merged, cfg)
     _SOURCES[id(merged)] = sources
     return merged
+
+
+def merge_onto(base: Any, overlay: Any) -> DictConfig:
+    """`overlay` merged onto `base` as `load_configs` merges files: a node whose `target:` the overlay changes is
+    replaced whole (`_drop_retargeted`), anything else merges key by key."""
+    plain = OmegaConf.to_container(OmegaConf.create(base), resolve=False)
+    _drop_retargeted(plain, OmegaConf.to_container(OmegaConf.create(overlay), resolve=False))
+    return OmegaConf.merge(OmegaConf.create(plain), overlay)
 
 
 def _drop_retargeted(base: Any, overlay: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from ldm import assets
 from ldm.checkpoint import TRAINING_ONLY_PREFIXES, CheckpointError, load_state_dict, load_weights
 from ldm.config import load_configs, safe_targets_only
+from ldm.lora import LoraSpec, apply_loras
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.encoders.tokenization import set_strict_vocab
 from ldm.util import instantiate_from_config
@@ -45,7 +46,7 @@ class ModelNotFound(FileNotFoundError):
 
 # Model params about a training run's starting weights (the file, which of its keys to skip); a model's own
 # weights replace them when it loads.
-INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model")
+INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from")
 
 
 def is_first_stage_target(target: str) -> bool:
@@ -96,7 +97,7 @@ def _hub_model(repo_id: str) -> Path:
                             "there is network") from e
 
 
-def _model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]]) -> tuple[Path, Path, Optional[str]]:
+def model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None) -> tuple[Path, Path, Optional[str]]:
     """(config, weights, built-in name or None) for `load_model`'s arguments."""
     named = _named_model(model)
     name = str(model) if named is not None and str(model) in BUILTIN_MODELS else None
@@ -132,7 +133,7 @@ def weights_hash(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = Non
     """The first 10 hex digits of the SHA-256 of the weights `load_model(model, ckpt)` reads (AUTOMATIC1111's
     "Model hash"; the whole digest is what a model card or the Hub lists)."""
     digest = hashlib.sha256()
-    with open(_model_files(model, ckpt)[1], "rb") as f:
+    with open(model_files(model, ckpt)[1], "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]
@@ -154,9 +155,19 @@ def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> 
             f"  python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --model-dir {config.parent}")
 
 
+def shared_parts(net: LatentDiffusion, state: Mapping[str, torch.Tensor], first_stage_ckpt: Optional[str]) -> list[str]:
+    """State-dict prefixes a weights file may leave out: the frozen first stage when the config names its own
+    checkpoint (`first_stage_ckpt`, loaded from there when the model was built) and the file has none of it."""
+    if not first_stage_ckpt or any(k.startswith("first_stage_model.") for k in state):
+        return []
+    return ["first_stage_model.", "cond_stage_model."] if net.cond_stage_model is net.first_stage_model \
+        else ["first_stage_model."]
+
+
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
                device: Union[str, torch.device] = "auto", precision: str = "fp32",
-               trust_config: bool = False, strict_vocab: bool = False) -> LatentDiffusion:
+               trust_config: bool = False, strict_vocab: bool = False,
+               lora: Sequence[LoraSpec] = ()) -> LatentDiffusion:
     """A trained model, in eval mode on `device`, ready for the functions below.
 
     `model` is a built-in name (`BUILTIN_MODELS`), the name of a model directory in ``$LDM_MODELS_DIR``, a
@@ -170,13 +181,15 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     torch.nn (`ldm.config.safe_targets_only`: a shared model directory cannot run code) unless `trust_config`.
     A prompt with words the text encoder's vocabulary lacks warns once (a `PromptWarning` naming them), or with
     `strict_vocab` raises `UnknownWordsError` (`ldm.modules.encoders.tokenization.set_strict_vocab`).
+    `lora` lists LoRA files to apply, each ``path``, ``"path:scale"`` or ``(path, scale)`` (diffusers or kohya key
+    format, `ldm.lora`): merged into the weights at their scales (needs peft).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     device = resolve_device(device) if isinstance(device, str) else device
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 autocast needs a GPU; on the CPU use precision bf16 (or fp32)")
-    config_path, weights_path, _ = _model_files(model, ckpt)
+    config_path, weights_path, _ = model_files(model, ckpt)
     config = OmegaConf.to_container(load_configs([config_path]), resolve=True)
     if "model" not in config:
         raise ValueError(f"{config_path} has no 'model:' section")
@@ -185,6 +198,10 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
                          f"sample with a diffusion model's directory; reconstruct images with ldm-reconstruct "
                          f"(in Python: ldm.model_loading.build_model(config, weights))")
     params = config["model"].setdefault("params", {})
+    if params.get("lora_config"):
+        raise ValueError(f"{config_path} is a LoRA fine-tuning run's config, whose checkpoints hold the adapter alone: "
+                         f"export it (ldm-export <run>/checkpoints/last.ckpt --lora -o lora.safetensors) and sample "
+                         f"its base model with --lora lora.safetensors, or export it merged (--merge-lora --model-dir)")
     state = load_state_dict(weights_path)
     ema_keys = [k for k in state if k.startswith("model_ema.")]
     params["use_ema"] = bool(ema_keys)  # an export already holds the EMA weights as the model's
@@ -192,15 +209,13 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
         params.pop(init, None)  # the weights come from `weights_path`, not the training config's init
     with safe_targets_only(not trust_config):
         net = instantiate_from_config(config["model"])
-    ignore = list(TRAINING_ONLY_PREFIXES)
-    first_stage_params = params.get("first_stage_config", {}).get("params", {})
-    if first_stage_params.get("ckpt_path") and not any(k.startswith("first_stage_model.") for k in state):
-        ignore.append("first_stage_model.")
-        if net.cond_stage_model is net.first_stage_model:
-            ignore.append("cond_stage_model.")
+    first_stage_ckpt = params.get("first_stage_config", {}).get("params", {}).get("ckpt_path")
+    ignore = [*TRAINING_ONLY_PREFIXES, *shared_parts(net, state, first_stage_ckpt)]
     load_weights(net, state, strict=True, ignore_prefixes=ignore, source=str(weights_path))
     if ema_keys:
         net.model_ema.copy_to(net.model)
+    if lora:
+        apply_loras(net, lora)
     net.inference_precision = precision
     set_strict_vocab(net, strict_vocab)
     return net.to(device).eval()

@@ -41,6 +41,9 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
                             f"config .yaml (default: {default})")
     group.add_argument("--ckpt", default=None,
                        help="weights (.safetensors or a training .ckpt); default: model.safetensors beside the config")
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="apply a LoRA (diffusers or kohya .safetensors, e.g. from ldm-export --lora) at SCALE "
+                            "(default 1), merged into the weights; repeat for several (needs pip install 'ldm[lora]')")
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     group.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *PRECISION_ALIASES],
                        help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
@@ -205,7 +208,7 @@ def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
         model = load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config,
-                           strict_vocab=getattr(opt, "strict_vocab", False))
+                           strict_vocab=getattr(opt, "strict_vocab", False), lora=getattr(opt, "lora", ()))
         opt.model_hash = weights_hash(opt.config, opt.ckpt)  # for the images' metadata (`generation_text`)
     return model
 
@@ -246,6 +249,8 @@ def generation_text(opt: argparse.Namespace, prompt: str, seed: int, **extra: st
     for optional in ("ckpt", "spacing", "strength"):
         if getattr(opt, optional, None) is not None:
             text[optional] = str(getattr(opt, optional))
+    if getattr(opt, "lora", None):
+        text["lora"] = ", ".join(opt.lora)
     return {**text, **extra, "software": f"ldm {__version__}"}
 
 

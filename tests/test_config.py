@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.config import ConfigError, load_configs
+from ldm.finetune import apply_init_from
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,7 @@ def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, r
     overrides = [f"{key}={semantic_folder if kind == 'SemanticFolder' else image_folder / Path(root).name}"
                  for key, root, kind in _dataset_roots(raw)]
     cfg = load_configs(paths, overrides=overrides)
+    apply_init_from(cfg)  # a fine-tuning config: the base model's architecture under its own settings
     from ldm.config import get_obj_from_str
     found = list(_targets(OmegaConf.to_container(cfg)))
     assert found, f"{path} has no target"

@@ -6,6 +6,14 @@
 The `.ckpt` is read with weights_only=True (no arbitrary unpickling). Training-only `loss.*` weights
 (LPIPS, discriminator) are dropped unless --keep-loss is given.
 
+A LoRA run (configs/latent-diffusion/txt2img_lora.yaml) checkpoints its adapter alone:
+    python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --lora -o my_lora.safetensors
+    python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --lora --format kohya -o my_lora.safetensors
+    python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --merge-lora --model-dir models/ldm/my-model
+--lora writes the adapter alone, a small file in diffusers' key format (diffusers' `load_lora_adapter` /
+`load_lora_weights`) or kohya's (AUTOMATIC1111, ComfyUI), for `ldm-txt2img --lora FILE[:SCALE]`; --merge-lora
+writes the base model with the adapter merged into its weights (a model directory, or -o weights).
+
 With --model-dir the export is a self-contained model directory for `ldm.inference.load_model` and the
 sampling scripts, loadable wherever it is copied:
 - `model.safetensors`: every weight sampling uses (the EMA weights folded into the model, no `model_ema.*`,
@@ -24,12 +32,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 from ldm.checkpoint import inference_state_dict, load_checkpoint_file, load_state_dict, save_safetensors
 from ldm.model_loading import INIT_PARAMS, build_model
-from ldm.config import load_configs
+from ldm.config import load_configs, safe_targets_only
+from ldm.finetune import apply_init_from
+from ldm.lora import export_trained_lora, is_lora_checkpoint, load_training_state, merge_trained_lora
+from ldm.lora_formats import FORMATS
+from ldm.util import instantiate_from_config
 from ldm.modules.encoders.vocabulary import find_bert_vocab
 from ldm.script_args import HelpFormatter, add_trust_config_arg, check_writable, command_line
 from ldm.cli.train import run_config_files
@@ -138,9 +150,10 @@ def limitations_section(config) -> list[str]:
             "before relying on it. It inherits whatever its training images and captions hold.", ""]
 
 
-def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary: Optional[Path] = None) -> Path:
-    """README.md: what the model is, how it was trained (from the run's config and checkpoint), how to use it, and
-    the words its caption encoder reads."""
+def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary: Optional[Path] = None,
+                     base_model: Optional[str] = None, merged_lora: bool = False) -> Path:
+    """README.md: what the model is, how it was trained (from the run's config and checkpoint; the model it was
+    fine-tuned from, `base_model`), how to use it, and the words its caption encoder reads."""
     params = config.model.get("params", {})
     step = load_checkpoint_file(ckpt, mmap=True).get("global_step") if ckpt.suffix == ".ckpt" else None
     data = OmegaConf.select(config, "data.params.train", default=None)
@@ -157,6 +170,8 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
         f"{config.model.get('base_learning_rate', '?')}, batch size "
         f"{OmegaConf.select(config, 'data.params.batch_size', default='?')} |",
         f"| training data | `{data.target if data is not None else '?'}` |",
+        *([f"| fine-tuned from | `{base_model}`{' (a LoRA, merged into its weights)' if merged_lora else ''} |"]
+          if base_model else []),
         f"| weights | {dtype}; `config.yaml` holds the full training config |", "",
         "Use it:", "", "```bash", usage_line(config, model_dir), "```", "",
         "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
@@ -167,6 +182,26 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
     path = model_dir / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def default_out(opt: argparse.Namespace) -> Path:
+    """-o, else beside the checkpoint (``last.safetensors``; a LoRA adapter ``last-lora.safetensors``, since a LoRA
+    run's own ``last.safetensors`` is one already)."""
+    if opt.out is not None:
+        return opt.out
+    return opt.ckpt.with_name(f"{opt.ckpt.stem}-lora.safetensors") if opt.lora else opt.ckpt.with_suffix(".safetensors")
+
+
+def trained_lora_model(opt: argparse.Namespace, config: DictConfig) -> torch.nn.Module:
+    """The LoRA run's model: its base weights (`init_from`) and the checkpoint's adapter."""
+    if not OmegaConf.select(config, "model.params.lora_config"):
+        raise SystemExit(f"error: {opt.ckpt} is not from a LoRA run (its config has no model.params.lora_config): "
+                         "export it without --lora / --merge-lora")
+    apply_init_from(config)
+    with safe_targets_only(not opt.trust_config):
+        model = instantiate_from_config(config.model)
+    load_training_state(model, load_state_dict(opt.ckpt), str(opt.ckpt))
+    return model.eval()
 
 
 def refuse_to_lose(opt: argparse.Namespace) -> None:
@@ -181,7 +216,7 @@ def refuse_to_lose(opt: argparse.Namespace) -> None:
             raise SystemExit(f"error: --model-dir {opt.model_dir} already holds a model ({', '.join(existing)}); "
                              "give a new directory, or --overwrite to replace it")
         return
-    out = opt.out or opt.ckpt.with_suffix(".safetensors")
+    out = default_out(opt)
     if out.exists() and out.resolve() == opt.ckpt.resolve():
         raise SystemExit(f"error: -o {out} is the checkpoint being exported; write the weights elsewhere "
                          "(the training checkpoint is what `main.py -r` resumes from)")
@@ -205,19 +240,45 @@ def main() -> None:
                         help="with --model-dir: type of the stored parameters (fp16 halves the file)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing -o file or --model-dir model (the checkpoint read is never replaced)")
+    lora = parser.add_argument_group("LoRA runs")
+    lora.add_argument("--lora", action="store_true",
+                      help="write the run's LoRA adapter alone (-o FILE.safetensors), for --lora FILE[:SCALE] when "
+                           "sampling and for diffusers / kohya-format tools")
+    lora.add_argument("--format", choices=FORMATS, default="diffusers",
+                      help="with --lora: the key format (diffusers: unet.<module>.lora_A/B.weight; kohya: "
+                           "lora_unet_<module>.lora_down/up.weight + .alpha)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="write the base model with the run's LoRA merged into its weights (--model-dir or -o)")
     add_trust_config_arg(parser)
     opt = parser.parse_args()
+    if opt.lora and (opt.merge_lora or opt.model_dir is not None):
+        parser.error("--lora writes the adapter alone (-o FILE.safetensors); for a model directory use --merge-lora")
     refuse_to_lose(opt)
-    if opt.model_dir is not None:
+    config, model = None, None
+    if opt.lora or opt.merge_lora:
         config = load_configs(opt.config or ckpt_run_configs(opt.ckpt))
+        model = trained_lora_model(opt, config)
+        if opt.lora:
+            out = export_trained_lora(model, default_out(opt), opt.format, metadata={"source": str(opt.ckpt)})
+            print(f"wrote {out}: the LoRA adapter in {opt.format} format ({out.stat().st_size / 2**20:.2f} MiB)")
+            return
+        merge_trained_lora(model)
+        OmegaConf.select(config, "model.params").pop("lora_config")
+    if opt.model_dir is not None:
+        config = config if config is not None else load_configs(opt.config or ckpt_run_configs(opt.ckpt))
+        if OmegaConf.select(config, "model.params.lora_config"):
+            raise SystemExit(f"error: {opt.ckpt} holds a LoRA adapter alone: export the model with it merged "
+                             "(--merge-lora), or the adapter (--lora -o FILE.safetensors)")
+        base_model = OmegaConf.select(config, "model.params.init_from")
         # The directory holds every weight: the training run's starting point is not needed to load it.
         for init in INIT_PARAMS:
             OmegaConf.select(config, "model.params", default={}).pop(init, None)
-        # The checkpoint is read (and fits the config) before anything is written: a bad checkpoint leaves a
-        # model directory that was there as it was.
-        with tempfile.TemporaryDirectory() as scratch:
-            OmegaConf.save(config, Path(scratch) / "config.yaml")
-            model = build_model(Path(scratch) / "config.yaml", opt.ckpt, trust_config=opt.trust_config)
+        if model is None:
+            # The checkpoint is read (and fits the config) before anything is written: a bad checkpoint leaves a
+            # model directory that was there as it was.
+            with tempfile.TemporaryDirectory() as scratch:
+                OmegaConf.save(config, Path(scratch) / "config.yaml")
+                model = build_model(Path(scratch) / "config.yaml", opt.ckpt, trust_config=opt.trust_config)
         state = sampling_state_dict(model, config, DTYPES[opt.dtype], opt.share_first_stage)
         if not opt.share_first_stage:
             OmegaConf.select(config, "model.params.first_stage_config.params", default={}).pop("ckpt_path", None)
@@ -227,14 +288,22 @@ def main() -> None:
         OmegaConf.save(config, config_path)
         out = save_safetensors(state, opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
-        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype, vocabulary)
+        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype, vocabulary, base_model, opt.merge_lora)
         written = ", ".join(str(p) for p in (config_path, out, vocabulary, card) if p is not None)
         print(f"wrote {written} ({out.stat().st_size / 2**20:.2f} MiB of weights)")
         return
+    out = default_out(opt)
+    if model is not None:  # --merge-lora -o: the merged model's weights
+        state = sampling_state_dict(model, config, torch.float32)
+        save_safetensors(state, out, metadata={"source": str(opt.ckpt), "merged_lora": "true"})
+        print(f"wrote {out} ({len(state)} tensors, the LoRA merged)")
+        return
     state = load_state_dict(opt.ckpt)
+    if is_lora_checkpoint(state):
+        raise SystemExit(f"error: {opt.ckpt} holds a LoRA adapter alone: export it with --lora -o FILE.safetensors, "
+                         "or the whole model with it merged (--merge-lora)")
     if not opt.keep_loss:
         state = inference_state_dict(state)
-    out = opt.out or opt.ckpt.with_suffix(".safetensors")
     save_safetensors(state, out, metadata={"source": str(opt.ckpt)})
     print(f"wrote {out} ({len(state)} tensors)")
 

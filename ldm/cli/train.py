@@ -35,6 +35,7 @@ from ldm.config import ConfigError, describe_key, load_configs, refuse_unsafe_ta
 from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
+from ldm.finetune import apply_init_from
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
 from ldm.run_lock import LOCK_NAME, RunLocked, lock_run
 from ldm.script_args import HelpFormatter
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.autograd.set_detect_anomaly(True)
     pl.seed_everything(opt.seed, workers=True)
     config = load_configs(opt.base, overrides=overrides)
+    apply_init_from(config)  # fine-tuning: the base model's architecture under the run's own settings
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_options = resolve_trainer_options(lightning_config, opt)
     lightning_config.trainer = trainer_options

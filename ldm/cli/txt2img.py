@@ -2,6 +2,7 @@
 
     python scripts/txt2img.py --prompt "a red circle above a blue square" --n_samples 4 --n_iter 2 --steps 50
     python scripts/txt2img.py --from-file prompts.txt --H 64 --W 96 --plms --seed 7
+    python scripts/txt2img.py --prompt "a red circle" --lora my_lora.safetensors:0.8 --lora other.safetensors
 
 Every sample is written to <outdir>/samples/NNNNN.png, numbered after the files already there, and each run
 adds one grid <outdir>/grid-NNNN.png with a row per prompt and iteration and --n_samples columns. --H/--W
@@ -9,6 +10,10 @@ larger than the model's training size sample the U-Net convolutionally on the la
 Sec. 4.3.2). Image k of a run (counted over all batches) has seed --seed + k: the same seed gives the same
 image, alone (--n_samples 1) or in any batch. Each sample's PNG carries how it was made as text metadata
 (prompt, negative prompt, seed, sampler, steps, scale, model; `PIL.Image.open(path).text`).
+
+--lora FILE[:SCALE] (repeatable) applies LoRA adapters, each at its scale (default 1), merged into the model's
+weights before sampling: the files `ldm-export <run>/checkpoints/last.ckpt --lora` writes, or LoRAs in diffusers' or
+kohya's key format made for a model of this layout (docs/training.md, "Fine-tuning a trained model").
 """
 import argparse
 from pathlib import Path

@@ -98,6 +98,13 @@ def _ldmbert_key(key: str) -> str:
             "transformer.to_logits.bias": "to_logits.bias"}[key]
 
 
+def ldmbert_module_names(embedder: BERTEmbedder) -> dict[str, str]:
+    """BERTEmbedder module path (`transformer.*`) -> LDMBertModel module path, for every module holding a weight
+    (the names an adapter such as a LoRA is keyed by)."""
+    return {key[: -len(".weight")]: _ldmbert_key(key)[: -len(".weight")] for key in _shapes(bert_params(embedder))
+            if key.endswith(".weight")}
+
+
 def _shapes(params: Mapping[str, Any]) -> dict[str, torch.Size]:
     with torch.device("meta"):
         embedder = BERTEmbedder(**{k: params[k] for k in ("n_embed", "n_layer", "vocab_size", "max_seq_len", "heads",

@@ -413,6 +413,14 @@ def _key_map(params: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, torch
     return key_map, shapes
 
 
+def diffusers_module_names(params: Mapping[str, Any]) -> dict[str, str]:
+    """CompVis module path -> diffusers module path, for every module of a UNetModel built with `params` that holds
+    weights (what an adapter such as a LoRA is keyed by: the same mapping as the weights'). ValueError for a U-Net
+    diffusers cannot hold."""
+    key_map, _ = _key_map(params)
+    return {key.rsplit(".", 1)[0]: name.rsplit(".", 1)[0] for key, name in key_map.items() if key.endswith(".weight")}
+
+
 def _check_unet_keys(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], what: str) -> None:
     """`check_keys`, with a hint when the keys are a whole LatentDiffusion state dict."""
     hint = ""

@@ -46,27 +46,39 @@ class CrossAttention(nn.Module):
         return t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if context is None and self.context_dim != x.shape[-1]:
+            raise ValueError(
+                f"this attention was built for a context of width {self.context_dim}, but none was given; "
+                "pass the conditioning as context"
+            )
+        if context is not None and context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"context has {context.shape[-1]} features but this attention was built with "
+                f"context_dim={self.context_dim}; set the U-Net's context_dim to the conditioning "
+                "encoder's output width"
+            )
         # Projections that read the same input run as one matrix product with the weights side by side
-        # (q, k, v for self-attention; k, v for cross-attention): fewer, larger products, same result.
-        if context is None:
-            if self.context_dim != x.shape[-1]:
-                raise ValueError(
-                    f"this attention was built for a context of width {self.context_dim}, but none was given; "
-                    "pass the conditioning as context"
-                )
+        # (q, k, v for self-attention; k, v for cross-attention): fewer, larger products, same result. An adapter
+        # wrapping a projection (a peft LoRA layer, ldm/lora.py) computes more than its weight: then each runs itself.
+        if not all(type(m) is nn.Linear for m in (self.to_q, self.to_k, self.to_v)):
+            source = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
+        elif context is None:
             q, k, v = F.linear(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])).chunk(3, -1)
         else:
-            if context.shape[-1] != self.context_dim:
-                raise ValueError(
-                    f"context has {context.shape[-1]} features but this attention was built with "
-                    f"context_dim={self.context_dim}; set the U-Net's context_dim to the conditioning "
-                    "encoder's output width"
-                )
             q = self.to_q(x)
             k, v = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).chunk(2, -1)
         # Default scale 1/sqrt(dim_head), as the reference (Vaswani et al. 2017, eq. 1).
         out = F.scaled_dot_product_attention(self._split_heads(q), self._split_heads(k), self._split_heads(v))
         return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+def _pointwise(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to tokens (B, L, C): as the linear map it is, or, when an adapter wraps it (a peft
+    LoRA layer computes more than its weight), as the module itself on the tokens laid out as a (B, C, L, 1) map."""
+    if type(conv) is nn.Conv2d:
+        return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+    return conv(tokens.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
 
 
 class GEGLU(nn.Module):
@@ -182,9 +194,9 @@ class SpatialTransformer(nn.Module):
         # the others. The 1x1 convolutions proj_in/proj_out are the same maps as linear layers on tokens, so
         # they run as such (their weights reshaped), without a layout change around each.
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        tokens = _pointwise(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context=context)
-        tokens = F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        tokens = _pointwise(self.proj_out, tokens)
         # x first: the sum takes x's memory layout, so a contiguous U-Net stays contiguous.
         return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)

@@ -495,7 +495,7 @@ class LatentDiffusion(DDPM):
                  cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
                  conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
                  cache_latents: Union[bool, Mapping] = False, latent_channel_norm: bool = False,
-                 **kwargs: Any) -> None:
+                 init_from: Optional[str] = None, lora_config: Optional[Mapping] = None, **kwargs: Any) -> None:
         if num_timesteps_cond not in (None, 1):
             raise ValueError(f"num_timesteps_cond={num_timesteps_cond}: the reference's noisy-condition schedule "
                              "is not supported; use 1")
@@ -526,6 +526,38 @@ class LatentDiffusion(DDPM):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
+        self.init_from = init_from
+        if init_from is not None:  # fine-tuning a trained model (ldm/finetune.py)
+            from ldm.finetune import load_base_weights  # it imports model loading, which imports this module
+
+            load_base_weights(self, init_from, first_stage_config)
+            self.restarted_from_ckpt = True  # the base's scale_factor stays: its U-Net was trained on it
+        self.lora_settings = None
+        if lora_config is not None:
+            self._add_lora(lora_config)
+
+    def _add_lora(self, lora_config: Mapping) -> None:
+        """Freeze the model and train a LoRA adapter on it (ldm/lora.py); checkpoints then hold the adapter alone."""
+        from ldm.lora import LoraSettings, add_lora
+
+        self.lora_settings = LoraSettings.from_config(lora_config)
+        trainable = add_lora(self, self.lora_settings)
+        if self.use_ema:  # an average of the adapter alone: the frozen weights do not move
+            self.model_ema = LitEma(self.model, decay=float(self.model_ema.decay))
+        self.strict_loading = False  # a resumed checkpoint holds no base weights (`on_load_checkpoint` checks it)
+        log.info(f"LoRA: {trainable:,} trainable parameters (rank {self.lora_settings.rank}), the rest frozen")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora_settings is not None:
+            from ldm.lora import training_state
+
+            checkpoint["state_dict"] = training_state(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora_settings is not None:
+            from ldm.lora import check_training_state
+
+            check_training_state(self, checkpoint["state_dict"], "the resumed checkpoint")
 
     # ------------------------------------------------------------------------------------ parts
 
@@ -706,7 +738,8 @@ class LatentDiffusion(DDPM):
 
     def on_fit_start(self) -> None:
         log.info(f"{self.__class__.__name__}: scale_factor {float(self.scale_factor):.5f}"
-                 + (" (scale_by_std: measured on the first batch of a fresh run)" if self.scale_by_std else ""))
+                 + (" (from the starting weights)" if self.restarted_from_ckpt else
+                    " (scale_by_std: measured on the first batch of a fresh run)" if self.scale_by_std else ""))
 
     def on_train_start(self) -> None:
         # The train loader exists from here on (not yet in on_fit_start).
@@ -727,6 +760,8 @@ class LatentDiffusion(DDPM):
             self.latent_cache.save()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.lora_settings is not None:
+            return [p for p in self.parameters() if p.requires_grad]  # the adapter's weights
         params = super().trainable_parameters()
         if self.cond_stage_trainable and self.cond_stage_model is not None:
             log.info(f"{self.__class__.__name__}: also optimizing the parameters of "
