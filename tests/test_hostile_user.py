@@ -121,3 +121,41 @@ def test_a_checkpoint_write_that_finds_the_disk_full_keeps_the_old_one_and_says_
                                                      f"then resume with: python main.py -r {run}.")
     last.unlink()
     assert f"then start it again (it had saved no checkpoint; remove {run} first)" in disk_full_message(error.value)
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d"
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="this machine lets no process mount a tmpfs of its own")
+def test_training_into_a_disk_that_fills_up_ends_in_one_line_and_resumes_once_there_is_room(tmp_path):
+    """A real full disk: the run's --logdir on a 40 MiB tmpfs (in a mount namespace of the test's own), where the
+    step-4 checkpoints fit (two of 14 MiB: the KL first stage carries its LPIPS network) and those of step 8 do
+    not. Then the tmpfs grows, as when the user frees space, and `-r` alone finishes the run."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fast = ("data.params.batch_size=4 data.params.num_workers=0 data.params.train.params.num_samples=64 "
+            "data.params.validation.params.num_samples=8 lightning.callbacks.image_logger.params.disabled=true "
+            "--limit_val_batches 1 --val_check_interval 4 --enable_model_summary false")
+    script = f"""
+        mount -t tmpfs -o size=40m tmpfs {logs}
+        {sys.executable} main.py --base configs/autoencoder/autoencoder_kl_shapes_f4.yaml -t --no-test \
+            --max_steps 12 {fast} -l {logs} 2> {tmp_path}/first.err
+        echo "first: $?"
+        mount -o remount,size=200m {logs}
+        {sys.executable} main.py -r $(ls -d {logs}/*/) 2> {tmp_path}/second.err
+        echo "second: $?"
+        {sys.executable} -c "import torch, glob; print('step', torch.load(glob.glob('{logs}/*/checkpoints/last.ckpt')[0], weights_only=True)['global_step'])"
+    """
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    first = (tmp_path / "first.err").read_text()
+    assert "first: 1" in proc.stdout and "Traceback" not in first, first[-3000:]
+    line = first.strip().splitlines()[-1]
+    assert line.startswith(f"error: no space left on the disk writing {logs}/") and "/checkpoints/" in line
+    assert "then resume with: python main.py -r" in line
+    assert "second: 0" in proc.stdout, (tmp_path / "second.err").read_text()[-3000:]
+    assert "step 12" in proc.stdout
