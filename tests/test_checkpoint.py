@@ -28,12 +28,14 @@ def test_ckpt_with_state_dict_entry_and_safetensors_round_trip(tmp_path):
     assert set(back) == {"weight", "bias"} and torch.equal(back["bias"], model.bias)
 
 
+@pytest.mark.hostile
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="weights-only"):
         load_state_dict(tmp_path / "evil.ckpt")
 
 
+@pytest.mark.hostile
 def test_missing_unexpected_and_shape_errors_list_keys():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
     sd = model.state_dict()
@@ -49,6 +51,7 @@ def test_missing_unexpected_and_shape_errors_list_keys():
     assert missing == [] and unexpected == []
 
 
+@pytest.mark.hostile
 def test_missing_file():
     with pytest.raises(CheckpointError, match="not found"):
         load_state_dict("/nonexistent/x.ckpt")
@@ -61,6 +64,7 @@ def test_export_script_drops_loss_weights(tmp_path):
     assert set(load_state_dict(tmp_path / "last.safetensors")) == {"encoder.w"}
 
 
+@pytest.mark.hostile
 def test_export_never_replaces_its_checkpoint_nor_without_overwrite_an_earlier_export(tmp_path, monkeypatch):
     from ldm.cli import export_weights
 
@@ -91,6 +95,7 @@ def test_export_never_replaces_its_checkpoint_nor_without_overwrite_an_earlier_e
     assert (model_dir / "model.safetensors").read_bytes() == b"a model"
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
 def test_a_damaged_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, damage):
     from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
@@ -102,6 +107,7 @@ def test_a_damaged_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, da
         load_state_dict(path)
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_weights_and_checkpoints_are_written_with_the_users_umask(tmp_path, umask):
     # As torch.save and open() create files; safetensors and mkstemp alone would make every file 0600.

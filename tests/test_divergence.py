@@ -25,6 +25,7 @@ def test_a_non_finite_loss_is_named_with_its_terms():
                                "steps": torch.tensor([1, 2])}) == ["b"]
 
 
+@pytest.mark.hostile
 def test_checkpoints_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     io = SafeCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -67,6 +68,7 @@ def _fit(model, ckptdir: Path, steps: int) -> None:
     trainer.fit(model, DataLoader(data, batch_size=4))
 
 
+@pytest.mark.hostile
 def test_a_diverging_fit_keeps_the_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     config = txt2img_config()["model"]
@@ -83,6 +85,7 @@ def test_a_diverging_fit_keeps_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / "last.ckpt").read_bytes() == good
 
 
+@pytest.mark.hostile
 def test_main_stops_a_diverging_run_with_one_line(tmp_path):
     proc = run_main(["--base", DIFFUSION_CONFIGS["txt2img"], "-t", "--no-test", "--max_steps", "8", *FAST,
                      "lightning.callbacks.image_logger.params.disabled=true", "model.base_learning_rate=1e12"],

@@ -1,8 +1,9 @@
 """A careless or hostile user's inputs: each ends in one line that names the problem and the fix, before any work
-is done or anything already written is touched (issue 28's list). Other modules hold the rest of the suite:
-kill/resume and concurrent resume (test_main.py), malicious configs and pickles (test_safe_loading.py,
-test_main.py), outputs that never replace inputs (test_scripts_inpaint_interpolate.py), export over its own
-checkpoint (test_checkpoint.py)."""
+is done or anything already written is touched (issue 28's list). The rest of the hostile-user suite lives beside
+the code it exercises, marked `hostile` as these are (`pytest -m hostile` runs the whole suite): kill/resume and
+concurrent resume (test_main.py), malicious configs and pickles (test_safe_loading.py, test_main.py), outputs that
+never replace inputs (test_scripts_inpaint_interpolate.py), export over its own checkpoint and damaged files
+(test_checkpoint.py), divergence (test_divergence.py)."""
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 
 from ldm.data.folder import ImageFolderDataset
 from tests.helpers import REPO, load_script
+
+pytestmark = pytest.mark.hostile
 
 UNWRITABLE = "/proc/ldm-out"  # not writable even as root
 NOT_UTF8 = "a red circle \xe9".encode("latin-1")

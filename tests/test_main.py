@@ -99,6 +99,7 @@ def test_scale_lr_prints_arithmetic(tmp_path):
     assert "--scale_lr: 1 (accumulate_grad_batches) * 1 (num_nodes) * 1 (devices) * 4 (batch size)" in proc.stdout
 
 
+@pytest.mark.hostile
 def test_sigterm_saves_last_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env.pop("LDM_RUN_NOW", None)
@@ -124,6 +125,7 @@ def test_sigterm_saves_last_checkpoint(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
 
 
+@pytest.mark.hostile
 def test_bad_config_key_exits_with_clear_message(tmp_path):
     proc = run_main(["--base", BUILTIN["kl"], "model.params.embed_dimm=3"], tmp_path, check=False)
     assert proc.returncode == 2
@@ -135,6 +137,7 @@ def test_debug_run_moves_to_debug_runs(tmp_path):
     assert len(list((tmp_path / "logs" / "debug_runs").iterdir())) == 1
 
 
+@pytest.mark.hostile
 def test_real_data_config_without_data_says_what_to_provide(tmp_path, random_vgg16_file):
     env_vgg = f"model.params.lossconfig.params.vgg_weights_path={random_vgg16_file}"
     proc = run_main(["--base", "configs/autoencoder/autoencoder_kl_32x32x4.yaml", "-t", env_vgg,
@@ -178,6 +181,7 @@ def test_a_learning_rate_changed_on_resume_is_applied(tmp_path):
     assert [g["lr"] for opt in saved["optimizer_states"] for g in opt["param_groups"]] == pytest.approx([2.5e-5] * 2)
 
 
+@pytest.mark.hostile
 def test_a_resumed_runs_configs_build_only_safe_classes_unless_trusted(tmp_path):
     # A run directory from elsewhere: its saved configs must not run code on `-r` (model directories are held to
     # the same rule); the user's own flags and overrides are not restricted.
@@ -206,6 +210,7 @@ def test_a_resumed_runs_configs_build_only_safe_classes_unless_trusted(tmp_path)
     assert json.loads(mark.read_text())["global_step"] == 2
 
 
+@pytest.mark.hostile
 def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path):
     from ldm import run_lock
 
@@ -238,6 +243,7 @@ def _train_loss_steps(logdir):
     return [int(row.split(",")[step]) for row in rows[1:] if row.split(",")[loss]]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("kill", ["during_training", "while_saving"])
 def test_a_killed_run_resumes_with_r_alone_to_the_configs_max_steps(kill, tmp_path):
     """SIGKILL (no handler runs) mid-training or mid-checkpoint-write, $TMPDIR on another directory; then
@@ -295,6 +301,7 @@ def test_the_configs_logger_is_used_and_a_loss_curve_is_drawn(tmp_path):
     assert curve.size == (720, 420) and (31, 119, 180) in colours  # the first series was drawn
 
 
+@pytest.mark.hostile
 def test_unreadable_training_images_are_reported_each_epoch(tmp_path):
     from PIL import Image
 

@@ -28,6 +28,7 @@ def malicious_model_dir(source, tmp_path, marker, where=("model",)):
     return directory
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("where", [("model",), ("model", "params", "cond_stage_config")],
                          ids=["top-level", "nested"])
 def test_a_model_directory_naming_os_system_is_refused_and_runs_nothing(tmp_path, tiny_txt2img_model, where):
@@ -38,6 +39,7 @@ def test_a_model_directory_naming_os_system_is_refused_and_runs_nothing(tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.hostile
 def test_the_script_says_so_in_one_line(tmp_path, tiny_txt2img_model, monkeypatch):
     marker = tmp_path / "pwned"
     directory = malicious_model_dir(tiny_txt2img_model, tmp_path, marker)
@@ -49,6 +51,7 @@ def test_the_script_says_so_in_one_line(tmp_path, tiny_txt2img_model, monkeypatc
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.hostile
 def test_programs_and_functions_of_the_toolkit_are_refused_too():
     # `main.main` would read and run another (trusted) config; only classes are built.
     with safe_targets_only(), pytest.raises(ConfigError, match="refusing to build 'main.main'"):
@@ -78,6 +81,7 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.hostile
 def test_resume_reads_checkpoints_weights_only_even_when_the_environment_says_otherwise(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     path = tmp_path / "last.ckpt"

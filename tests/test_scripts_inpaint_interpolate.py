@@ -194,6 +194,7 @@ def _bad_input(tmp_path: Path, problem: str) -> Path:
     return directory
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("problem, message", [
     ("missing", "is not a folder"),
     ("empty", "has no *_mask.png files"),
@@ -214,6 +215,7 @@ def test_inpaint_bad_inputs_exit_before_loading_a_model(tmp_path, capsys, proble
 # ---------------------------------------------------------------------------------------------- interpolate.py
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("args, message", [
     (["--plms"], "--sampler plms cannot; use --sampler ddpm or ddim"),
     (["--n_frames", "1"], "--n_frames must be at least 2"),
@@ -227,6 +229,7 @@ def test_interpolate_bad_options_exit_before_loading_a_model(tmp_path, capsys, a
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("args, message", [
     (["--t", "500"], "t must be a timestep in 0..15"),
     (["--image-a", "missing.png", "--image-b", "missing.png"], "no image at missing.png"),
@@ -389,6 +392,7 @@ def test_inpaint_keeps_known_pixels_and_fills_the_mask(runs, example_dir, run_na
         np.testing.assert_array_equal(rows[0, 1], read_rgb(outdir / "shapes_test_000.png"))
 
 
+@pytest.mark.hostile
 def test_inpaint_never_replaces_inputs_or_earlier_results_and_says_how_each_was_made(tmp_path, tiny_inpainting_model):
     """--outdir = --indir keeps the sources (results take name-1.png); a second run keeps the first run's results
     and grid; --overwrite replaces earlier results but still not the inputs; every PNG carries its settings."""
@@ -441,6 +445,7 @@ def test_progressive_strip_has_a_row_per_sample(runs):
     assert np.abs(frames[:, 0] - frames[:, -1]).max() > 1  # x̂_0 changes along the reverse process
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("script, args", [
     ("inpaint", ["--indir", "/nonexistent"]),
     ("interpolate", []),
