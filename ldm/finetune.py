@@ -80,14 +80,20 @@ def _ema_as_model(model: Any, state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if not k.startswith("model_ema.")}
 
 
-def load_base_weights(model: Any, init_from: str, first_stage_config: Optional[Mapping[str, Any]] = None) -> None:
+def load_base_weights(model: Any, init_from: str, first_stage_config: Optional[Mapping[str, Any]] = None,
+                      new_words: Optional[Mapping[str, Optional[str]]] = None) -> None:
     """Load the weights of the model `init_from` names into `model` (built from `apply_init_from`'s config) and
-    restart its EMA from them. A first stage the weights leave out comes from its own checkpoint (as `load_model`)."""
+    restart its EMA from them. A first stage the weights leave out comes from its own checkpoint (as `load_model`).
+    With `new_words` ({word: like word or None}) the base's embedding table is first grown onto `model`'s
+    vocabulary (ldm/new_words.py)."""
     from ldm.model_loading import shared_parts
     from ldm.modules.ema import LitEma
+    from ldm.new_words import grow_base_state
 
     _, weights = base_model_files(init_from)
     state = _ema_as_model(model, load_state_dict(weights))
+    if new_words:
+        state = grow_base_state(state, model, init_from, new_words)
     first_stage_ckpt = ((first_stage_config or {}).get("params") or {}).get("ckpt_path")
     ignore = [*TRAINING_ONLY_PREFIXES, "model_ema.", *shared_parts(model, state, first_stage_ckpt)]
     load_weights(model, state, strict=True, ignore_prefixes=ignore, source=str(weights))

@@ -44,9 +44,11 @@ class ModelNotFound(FileNotFoundError):
     """A model's config or weights are missing; the message says how to make them."""
 
 
-# Model params about a training run's starting weights (the file, which of its keys to skip); a model's own
-# weights replace them when it loads.
-INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from")
+# Model params about how a training run starts (its starting weights, which of their keys to skip; a fine-tuning
+# run's new words, whether only those train, and its prior-preservation images): a model's own weights replace them
+# when it loads, and a run that fine-tunes it does not inherit them.
+INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from", "new_words", "train_only_new_words",
+               "prior_preservation")
 
 
 def is_first_stage_target(target: str) -> bool:

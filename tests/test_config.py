@@ -10,6 +10,7 @@ from PIL import Image
 
 from ldm.config import ConfigError, load_configs
 from ldm.finetune import apply_init_from
+from ldm.new_words import prepare_new_words
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +167,7 @@ def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, r
                  for key, root, kind in _dataset_roots(raw)]
     cfg = load_configs(paths, overrides=overrides)
     apply_init_from(cfg)  # a fine-tuning config: the base model's architecture under its own settings
+    prepare_new_words(cfg, tmp_path / "run")  # and the words it adds to the base's vocabulary, as main.py does
     from ldm.config import get_obj_from_str
     found = list(_targets(OmegaConf.to_container(cfg)))
     assert found, f"{path} has no target"

@@ -23,12 +23,14 @@ sampling scripts, loadable wherever it is copied:
 - `config.yaml`: the run's config (model, data and lightning sections), so `main.py --base <dir>/config.yaml
   -t` retrains it; file references inside the directory are relative to it;
 - the caption tokenizer's vocabulary (`vocab.txt`) when the config names one;
-- `README.md`, a model card: what the model is, what it was trained on and for how long, how to use it.
+- `README.md`, a model card: what the model is, what it was trained on and for how long, how to use it (a
+  fine-tuned model: the model it started from and the words it added to its vocabulary).
 """
 import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -43,6 +45,7 @@ from ldm.lora import export_trained_lora, is_lora_checkpoint, load_training_stat
 from ldm.lora_formats import FORMATS
 from ldm.util import instantiate_from_config
 from ldm.modules.encoders.vocabulary import find_bert_vocab
+from ldm.new_words import parse_new_words
 from ldm.script_args import HelpFormatter, add_trust_config_arg, check_writable, command_line
 from ldm.cli.train import run_config_files
 
@@ -150,10 +153,24 @@ def limitations_section(config) -> list[str]:
             "before relying on it. It inherits whatever its training images and captions hold.", ""]
 
 
+def new_words_section(new_words: Mapping[str, Optional[str]], only: bool) -> list[str]:
+    """Model card lines naming the words a fine-tuning run added to the base model's vocabulary
+    (ldm/new_words.py), and what each started from."""
+    rows = [f"| `{word}` | {f'`{like}`' if like else 'the mean of the embedding table'} |"
+            for word, like in new_words.items()]
+    how = ("textual inversion: only their embeddings trained, every other weight is the base model's" if only
+           else "their embeddings trained with the rest of the model")
+    return ["## New words", "",
+            f"Fine-tuning added {len(rows)} word{'s' * (len(rows) > 1)} to the base model's vocabulary ({how}); use "
+            "them in prompts:", "", "| word | embedding started from |", "|---|---|", *rows, ""]
+
+
 def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary: Optional[Path] = None,
-                     base_model: Optional[str] = None, merged_lora: bool = False) -> Path:
+                     base_model: Optional[str] = None, merged_lora: bool = False,
+                     new_words: Optional[Mapping[str, Optional[str]]] = None, only_new_words: bool = False) -> Path:
     """README.md: what the model is, how it was trained (from the run's config and checkpoint; the model it was
-    fine-tuned from, `base_model`), how to use it, and the words its caption encoder reads."""
+    fine-tuned from, `base_model`, and the words it added, `new_words`), how to use it, and the words its caption
+    encoder reads."""
     params = config.model.get("params", {})
     step = load_checkpoint_file(ckpt, mmap=True).get("global_step") if ckpt.suffix == ".ckpt" else None
     data = OmegaConf.select(config, "data.params.train", default=None)
@@ -172,11 +189,13 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
         f"| training data | `{data.target if data is not None else '?'}` |",
         *([f"| fine-tuned from | `{base_model}`{' (a LoRA, merged into its weights)' if merged_lora else ''} |"]
           if base_model else []),
+        *([f"| new words | {', '.join(f'`{w}`' for w in new_words)} |"] if new_words else []),
         f"| weights | {dtype}; `config.yaml` holds the full training config |", "",
         "Use it:", "", "```bash", usage_line(config, model_dir), "```", "",
         "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
         "(`bench/convergence.py`, `bench/sampling.py`) and add them here.", "",
         *limitations_section(config),
+        *(new_words_section(new_words, only_new_words) if new_words else []),
         *(vocabulary_section(vocabulary) if vocabulary is not None else []),
     ]
     path = model_dir / "README.md"
@@ -270,6 +289,8 @@ def main() -> None:
             raise SystemExit(f"error: {opt.ckpt} holds a LoRA adapter alone: export the model with it merged "
                              "(--merge-lora), or the adapter (--lora -o FILE.safetensors)")
         base_model = OmegaConf.select(config, "model.params.init_from")
+        new_words = parse_new_words(OmegaConf.select(config, "model.params.new_words", default=None))
+        only_new_words = bool(OmegaConf.select(config, "model.params.train_only_new_words", default=False))
         # The directory holds every weight: the training run's starting point is not needed to load it.
         for init in INIT_PARAMS:
             OmegaConf.select(config, "model.params", default={}).pop(init, None)
@@ -288,7 +309,8 @@ def main() -> None:
         OmegaConf.save(config, config_path)
         out = save_safetensors(state, opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
-        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype, vocabulary, base_model, opt.merge_lora)
+        card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype, vocabulary, base_model, opt.merge_lora,
+                                new_words, only_new_words)
         written = ", ".join(str(p) for p in (config_path, out, vocabulary, card) if p is not None)
         print(f"wrote {written} ({out.stat().st_size / 2**20:.2f} MiB of weights)")
         return

@@ -37,6 +37,8 @@ from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
 from ldm.finetune import apply_init_from
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
+from ldm.new_words import prepare_new_words
+from ldm.prior_preservation import prepare_prior_preservation
 from ldm.run_lock import LOCK_NAME, RunLocked, lock_run
 from ldm.script_args import HelpFormatter
 from ldm.util import instantiate_from_config
@@ -383,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"the merged config from {opt.base} has no '{section}:' section")
 
     prepare_run_vocabulary(config, logdir)  # a text encoder that reads the words of this run's own captions
+    prepare_new_words(config, logdir)  # fine-tuning: the base's vocabulary and the words this run adds to it
     model = instantiate_from_config(config.model)
+    # The base model's own samples, mixed into the training data (drawn now, while the model still is the base).
+    prepare_prior_preservation(config, model, logdir)
     if (trainer_options.get("accumulate_grad_batches") or 1) > 1 and not model.automatic_optimization:
         raise ConfigError(f"--accumulate_grad_batches: {type(model).__name__} steps its optimizers itself (the "
                           "autoencoder and its discriminator alternate), which Lightning cannot accumulate; raise "

@@ -24,6 +24,7 @@ from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
 from ldm.data.latent_cache import LatentCache
 from ldm.data.layout import drawable_layout, tokens_to_layout
+from ldm.data.prior_mix import PRIOR_KEY
 from ldm.data.semantic import label_palette
 from ldm.divergence import raise_if_not_finite
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
@@ -40,6 +41,7 @@ from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, apply_speed_options
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.new_words import parse_new_words
 from ldm.optim import adamw
 from ldm.visualization import make_grid, render_boxes, render_captions, render_label_maps
 
@@ -244,13 +246,14 @@ class DDPM(pl.LightningModule):
         key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
         return self.model(x_noisy, t, **{key: cond if isinstance(cond, list) else [cond]})
 
-    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
-                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                 example_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss at noise levels t (of `self.process`) and its parts, logged under `train/` or `val/`.
 
         `noise` defaults to `training_noise` (offset noise when configured), which is also what an ε, v or
         flow target is made of. `loss_simple` is logged unweighted (comparable across weightings); the loss
-        weights it per sample (`loss_weighting`) before the learned log-variance. The VLB term is unweighted.
+        weights it per sample (`loss_weighting`) before the learned log-variance, and by `example_weights` (B,)
+        when given (prior preservation's weight of the base model's own samples). The VLB term is unweighted.
         """
         noise = self.training_noise(x_start) if noise is None else noise
         x_noisy = self.process.add_noise(x_start, noise, t)
@@ -264,6 +267,8 @@ class DDPM(pl.LightningModule):
         loss = weights.to(loss_simple) * loss_simple
         if self.process.discrete:
             loss = reweight_by_logvar(loss, self.logvar.to(x_start.device)[t])
+        if example_weights is not None:
+            loss = loss * example_weights.to(loss)
         loss = self.l_simple_weight * loss.mean()
         if self.learn_logvar:
             log[f"{prefix}/loss_gamma"] = loss
@@ -277,9 +282,10 @@ class DDPM(pl.LightningModule):
         log[f"{prefix}/loss"] = loss
         return loss, log
 
-    def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, c: Any = None,
+                example_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self.noise_level_density(x.shape[0], device=self.device)
-        return self.p_losses(x, c, t)
+        return self.p_losses(x, c, t, example_weights=example_weights)
 
     def denoiser(self, cond: Any = None, uncond: Any = None,
                  guidance_scale: float = 1.0) -> Any:
@@ -495,7 +501,10 @@ class LatentDiffusion(DDPM):
                  cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
                  conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
                  cache_latents: Union[bool, Mapping] = False, latent_channel_norm: bool = False,
-                 init_from: Optional[str] = None, lora_config: Optional[Mapping] = None, **kwargs: Any) -> None:
+                 init_from: Optional[str] = None, lora_config: Optional[Mapping] = None,
+                 new_words: Union[Mapping[str, Optional[str]], Sequence[str], None] = None,
+                 train_only_new_words: bool = False,
+                 prior_preservation: Optional[Mapping] = None, **kwargs: Any) -> None:
         if num_timesteps_cond not in (None, 1):
             raise ValueError(f"num_timesteps_cond={num_timesteps_cond}: the reference's noisy-condition schedule "
                              "is not supported; use 1")
@@ -527,14 +536,26 @@ class LatentDiffusion(DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
         self.init_from = init_from
+        self.new_words = _check_new_words_options(new_words, train_only_new_words, init_from, lora_config)
         if init_from is not None:  # fine-tuning a trained model (ldm/finetune.py)
             from ldm.finetune import load_base_weights  # it imports model loading, which imports this module
 
-            load_base_weights(self, init_from, first_stage_config)
+            load_base_weights(self, init_from, first_stage_config, self.new_words)
             self.restarted_from_ckpt = True  # the base's scale_factor stays: its U-Net was trained on it
         self.lora_settings = None
         if lora_config is not None:
             self._add_lora(lora_config)
+        self.new_word_rows = None
+        if train_only_new_words:  # textual inversion (ldm/new_words.py)
+            from ldm.new_words import freeze_all_but_new_words
+
+            _, self.new_word_rows = freeze_all_but_new_words(self, list(self.new_words))
+            log.info(f"textual inversion: the embeddings of {', '.join(self.new_words)} train, the rest is frozen")
+        self.prior_weight = None
+        if prior_preservation is not None:  # DreamBooth's prior preservation (ldm/prior_preservation.py)
+            from ldm.prior_preservation import PriorPreservation
+
+            self.prior_weight = PriorPreservation.from_config(prior_preservation).weight
 
     def _add_lora(self, lora_config: Mapping) -> None:
         """Freeze the model and train a LoRA adapter on it (ldm/lora.py); checkpoints then hold the adapter alone."""
@@ -690,12 +711,21 @@ class LatentDiffusion(DDPM):
 
     def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z, c = self.get_input(self.prepare_batch(batch), self.first_stage_key)
-        return self(z, c)
+        return self(z, c, example_weights=self.prior_example_weights(batch))
 
-    def forward(self, x: torch.Tensor, c: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def prior_example_weights(self, batch: Mapping) -> Optional[torch.Tensor]:
+        """With prior preservation, each example's loss weight: 1 for the run's own images, the prior weight for
+        the base model's samples (marked by the batch's `PRIOR_KEY`, `ldm.data.prior_mix`); else None."""
+        if self.prior_weight is None or PRIOR_KEY not in batch:
+            return None
+        prior = torch.as_tensor(batch[PRIOR_KEY], device=self.device).float()
+        return 1.0 + (self.prior_weight - 1.0) * prior
+
+    def forward(self, x: torch.Tensor, c: Any = None,
+                example_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.model.conditioning_key is not None and self.cond_stage_trainable:
             c = self.get_learned_conditioning(c)  # inside the graph: τθ trains with the U-Net
-        return super().forward(x, c)
+        return super().forward(x, c, example_weights)
 
     def validation_bits_per_dim(self, batch: Mapping) -> torch.Tensor:
         z, c = self.get_input(batch, self.first_stage_key, force_c_encode=True)
@@ -759,9 +789,21 @@ class LatentDiffusion(DDPM):
         if self.latent_cache is not None and self.trainer.is_global_zero:
             self.latent_cache.save()
 
+    @property
+    def word_table(self) -> nn.Parameter:
+        """The text encoder's word embedding table (the weights textual inversion trains rows of)."""
+        return self.cond_stage_model.transformer.token_emb.weight
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.new_word_rows is not None:
+            self.new_word_rows.restore(self.word_table)  # before the EMA update: the old rows as they were
+        super().on_train_batch_end(*args, **kwargs)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.lora_settings is not None:
             return [p for p in self.parameters() if p.requires_grad]  # the adapter's weights
+        if self.new_word_rows is not None:
+            return [self.word_table]  # textual inversion: the embedding table, of which only new rows move
         params = super().trainable_parameters()
         if self.cond_stage_trainable and self.cond_stage_model is not None:
             log.info(f"{self.__class__.__name__}: also optimizing the parameters of "
@@ -807,6 +849,23 @@ class LatentDiffusion(DDPM):
             names = batch.get("human_label")
             xc = [names[i] if names is not None and names[i] else f"class {label}" for i, label in enumerate(xc.tolist())]
         return render_captions(list(xc), size=max(size, 64)).to(self.device)
+
+
+def _check_new_words_options(new_words: Union[Mapping[str, Optional[str]], Sequence[str], None],
+                             train_only_new_words: bool, init_from: Optional[str],
+                             lora_config: Optional[Mapping]) -> dict[str, Optional[str]]:
+    """`new_words` as a dict, or a ValueError naming a combination that cannot work (ldm/new_words.py)."""
+    words = parse_new_words(new_words)
+    if train_only_new_words and not words:
+        raise ValueError("train_only_new_words (textual inversion) trains the embeddings of new words alone, but "
+                         "new_words names none: add new_words: {word: like_word} (null for the mean)")
+    if words and init_from is None:
+        raise ValueError("new_words adds words to a trained model's vocabulary: set model.params.init_from to the "
+                         "model to start from")
+    if words and lora_config is not None:
+        raise ValueError("new_words with lora_config: a LoRA run's checkpoints hold the adapter alone, not the new "
+                         "words' embeddings; teach new words by full fine-tuning or train_only_new_words")
+    return words
 
 
 def _first(condition: Any, n: int) -> Any:

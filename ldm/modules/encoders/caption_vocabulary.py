@@ -56,11 +56,16 @@ def build_caption_vocabulary(captions: Iterable[str], min_count: int = 2, max_si
     return kept[:max_size]
 
 
+def write_tokens(tokens: list[str], path: Path) -> Path:
+    """A WordPiece vocab.txt holding `tokens`, one a line: a token's line is its id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
 def write_vocabulary(words: list[str], path: Path) -> Path:
     """A BERT WordPiece vocab.txt: the special tokens, then `words`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([*BERT_SPECIAL_TOKENS, *words]) + "\n", encoding="utf-8")
-    return path
+    return write_tokens([*BERT_SPECIAL_TOKENS, *words], path)
 
 
 def dataset_captions(dataset: Any) -> list[str]:
