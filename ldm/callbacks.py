@@ -187,7 +187,8 @@ class ImageLogger(Callback):
 
 class ExportSafetensors(Callback):
     """Writes ``checkpoints/last.safetensors`` (weights only, no pickle) when training ends (rank 0); for a LoRA run,
-    the adapter alone in diffusers' key format (what `ldm-export --lora` writes, ready for ``--lora``)."""
+    the adapter alone in the key format of its `lora_config.file_format` (diffusers' unless it says kohya: what
+    `ldm-export --lora` writes, ready for ``--lora``)."""
 
     def __init__(self, ckptdir: str) -> None:
         super().__init__()

@@ -1,7 +1,10 @@
 """Fine-tuning a trained model: the run starts from the model `model.params.init_from` names.
 
 `init_from` is a built-in model name (``txt2img``), a model directory (or a name in ``$LDM_MODELS_DIR``, or a Hub
-repository id: whatever `load_model` takes), a run directory or a `.ckpt` in one. Two things follow from it:
+repository id: whatever `load_model` takes), a run directory or a `.ckpt` in one, or a weights file with no config of
+its own (a released checkpoint such as Stable Diffusion's ``sd-v1-4.ckpt``, ``.ckpt`` or ``.safetensors``), whose
+config `model.params.init_config` then names (``configs/stable-diffusion/v1-inference.yaml``), as ``load_model(config,
+ckpt)`` takes them. Two things follow from it:
 
 - the architecture: before the model is built, the base model's `model:` config goes under the run's own
   (`apply_init_from`), so a fine-tuning config says only what it changes (learning rate, EMA, `lora_config`, ...)
@@ -23,24 +26,42 @@ from ldm.checkpoint import TRAINING_ONLY_PREFIXES, load_state_dict, load_weights
 from ldm.config import ConfigError, describe_key, load_configs, merge_onto
 
 INIT_FROM = "model.params.init_from"
+INIT_CONFIG = "model.params.init_config"
+WEIGHTS_SUFFIXES = (".ckpt", ".safetensors")  # a weights file, in a run or alone
 
 
-def base_model_files(init_from: str) -> tuple[list[Path], Path]:
-    """(config files, weights) of the model `init_from` names: a run's saved project config and its checkpoint for
-    a run directory or `.ckpt`, else a model directory's config.yaml and model.safetensors (`model_files`)."""
+def _run_configs(ckpt: Path) -> list[Path]:
+    """The saved project config of the run `ckpt` belongs to (``<run>/checkpoints/x.ckpt``), or [] for a file
+    outside a run."""
     from ldm.cli.train import run_config_files  # the training CLI imports this module
-    from ldm.model_loading import model_files
+
+    run = ckpt.resolve().parent.parent
+    return run_config_files(run)[:1] if ckpt.resolve().parent.name == "checkpoints" else []
+
+
+def base_model_files(init_from: str, init_config: Optional[str] = None) -> tuple[list[Path], Path]:
+    """(config files, weights) of the model `init_from` names: a run's saved project config and its checkpoint for
+    a run directory or a `.ckpt` in one; `init_config` and the file for a weights file outside a run (ConfigError
+    without `init_config`); else a model directory's config.yaml and model.safetensors (`model_files`)."""
+    from ldm.model_loading import model_files, released_weights_hint
 
     path = Path(init_from)
-    if path.suffix == ".ckpt" or (path.is_dir() and (path / "checkpoints").is_dir()):
-        ckpt = path if path.suffix == ".ckpt" else path / "checkpoints" / "last.ckpt"
+    if path.suffix in WEIGHTS_SUFFIXES or (path.is_dir() and (path / "checkpoints").is_dir()):
+        ckpt = path if path.suffix in WEIGHTS_SUFFIXES else path / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
-            raise FileNotFoundError(f"init_from {init_from}: no checkpoint at {ckpt}")
-        project = run_config_files(ckpt.resolve().parent.parent)[:1]
-        if not project:
+            hint = released_weights_hint(Path(init_config), f"{INIT_FROM}=") if init_config and path.suffix else ""
+            raise FileNotFoundError(f"init_from {init_from}: no checkpoint at {ckpt}{hint}")
+        project = _run_configs(ckpt)
+        if project:
+            return project, ckpt
+        if init_config:
+            return [Path(init_config)], ckpt
+        if path.suffix == ".ckpt" and ckpt.resolve().parent.name == "checkpoints":
             raise FileNotFoundError(f"init_from {init_from}: no run config beside {ckpt} (expected "
                                     f"{ckpt.resolve().parent.parent / 'configs'}/*-project.yaml)")
-        return project, ckpt
+        raise ConfigError(f"init_from {init_from} is a weights file with no config of its own: name its model's "
+                          f"config with {INIT_CONFIG}=CONFIG.yaml (configs/stable-diffusion/v1-inference.yaml for "
+                          "Stable Diffusion v1)")
     config, weights, _ = model_files(init_from)
     return [config], weights
 
@@ -57,7 +78,8 @@ def apply_init_from(config: DictConfig) -> None:
     if OmegaConf.select(config, "model.params.ckpt_path"):
         raise ConfigError(f"{describe_key(config.model.params, 'ckpt_path')} and {INIT_FROM} both name starting "
                           "weights: keep one")
-    files, _ = base_model_files(str(init_from))
+    init_config = OmegaConf.select(config, INIT_CONFIG)
+    files, _ = base_model_files(str(init_from), str(init_config) if init_config else None)
     base = load_configs(files).get("model")
     if base is None:
         raise ConfigError(f"init_from {init_from}: {files[0]} has no 'model:' section")
@@ -81,19 +103,20 @@ def _ema_as_model(model: Any, state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_base_weights(model: Any, init_from: str, first_stage_config: Optional[Mapping[str, Any]] = None,
-                      new_words: Optional[Mapping[str, Optional[str]]] = None) -> None:
+                      new_words: Optional[Mapping[str, Optional[str]]] = None,
+                      init_config: Optional[str] = None) -> None:
     """Load the weights of the model `init_from` names into `model` (built from `apply_init_from`'s config) and
     restart its EMA from them. A first stage the weights leave out comes from its own checkpoint (as `load_model`).
     With `new_words` ({word: like word or None}) the base's embedding table is first grown onto `model`'s
-    vocabulary (ldm/new_words.py)."""
+    vocabulary (ldm/new_words.py). `init_config` is the config of a weights file `init_from` names alone."""
     from ldm.model_loading import shared_parts
     from ldm.modules.ema import LitEma
     from ldm.new_words import grow_base_state
 
-    _, weights = base_model_files(init_from)
+    _, weights = base_model_files(init_from, init_config)
     state = _ema_as_model(model, load_state_dict(weights))
     if new_words:
-        state = grow_base_state(state, model, init_from, new_words)
+        state = grow_base_state(state, model, init_from, new_words, init_config)
     first_stage_ckpt = ((first_stage_config or {}).get("params") or {}).get("ckpt_path")
     ignore = [*TRAINING_ONLY_PREFIXES, "model_ema.", *shared_parts(model, state, first_stage_ckpt)]
     load_weights(model, state, strict=True, ignore_prefixes=ignore, source=str(weights))

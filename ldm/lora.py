@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 
 from ldm.checkpoint import CheckpointError, load_state_dict, save_safetensors
-from ldm.lora_formats import (TEXT_ENCODER_PATH, UNET_PATH, Adapter, LoraWeights, ecosystem_names, from_state_dict,
-                              to_state_dict)
+from ldm.lora_formats import (FORMATS, TEXT_ENCODER_PATH, UNET_PATH, Adapter, LoraWeights, ecosystem_names,
+                              from_state_dict, to_state_dict)
 
 INSTALL_HINT = "pip install 'ldm[lora]' (or pip install peft)"
 TRAINED = "default"  # peft's name of the adapter being trained
@@ -50,13 +50,15 @@ def import_peft() -> Any:
 class LoraSettings:
     """`model.params.lora_config`: rank r, alpha (the update is scaled by alpha / r), dropout on the adapter's input,
     the U-Net modules to adapt (names or name endings, as peft matches them) and, with `text_encoder`, the text
-    encoder's."""
+    encoder's; `file_format` is the key format of the adapter file a run writes beside its checkpoints
+    (``last.safetensors``: diffusers' or kohya's, `ldm.lora_formats`)."""
     rank: int = 4
     alpha: float = 4.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = UNET_TARGETS
     text_encoder: bool = False
     text_encoder_target_modules: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    file_format: str = "diffusers"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LoraSettings:
@@ -78,6 +80,9 @@ class LoraSettings:
             raise ValueError(f"lora_config.alpha must be > 0, got {settings.alpha!r}")
         if not 0 <= settings.dropout < 1:
             raise ValueError(f"lora_config.dropout must be in [0, 1), got {settings.dropout!r}")
+        if settings.file_format not in FORMATS:
+            raise ValueError(f"lora_config.file_format must be one of {', '.join(FORMATS)}, "
+                             f"got {settings.file_format!r}")
         return settings
 
 
@@ -274,14 +279,17 @@ def write_lora(adapter: Adapter, model: torch.nn.Module, path: Union[str, Path],
     return save_safetensors(state, path, metadata={**info, **(metadata or {})})
 
 
-def export_trained_lora(model: Any, path: Union[str, Path], fmt: str = "diffusers",
+def export_trained_lora(model: Any, path: Union[str, Path], fmt: Optional[str] = None,
                         metadata: Optional[Mapping[str, object]] = None) -> Path:
     """Write the adapter a LoRA run trains (its EMA when the run keeps one, as exports of whole models do) to
-    `path` in key format `fmt`, with the base model and settings in the file's metadata."""
+    `path` in key format `fmt` (None: the run's `lora_config.file_format`, else diffusers'), with the base model and
+    settings in the file's metadata."""
     with model.ema_scope():
         adapter = trained_adapter(model)
     settings = getattr(model, "lora_settings", None)
+    fmt = fmt or (settings.file_format if settings is not None else "diffusers")
     info = {"base_model": str(getattr(model, "init_from", "") or ""),
+            **({"base_config": str(model.init_config)} if getattr(model, "init_config", None) else {}),
             **({"lora_config": dataclasses.asdict(settings)} if settings is not None else {})}
     return write_lora(adapter, model, path, fmt, metadata={**info, **(metadata or {})})
 

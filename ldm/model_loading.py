@@ -47,8 +47,8 @@ class ModelNotFound(FileNotFoundError):
 # Model params about how a training run starts (its starting weights, which of their keys to skip; a fine-tuning
 # run's new words, whether only those train, and its prior-preservation images): a model's own weights replace them
 # when it loads, and a run that fine-tunes it does not inherit them.
-INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from", "new_words", "train_only_new_words",
-               "prior_preservation")
+INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from", "init_config", "new_words",
+               "train_only_new_words", "prior_preservation")
 
 
 def is_first_stage_target(target: str) -> bool:
@@ -122,13 +122,14 @@ def model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None
 RELEASED_WEIGHTS = {"v1-inference": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt")}
 
 
-def _weights_source(config: Path) -> str:
-    """For a reference config whose weights are released: how to download them."""
+def released_weights_hint(config: Path, option: str = "--ckpt ") -> str:
+    """For a reference config whose weights are released: how to download them and pass them (`option` followed by
+    the file name), as ", e.g. `hf download ...` ... and then --ckpt FILE"; "" for any other config."""
     if config.stem not in RELEASED_WEIGHTS:
         return ""
     repo, filename = RELEASED_WEIGHTS[config.stem]
     return (f", e.g. `hf download {repo} {filename} --local-dir .` (huggingface_hub's command; accept the model's "
-            f"license on its Hub page first) and then --ckpt {filename}")
+            f"license on its Hub page first) and then {option}{filename}")
 
 
 def weights_hash(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None) -> str:
@@ -152,7 +153,7 @@ def _missing_model_message(missing: Path, name: Optional[str], config: Path) -> 
     if missing == config:
         return f"no model config at {config}: pass a config .yaml, or a directory holding config.yaml and model.safetensors"
     if config.suffix in (".yaml", ".yml"):
-        return f"{config} is a config without weights: pass its weights with --ckpt (a .ckpt or .safetensors){_weights_source(config)}"
+        return f"{config} is a config without weights: pass its weights with --ckpt (a .ckpt or .safetensors){released_weights_hint(config)}"
     return (f"no weights at {missing}: pass --ckpt (a .safetensors export or a Lightning .ckpt), or export a run with\n"
             f"  python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --model-dir {config.parent}")
 

@@ -41,11 +41,12 @@ def vocabulary_tokens(tokenizer: Any) -> list[str]:
     return sorted(vocab, key=vocab.__getitem__)
 
 
-def base_vocabulary(init_from: str) -> tuple[Path, list[str]]:
-    """(file, tokens in id order) of the vocabulary the caption encoder of the model `init_from` names reads."""
+def base_vocabulary(init_from: str, init_config: Optional[str] = None) -> tuple[Path, list[str]]:
+    """(file, tokens in id order) of the vocabulary the caption encoder of the model `init_from` names reads
+    (`init_config`: the config of a weights file named alone, ldm/finetune.py)."""
     from ldm.finetune import base_model_files  # it imports this module to grow the base's weights
 
-    files, _ = base_model_files(init_from)
+    files, _ = base_model_files(init_from, init_config)
     params = OmegaConf.select(load_configs(files), "model.params.cond_stage_config.params", default=None) or {}
     path = find_bert_vocab(params.get("tokenizer_path"))
     return path, vocabulary_tokens(load_bert_tokenizer(path))
@@ -108,7 +109,8 @@ def prepare_new_words(config: DictConfig, logdir: Path) -> Optional[Path]:
         target = encoder.get("target") if isinstance(encoder, Mapping) else encoder
         raise ConfigError(f"{where}: the base model's text encoder is {target}, not a {ENCODER.rpartition('.')[2]} "
                           "with a word vocabulary of its own; new words need a model whose caption encoder trains")
-    base_file, tokens = base_vocabulary(str(params.init_from))
+    init_config = params.get("init_config")
+    base_file, tokens = base_vocabulary(str(params.init_from), str(init_config) if init_config else None)
     words = check_new_words(new_words, tokens, where)
     run_file = logdir / VOCAB_FILE
     encoder_params = encoder.setdefault("params", {})
@@ -134,10 +136,11 @@ def text_encoder(model: nn.Module) -> nn.Module:
 
 
 def grow_base_state(state: Mapping[str, torch.Tensor], model: nn.Module, init_from: str,
-                    new_words: Mapping[str, Optional[str]]) -> dict[str, torch.Tensor]:
+                    new_words: Mapping[str, Optional[str]],
+                    init_config: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The base model's weights `state` with its embedding table moved onto `model`'s grown vocabulary (the new
     words' rows from their like words, or the mean)."""
-    _, old = base_vocabulary(init_from)
+    _, old = base_vocabulary(init_from, init_config)
     new = vocabulary_tokens(text_encoder(model).tknz_fn.tokenizer)
     positions = state[ENCODER_PREFIX + POSITIONS].shape[0]  # unchanged: the prompts' length is the base's
     like = {word: source for word, source in new_words.items() if source is not None}

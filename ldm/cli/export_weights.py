@@ -263,9 +263,10 @@ def main() -> None:
     lora.add_argument("--lora", action="store_true",
                       help="write the run's LoRA adapter alone (-o FILE.safetensors), for --lora FILE[:SCALE] when "
                            "sampling and for diffusers / kohya-format tools")
-    lora.add_argument("--format", choices=FORMATS, default="diffusers",
+    lora.add_argument("--format", choices=FORMATS, default=None,
                       help="with --lora: the key format (diffusers: unet.<module>.lora_A/B.weight; kohya: "
-                           "lora_unet_<module>.lora_down/up.weight + .alpha)")
+                           "lora_unet_<module>.lora_down/up.weight + .alpha); default: the run's "
+                           "lora_config.file_format (diffusers unless the config says otherwise)")
     lora.add_argument("--merge-lora", action="store_true",
                       help="write the base model with the run's LoRA merged into its weights (--model-dir or -o)")
     add_trust_config_arg(parser)
@@ -278,8 +279,9 @@ def main() -> None:
         config = load_configs(opt.config or ckpt_run_configs(opt.ckpt))
         model = trained_lora_model(opt, config)
         if opt.lora:
-            out = export_trained_lora(model, default_out(opt), opt.format, metadata={"source": str(opt.ckpt)})
-            print(f"wrote {out}: the LoRA adapter in {opt.format} format ({out.stat().st_size / 2**20:.2f} MiB)")
+            fmt = opt.format or model.lora_settings.file_format
+            out = export_trained_lora(model, default_out(opt), fmt, metadata={"source": str(opt.ckpt)})
+            print(f"wrote {out}: the LoRA adapter in {fmt} format ({out.stat().st_size / 2**20:.2f} MiB)")
             return
         merge_trained_lora(model)
         OmegaConf.select(config, "model.params").pop("lora_config")

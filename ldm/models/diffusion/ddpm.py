@@ -494,6 +494,10 @@ class LatentDiffusion(DDPM):
     `cache_latents` (true, or ``{dir: path, max_items: n}``) encodes each training item once and reuses its
     posterior on later visits (`ldm.data.latent_cache`, which says what it costs); validation and image
     logging always encode.
+
+    `init_from` (with `init_config` for a weights file that has no config of its own) names a trained model to
+    fine-tune: its weights are loaded here (ldm/finetune.py); `lora_config`, `new_words`, `train_only_new_words` and
+    `prior_preservation` say how it is fine-tuned.
     """
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Union[Mapping, str],
@@ -501,7 +505,8 @@ class LatentDiffusion(DDPM):
                  cond_stage_trainable: bool = False, concat_mode: bool = True, cond_stage_forward: Optional[str] = None,
                  conditioning_key: Optional[str] = None, scale_factor: float = 1.0, scale_by_std: bool = False,
                  cache_latents: Union[bool, Mapping] = False, latent_channel_norm: bool = False,
-                 init_from: Optional[str] = None, lora_config: Optional[Mapping] = None,
+                 init_from: Optional[str] = None, init_config: Optional[str] = None,
+                 lora_config: Optional[Mapping] = None,
                  new_words: Union[Mapping[str, Optional[str]], Sequence[str], None] = None,
                  train_only_new_words: bool = False,
                  prior_preservation: Optional[Mapping] = None, **kwargs: Any) -> None:
@@ -536,11 +541,12 @@ class LatentDiffusion(DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
         self.init_from = init_from
+        self.init_config = init_config
         self.new_words = _check_new_words_options(new_words, train_only_new_words, init_from, lora_config)
         if init_from is not None:  # fine-tuning a trained model (ldm/finetune.py)
             from ldm.finetune import load_base_weights  # it imports model loading, which imports this module
 
-            load_base_weights(self, init_from, first_stage_config, self.new_words)
+            load_base_weights(self, init_from, first_stage_config, self.new_words, init_config)
             self.restarted_from_ckpt = True  # the base's scale_factor stays: its U-Net was trained on it
         self.lora_settings = None
         if lora_config is not None:
