@@ -54,10 +54,25 @@ def subprocess_env() -> dict[str, str]:
 
 def run(cmd: list[str]) -> float:
     """Run a command from the repository root; its wall minutes."""
+    return run_measured(cmd)[0]
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Run a command from the repository root; its wall minutes and peak resident set in bytes (the largest of
+    the process and the children it waited for, as the kernel reports it to `wait4`)."""
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True, env=subprocess_env())
-    return (time.time() - start) / 60
+    process = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env())
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:
+        process.kill()  # Ctrl-C here: the child got it too; do not leave it behind
+        process.wait()
+        raise
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+    return (time.time() - start) / 60, usage.ru_maxrss * 1024  # Linux reports KiB
 
 
 def ensure_data(data: Path, limit: Optional[int]) -> None:
@@ -86,16 +101,24 @@ def global_step(run_dir: Path) -> int:
 def train(name: str, config: str, steps: int, logdir: Path, overrides: list[str]) -> tuple[Path, float]:
     """Train `config` to `steps` optimizer steps as run `name`: resume its last run if it has a checkpoint
     (an interrupted run, or one to continue), else start one. (run directory, wall minutes)."""
+    run_dir, minutes, _ = train_measured(name, [config], steps, logdir, overrides)
+    return run_dir, minutes
+
+
+def train_measured(name: str, configs: list[str], steps: int, logdir: Path, overrides: list[str],
+                   ) -> tuple[Path, float, int]:
+    """`train` with the configs `configs` merged in order; (run directory, wall minutes, peak resident bytes)."""
     previous = latest_run(logdir, name)
     common = ["-t", "--no-test", "--max_steps", str(steps), NO_IMAGE_LOG, *overrides]
     if previous is not None and (previous / "checkpoints" / "last.ckpt").is_file():
-        minutes = run([sys.executable, "main.py", "-r", str(previous), *common])
+        minutes, peak = run_measured([sys.executable, "main.py", "-r", str(previous), *common])
     else:
-        minutes = run([sys.executable, "main.py", "--base", config, "-n", name, "-l", str(logdir), *common])
+        minutes, peak = run_measured([sys.executable, "main.py", "--base", *configs, "-n", name, "-l", str(logdir),
+                                      *common])
     found = latest_run(logdir, name)
     if found is None:
         raise SystemExit(f"error: main.py left no run named *_{name} under {logdir}")
-    return found, minutes
+    return found, minutes, peak
 
 
 def stage(state: dict[str, Any], key: str, name: str, config: str, steps: int, workdir: Path,

@@ -14,7 +14,11 @@ command line replaces the config's, where a mapping would be merged with it.
   row, or the mean of the table for ``null``;
 - `model.params.train_only_new_words: true` is textual inversion (Gal et al. 2022): every weight is frozen but the
   embedding table, whose other rows get no gradient and are put back after every optimizer step (`NewWordRows`),
-  so that weight decay cannot move them either.
+  so that weight decay cannot move them either;
+- with `model.params.lora_config` the new words' rows train with the LoRA adapter, every other weight frozen (what
+  kohya's scripts call pivotal tuning: a LoRA plus textual-inversion embeddings). The run's checkpoints hold the
+  adapter and the grown embedding table; the `--lora` file holds the adapter alone, so such a run is used exported
+  with the adapter merged (``ldm-export <ckpt> --merge-lora --model-dir DIR``), which carries the words.
 """
 from __future__ import annotations
 
@@ -169,13 +173,20 @@ class NewWordRows(nn.Module):
 def freeze_all_but_new_words(model: nn.Module, words: Sequence[str]) -> tuple[nn.Parameter, NewWordRows]:
     """Freeze every weight of `model` but its text encoder's embedding table, of which only the rows of `words`
     will learn; returns (the table, the `NewWordRows` that holds the other rows)."""
+    model.requires_grad_(False)
+    return train_new_word_rows(model, words)
+
+
+def train_new_word_rows(model: nn.Module, words: Sequence[str]) -> tuple[nn.Parameter, NewWordRows]:
+    """Let the rows of `words` in `model`'s embedding table learn, and no other row of it; the rest of the model is
+    left as it is (frozen by textual inversion, an adapter training beside them with LoRA). Returns (the table, the
+    `NewWordRows` that holds the other rows)."""
     encoder = text_encoder(model)
     vocab = encoder.tknz_fn.tokenizer.get_vocab()
     missing = [w for w in words if w not in vocab]
     if missing:
-        raise ValueError(f"train_only_new_words: {missing} are not in the text encoder's vocabulary; main.py adds "
+        raise ValueError(f"new_words: {missing} are not in the text encoder's vocabulary; main.py adds "
                          f"them ({NEW_WORDS}) before the model is built")
-    model.requires_grad_(False)
     table = encoder.transformer.token_emb.weight
     table.requires_grad_(True)
     return table, NewWordRows(table, [vocab[w] for w in words])

@@ -13,6 +13,16 @@ generator). Trained on the `train` split alone it does not compose: it reads hel
 ones (about 54% shape and 77% colour accuracy on the test split, against 100% on validation). Its
 training images use seeds offset by DATA_SEED_OFFSET, so they never coincide with the images that
 configs and evaluations draw with small seeds.
+
+The judge of fine-tuning a trained model on new shapes and colours (issue 26; bench/fine_tuning.py) knows them too:
+
+    python scripts/train_attribute_classifier.py --extra-shapes heart --extra-colours white
+
+trains on the same stream with every 4th image from the extended data instead (`ShapesDataset(extra_shapes=...,
+extra_colours=...)`: each such image holds a new shape or colour), evaluates on it as well (``novel``: the extended
+`validation` split) and writes models/attribute_classifier_extended/ and
+bench/results/attribute_classifier_extended.json, leaving the shipped classifier alone. It is a judge only: nothing
+trains on its outputs.
 """
 
 import argparse
@@ -21,7 +31,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +54,29 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_SEED_OFFSET = 1_000_000
 
 
-class AllPairsStream(Dataset):
-    """Every 4th item from the `test` split (held-out pairs), the others from the `train` split."""
+EXTENDED_NAME = "attribute_classifier_extended"  # --out and --results of a classifier with new shapes or colours
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+
+class AllPairsStream(Dataset):
+    """Every 4th item from the `test` split (held-out pairs), the others from the `train` split; with new shapes or
+    colours, every 4th of the others (index 1 mod 4) from the extended `train` split (a new one in each image)."""
+
+    def __init__(self, num_samples: int, seed: int, extra_shapes: Sequence[str] = (),
+                 extra_colours: Sequence[str] = ()) -> None:
         self.seen = ShapesDataset("train", num_samples=num_samples, seed=seed)
         self.held_out = ShapesDataset("test", num_samples=num_samples, seed=seed)
+        self.novel = None
+        if extra_shapes or extra_colours:
+            self.novel = ShapesDataset("train", num_samples=num_samples, seed=seed, extra_shapes=extra_shapes,
+                                       extra_colours=extra_colours)
 
     def __len__(self) -> int:
         return len(self.seen)
 
     def __getitem__(self, index: int) -> dict:
         # Index i of either split is its own random stream, so sharing indices repeats nothing.
+        if self.novel is not None and index % 4 == 1:
+            return self.novel[index]
         return (self.held_out if index % 4 == 3 else self.seen)[index]
 
 
@@ -62,9 +85,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1200, help="optimizer steps (each on fresh images)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
-    parser.add_argument("--out", type=Path, default=REPO / "models" / "attribute_classifier",
-                        help="directory for attribute_classifier.safetensors and config.json")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "attribute_classifier.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for attribute_classifier.safetensors and config.json (default "
+                             f"models/attribute_classifier, or models/{EXTENDED_NAME} with new shapes or colours)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="the figures' JSON (default bench/results/attribute_classifier.json, or "
+                             f"bench/results/{EXTENDED_NAME}.json with new shapes or colours)")
+    parser.add_argument("--extra-shapes", nargs="*", default=[], metavar="SHAPE",
+                        help="new shapes the classifier also reads (from ldm.data.shape_attributes.EXTRA_SHAPES)")
+    parser.add_argument("--extra-colours", nargs="*", default=[], metavar="COLOUR",
+                        help="new colours the classifier also reads (from ldm.data.shape_attributes.EXTRA_COLOURS)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weights and (plus DATA_SEED_OFFSET) of the training images")
     parser.add_argument("--eval-seed", type=int, default=0,
@@ -73,7 +103,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)),
                         help="data loader processes (default: the cores left after the training process)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    name = EXTENDED_NAME if args.extra_shapes or args.extra_colours else "attribute_classifier"
+    args.out = args.out or REPO / "models" / name
+    args.results = args.results or REPO / "bench" / "results" / f"{name}.json"
+    return args
 
 
 def augment(images: torch.Tensor) -> torch.Tensor:
@@ -94,8 +128,10 @@ def to_nchw(batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: AttributeClassifier, split: str, args: argparse.Namespace) -> dict[str, float]:
-    dataset = ShapesDataset(split, num_samples=args.eval_samples, seed=args.eval_seed)
+def evaluate(model: AttributeClassifier, split: str, args: argparse.Namespace,
+             extras: Optional[dict[str, list[str]]] = None) -> dict[str, float]:
+    """Accuracy on `split`'s held-out images (`extras`: the extended data's, new shapes or colours in each)."""
+    dataset = ShapesDataset(split, num_samples=args.eval_samples, seed=args.eval_seed, **(extras or {}))
     loader = DataLoader(dataset, batch_size=256, num_workers=args.num_workers)
     preds, targets = [], []
     for batch in tqdm(loader, desc=f"evaluating {split}", leave=False):
@@ -110,11 +146,12 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    model = AttributeClassifier().to(device)
+    extras = {"extra_shapes": args.extra_shapes, "extra_colours": args.extra_colours}
+    model = AttributeClassifier(**extras).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     # One image per step slot: the model never sees an image twice, so there is nothing to overfit.
-    train = AllPairsStream(args.steps * args.batch_size, seed=DATA_SEED_OFFSET + args.seed)
+    train = AllPairsStream(args.steps * args.batch_size, seed=DATA_SEED_OFFSET + args.seed, **extras)
     loader = DataLoader(train, batch_size=args.batch_size, num_workers=args.num_workers,
                         persistent_workers=args.num_workers > 0)
     model.train()
@@ -134,13 +171,16 @@ def main() -> None:
     train_seconds = time.time() - start
     model.eval()
     accuracy = {split: evaluate(model, split, args) for split in ("validation", "test")}
+    if args.extra_shapes or args.extra_colours:
+        accuracy["novel"] = evaluate(model, "validation", args, extras)
     for split, figures in accuracy.items():
         print(f"{split:>10}: " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items()))
 
     params = sum(p.numel() for p in model.parameters())
     run = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
            "eval_seed": args.eval_seed, "eval_samples": args.eval_samples, "device": str(device),
-           "train_seconds": round(train_seconds, 1), "parameters": params}
+           "train_seconds": round(train_seconds, 1), "parameters": params,
+           **({k: v for k, v in extras.items() if v})}
     save_attribute_classifier(model.cpu(), args.out, extra={"training": run, "accuracy": accuracy})
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({**run, "accuracy": accuracy}, indent=2) + "\n")

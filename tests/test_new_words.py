@@ -79,13 +79,47 @@ def test_textual_inversion_moves_the_new_rows_alone(tiny_txt2img_model, tmp_path
     assert moved == [table(model).shape[0] - 1]  # zorb's row alone
 
 
+def test_lora_with_new_words_trains_the_adapter_and_the_new_rows_alone(tiny_txt2img_model, tmp_path):
+    """Pivotal tuning: the adapter and the new word's row learn; every other row and base weight stays."""
+    model = new_words_model(tiny_txt2img_model, tmp_path, new_words=["zorb=circle"], lora_config={"rank": 2})
+    model.weight_decay = 0.5
+    model.learning_rate = 1e-2
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "cond_stage_model.transformer.token_emb.weight" in trained
+    assert all(".lora_" in n for n in trained if n != "cond_stage_model.transformer.token_emb.weight")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = model.configure_optimizers()
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a zorb", "two zorb at the top"]}
+    model.train()
+    for _ in range(2):
+        loss, _ = model.shared_step(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.on_train_batch_end(None, batch, 0)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "cond_stage_model.transformer.token_emb.weight" in changed
+    assert all(".lora_" in k for k in changed - {"cond_stage_model.transformer.token_emb.weight"})
+    moved = (table(model) != before["cond_stage_model.transformer.token_emb.weight"]).any(1).nonzero().flatten()
+    assert moved.tolist() == [table(model).shape[0] - 1]  # zorb's row alone
+    # The checkpoint holds the adapter and the grown table (with its new row), no frozen base weight.
+    from ldm.lora import training_state
+
+    kept = training_state(model, model.state_dict())
+    assert "cond_stage_model.transformer.token_emb.weight" in kept
+    assert all(".lora_" in k for k in set(kept) - {"cond_stage_model.transformer.token_emb.weight"})
+
+
 @pytest.mark.parametrize("params, message", [
     ({"new_words": {"circle": None}}, "'circle' is already in the base model's vocabulary"),
     ({"new_words": {"zorb": "qwxzzy"}}, "the like word 'qwxzzy' is not in the base model's vocabulary"),
     ({"new_words": ["<zorb>"]}, r"reads '<zorb>' as \['zorb'\], so it can never be one token.*e.g. 'zorb'"),
     ({"new_words": "zorb"}, "new_words must map each new word"),
     ({"train_only_new_words": True}, "train_only_new_words .textual inversion.*new_words names none"),
-    ({"new_words": ["zorb"], "lora_config": {"rank": 2}}, "new_words with lora_config"),
+    ({"new_words": ["zorb"], "train_only_new_words": True, "lora_config": {"rank": 2}},
+     "train_only_new_words with lora_config"),
 ])
 def test_user_errors_are_one_line_config_errors(tiny_txt2img_model, tmp_path, params, message):
     with pytest.raises(ConfigError, match=message) as error:

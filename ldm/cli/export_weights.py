@@ -28,6 +28,7 @@ sampling scripts, loadable wherever it is copied:
 """
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from collections.abc import Mapping
@@ -282,6 +283,10 @@ def main() -> None:
             fmt = opt.format or model.lora_settings.file_format
             out = export_trained_lora(model, default_out(opt), fmt, metadata={"source": str(opt.ckpt)})
             print(f"wrote {out}: the LoRA adapter in {fmt} format ({out.stat().st_size / 2**20:.2f} MiB)")
+            if model.new_words:
+                # The file holds the adapter alone: on the base model the new words would be unknown.
+                print(f"warning: the run also trained new words ({', '.join(model.new_words)}), which the adapter "
+                      f"file does not hold; export --merge-lora --model-dir DIR to keep them", file=sys.stderr)
             return
         merge_trained_lora(model)
         OmegaConf.select(config, "model.params").pop("lora_config")

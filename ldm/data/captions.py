@@ -19,7 +19,10 @@ nothing), which is how the prompt-following judge scores samples. The grammar, a
     object    := [a | an | the | one] [size] [colour] noun
     noun      := circle | square | ... | shape | object        (a shape left out reads "shape" or "object")
 
-Every word is listed once, in the tables below; `caption_vocabulary` is their union.
+Every word is listed once, in the tables below; `caption_vocabulary` is their union. The words of the extra shapes
+and colours (`ldm.data.shape_attributes.EXTRA_SHAPES`, `EXTRA_COLOURS`) are phrased and read back like the others,
+but belong to the vocabulary only when asked (``caption_vocabulary(extended=True)``): the default captions, and the
+vocabulary the shipped models read, are those of the default attributes alone.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 
-from ldm.data.shape_attributes import ATTRIBUTE_NAMES, COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES
+from ldm.data.shape_attributes import (ALL_COLOURS, ALL_SHAPES, ATTRIBUTE_NAMES, COLOURS, EXTRA_COLOURS,
+                                       EXTRA_SHAPES, MAX_OBJECTS, POSITIONS, SHAPES, SIZES)
 from ldm.modules.encoders.caption_vocabulary import write_vocabulary
 from ldm.modules.encoders.tokenization import fold_unicode
 
@@ -38,6 +42,9 @@ from ldm.modules.encoders.tokenization import fold_unicode
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
            "diamond": "diamonds", "cross": "crosses"}
+EXTRA_PLURALS = {"heart": "hearts"}  # of EXTRA_SHAPES: kept apart so that the default vocabulary stays as it was
+assert tuple(EXTRA_PLURALS) == EXTRA_SHAPES
+_ALL_PLURALS = {**PLURALS, **EXTRA_PLURALS}
 GENERIC_NOUNS = {"shape": "shapes", "object": "objects"}  # the noun of an object whose shape is left out
 ARTICLES = ("a", "an", "the", "one")
 PREFIXES = ("a picture of", "an image of", "a drawing of")
@@ -113,7 +120,7 @@ def _with_article(article: str, words: str) -> str:
 def canonical_caption(objects: Sequence[DescribedObject], name_slot0_first: bool = True) -> str:
     """The template caption: "a <size> <colour> <shape> <placement>" or "<object> <relation> <object>"."""
     def phrase(obj: DescribedObject) -> str:
-        return f"a {SIZES[obj.size]} {COLOURS[obj.colour]} {SHAPES[obj.shape]}"
+        return f"a {SIZES[obj.size]} {ALL_COLOURS[obj.colour]} {ALL_SHAPES[obj.shape]}"
 
     if len(objects) == 1:
         return f"{phrase(objects[0])} {PLACEMENTS[POSITIONS[objects[0].position]][0]}"
@@ -136,12 +143,12 @@ def _descriptors(rng: np.random.Generator, obj: DescribedObject, stated: dict[st
     if stated["size"]:
         words.append(_choice(rng, SIZE_WORDS[SIZES[obj.size]]))
     if stated["colour"]:
-        words.append(COLOURS[obj.colour])
+        words.append(ALL_COLOURS[obj.colour])
     return " ".join(words)
 
 
 def _object_words(rng: np.random.Generator, obj: DescribedObject, stated: dict[str, bool]) -> str:
-    noun = SHAPES[obj.shape] if stated["shape"] else _choice(rng, tuple(GENERIC_NOUNS))
+    noun = ALL_SHAPES[obj.shape] if stated["shape"] else _choice(rng, tuple(GENERIC_NOUNS))
     descriptors = _descriptors(rng, obj, stated)
     return _with_article(_weighted(rng, ARTICLE_PROBS), f"{descriptors} {noun}" if descriptors else noun)
 
@@ -164,7 +171,7 @@ def _typed_words(rng: np.random.Generator, objects: Sequence[DescribedObject]) -
         shared = {"size": stated[0]["size"] and first.size == second.size,
                   "colour": stated[0]["colour"] and first.colour == second.colour}
         descriptors = _descriptors(rng, first, shared)
-        noun = PLURALS[SHAPES[first.shape]] if stated[0]["shape"] else _choice(rng, tuple(GENERIC_NOUNS.values()))
+        noun = _ALL_PLURALS[ALL_SHAPES[first.shape]] if stated[0]["shape"] else _choice(rng, tuple(GENERIC_NOUNS.values()))
         words = f"{COUNT_WORD} {descriptors} {noun}" if descriptors else f"{COUNT_WORD} {noun}"
         if stated[0]["position"]:
             words += " " + _choice(rng, ARRANGEMENTS["horizontal" if horizontal else "vertical"])
@@ -223,11 +230,11 @@ _SIZE_OF = {word: size for size, words in SIZE_WORDS.items() for word in words}
 _PLACEMENT_OF = {phrase: name for name, phrases in PLACEMENTS.items() for phrase in phrases}
 _RELATION_OF = {phrase: name for name, phrases in RELATIONS.items() for phrase in phrases}
 _ARRANGEMENT_OF = {phrase: axis for axis, phrases in ARRANGEMENTS.items() for phrase in phrases}
-_PLURAL_OF = {plural: shape for shape, plural in PLURALS.items()}
+_PLURAL_OF = {plural: shape for shape, plural in _ALL_PLURALS.items()}
 _DESCRIPTORS = (rf"(?:(?P<size{{i}}>{_alternatives(_SIZE_OF)}) )?"
-                rf"(?:(?P<colour{{i}}>{_alternatives(COLOURS)}) )?")
+                rf"(?:(?P<colour{{i}}>{_alternatives(ALL_COLOURS)}) )?")
 _OBJECT = (rf"(?:(?:{_alternatives(ARTICLES)}) )?{_DESCRIPTORS}"
-           rf"(?P<noun{{i}}>{_alternatives((*SHAPES, *GENERIC_NOUNS))})")
+           rf"(?P<noun{{i}}>{_alternatives((*ALL_SHAPES, *GENERIC_NOUNS))})")
 _PREFIX = rf"(?:(?:{_alternatives(PREFIXES)}) )?"
 _SINGLE_RE = re.compile(rf"{_PREFIX}{_OBJECT.format(i=0)}(?: (?P<placement>{_alternatives(_PLACEMENT_OF)}))?")
 _PAIR_RE = re.compile(rf"{_PREFIX}{_OBJECT.format(i=0)} "
@@ -240,8 +247,8 @@ _COUNT_RE = re.compile(rf"{_PREFIX}{COUNT_WORD} {_DESCRIPTORS.format(i=0)}"
 def _identity(match: re.Match, group: int, noun: Optional[str]) -> list[int]:
     """[shape, colour, size] indices stated by object `group` of `match`, -1 where unstated."""
     size, colour = match[f"size{group}"], match[f"colour{group}"]
-    return [SHAPES.index(noun) if noun in SHAPES else -1,
-            COLOURS.index(colour) if colour else -1,
+    return [ALL_SHAPES.index(noun) if noun in ALL_SHAPES else -1,
+            ALL_COLOURS.index(colour) if colour else -1,
             SIZES.index(_SIZE_OF[size]) if size else -1]
 
 
@@ -260,11 +267,10 @@ def caption_to_attributes(caption: str) -> dict[str, Any]:
     """Parse a prompt of this grammar into the labels it states.
 
     Returns ``attributes`` (int64, (MAX_OBJECTS, 4), canonical slot order: slot 0 is the only, left or upper
-    object; -1 where the prompt says nothing), ``num_objects``, ``class_label`` (`shape * 6 + colour` of slot 0,
-    -1 if either is unstated) and ``ordered``: False when the prompt does not say which object is which slot
-    ("a red circle and a blue square", "... next to ..."), so a judge may match its two objects either way
-    round (their positions, if stated, stay with the slots).
-    """
+    object; -1 where the prompt says nothing), ``num_objects``, ``class_label`` (`default_class_label`) and
+    ``ordered``: False when the prompt does not say which object is which slot ("a red circle and a blue square",
+    "... next to ..."), so a judge may match its two objects either way round (their positions, if stated, stay
+    with the slots)."""
     text = normalise_prompt(caption)
     attributes = np.full((MAX_OBJECTS, len(ATTRIBUTE_NAMES)), -1, dtype=np.int64)
     ordered = True
@@ -293,20 +299,29 @@ def caption_to_attributes(caption: str) -> dict[str, Any]:
         num_objects = 1
     else:
         raise ValueError(f"cannot parse caption {caption!r}: {_grammar_summary()}")
+    return {"attributes": attributes, "num_objects": num_objects, "class_label": default_class_label(attributes),
+            "ordered": ordered}
+
+
+def default_class_label(attributes: np.ndarray) -> int:
+    """``shape * len(COLOURS) + colour`` of slot 0 of a label array, or -1 if either is unknown or an extra one
+    (`EXTRA_SHAPES`, `EXTRA_COLOURS`): the class labels are the default pairs', and an extra index would collide."""
     shape, colour = int(attributes[0, 0]), int(attributes[0, 1])
-    class_label = shape * len(COLOURS) + colour if shape >= 0 and colour >= 0 else -1
-    return {"attributes": attributes, "num_objects": num_objects, "class_label": class_label, "ordered": ordered}
+    return shape * len(COLOURS) + colour if 0 <= shape < len(SHAPES) and 0 <= colour < len(COLOURS) else -1
 
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
 # ----------------------------------------------------------------------------------------------
 
-def caption_vocabulary() -> list[str]:
+def caption_vocabulary(extended: bool = False) -> list[str]:
     """Every word of the grammar, sorted: what a small text encoder for these captions needs (and reads
-    without [UNK]); `write_caption_vocabulary` turns it into a WordPiece vocab.txt."""
+    without [UNK]); `write_caption_vocabulary` turns it into a WordPiece vocab.txt. `extended` adds the words of
+    the extra shapes and colours (the shipped models' vocabulary is the default one)."""
     phrases = [*SHAPES, *COLOURS, *PLURALS.values(), *GENERIC_NOUNS, *GENERIC_NOUNS.values(), *ARTICLES,
                *PREFIXES, *_SIZE_OF, *_PLACEMENT_OF, *_RELATION_OF, *SIDE_BY_SIDE, AND, *_ARRANGEMENT_OF, COUNT_WORD]
+    if extended:
+        phrases += [*EXTRA_SHAPES, *EXTRA_COLOURS, *EXTRA_PLURALS.values()]
     return sorted({word for phrase in phrases for word in phrase.split()})
 
 

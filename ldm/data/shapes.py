@@ -41,11 +41,19 @@ one-object scene is all -1):
 Compositional split: the colour-shape pairs in ``HELD_OUT_PAIRS`` never occur in ``train`` or
 ``validation``; every ``test`` image contains at least one of them, so a text-conditional model can be
 asked to compose words it never saw together. Splits draw from disjoint random streams.
+
+New shapes and colours (``extra_shapes=["heart"]``, ``extra_colours=["white"]``; `EXTRA_SHAPES`, `EXTRA_COLOURS`):
+attributes the shipped models never saw, for teaching a trained model new words. They index after the default ones
+(heart is shape 6, white colour 6) and appear only in a dataset that asks for them; there every image holds at least
+one object of a new shape or colour (`novel_pairs`), the other object of a pair comes from the split's usual pairs
+or the new ones, and ``class_label`` is -1 for an image whose slot 0 is new (the 36 classes are the default pairs).
+A dataset that names none draws exactly the default items.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -53,6 +61,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from ldm.data.captions import (  # noqa: F401 (caption_to_attributes and the vocabulary are read from here too)
     canonical_caption,
+    default_class_label,
     caption_to_attributes,
     caption_vocabulary,
     labelled_objects,
@@ -60,7 +69,8 @@ from ldm.data.captions import (  # noqa: F401 (caption_to_attributes and the voc
     write_caption_vocabulary,
 )
 from ldm.data.masks import pixel_centres, random_inpainting_mask
-from ldm.data.shape_attributes import ATTRIBUTE_NAMES, COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES
+from ldm.data.shape_attributes import (ALL_COLOURS, ALL_SHAPES, ATTRIBUTE_NAMES, COLOURS, EXTRA_COLOURS,
+                                       EXTRA_SHAPES, MAX_OBJECTS, POSITIONS, SHAPES, SIZES)
 
 # (shape, colour) pairs that never appear in train/validation; each shape and colour still appears
 # in training with other partners, so the words themselves are known.
@@ -87,7 +97,11 @@ COLOUR_RGB = {
     "green": (0.1, 0.68, 0.2),
     "blue": (0.12, 0.3, 0.92),
     "purple": (0.6, 0.16, 0.76),
+    # EXTRA_COLOURS: brighter than any background (value <= 0.75, plus at most 0.1 of texture), as the others are
+    # more saturated than any.
+    "white": (0.97, 0.97, 0.97),
 }
+assert tuple(COLOUR_RGB) == ALL_COLOURS
 COLOUR_JITTER = 0.04  # per channel, so models cannot key on one exact RGB value
 
 # Object radius R (normalised) per size, uniform in the range; the two ranges are far apart so size
@@ -207,6 +221,17 @@ def _sdf_cross(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sign(k) * np.hypot(np.maximum(wx, 0.0), np.maximum(wy, 0.0))
 
 
+def _sdf_heart(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Heart (Quilez's), scaled 1.75 and centred: half-width 1.06, half-height 0.97, about the square's area."""
+    scale = 1.75
+    # Quilez's heart has its tip at the origin and its top at y = 1.104: shift it so its box is centred.
+    px, py = np.abs(x) / scale, y / scale + 0.552
+    lobe = np.hypot(px - 0.25, py - 0.75) - np.sqrt(2.0) / 4.0
+    t = 0.5 * np.maximum(px + py, 0.0)
+    body = np.sqrt(np.minimum(px ** 2 + (py - 1.0) ** 2, (px - t) ** 2 + (py - t) ** 2)) * np.sign(px - py)
+    return np.where(px + py > 1.0, lobe, body) * scale
+
+
 SHAPE_SDFS = {
     "circle": _sdf_circle,
     "square": _sdf_square,
@@ -216,6 +241,9 @@ SHAPE_SDFS = {
     "cross": _sdf_cross,
 }
 assert tuple(SHAPE_SDFS) == SHAPES
+EXTRA_SHAPE_SDFS = {"heart": _sdf_heart}
+assert tuple(EXTRA_SHAPE_SDFS) == EXTRA_SHAPES
+_ALL_SHAPE_SDFS = {**SHAPE_SDFS, **EXTRA_SHAPE_SDFS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,8 +257,28 @@ UNSEEN_PAIRS = sorted((SHAPES.index(s), COLOURS.index(c)) for s, c in HELD_OUT_P
 SEEN_PAIRS = [pair for pair in ALL_PAIRS if pair not in UNSEEN_PAIRS]
 
 
-def _sample_identities(rng: np.random.Generator, split: str, num_objects: int) -> list[tuple[int, int]]:
-    """(shape, colour) of each object: seen pairs only, or (test) at least one held-out pair."""
+def novel_pairs(extra_shapes: Sequence[str] = (), extra_colours: Sequence[str] = ()) -> list[tuple[int, int]]:
+    """The (shape, colour) index pairs with a new shape or colour among `extra_shapes` and `extra_colours` (any
+    other partner: default or new), sorted; ValueError for a name not in `EXTRA_SHAPES` / `EXTRA_COLOURS`."""
+    for names, known, what in ((extra_shapes, EXTRA_SHAPES, "extra_shapes"), (extra_colours, EXTRA_COLOURS, "extra_colours")):
+        unknown = [n for n in names if n not in known]
+        if isinstance(names, str) or unknown:
+            raise ValueError(f"{what} must be a list of names from {list(known)}, got {names!r}")
+    shapes = [*range(len(SHAPES)), *(ALL_SHAPES.index(n) for n in extra_shapes)]
+    colours = [*range(len(COLOURS)), *(ALL_COLOURS.index(n) for n in extra_colours)]
+    return sorted({(s, c) for s in shapes for c in colours if s >= len(SHAPES) or c >= len(COLOURS)})
+
+
+def _sample_identities(rng: np.random.Generator, split: str, num_objects: int,
+                       new_pairs: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """(shape, colour) of each object: seen pairs only, or (test) at least one held-out pair; with `new_pairs` (the
+    extra attributes'), one object of those and any other of the split's pairs or those."""
+    if new_pairs:
+        # A separate branch, so that the default items' draws stay exactly what they were.
+        pool = [*(SEEN_PAIRS if split != "test" else ALL_PAIRS), *new_pairs]
+        forced = rng.integers(num_objects)
+        return [new_pairs[rng.integers(len(new_pairs))] if slot == forced else pool[rng.integers(len(pool))]
+                for slot in range(num_objects)]
     if split != "test":
         return [SEEN_PAIRS[rng.integers(len(SEEN_PAIRS))] for _ in range(num_objects)]
     forced = rng.integers(num_objects)
@@ -241,7 +289,7 @@ def _sample_identities(rng: np.random.Generator, split: str, num_objects: int) -
 
 
 def _object_rgb(rng: np.random.Generator, colour: int) -> tuple[float, float, float]:
-    rgb = np.asarray(COLOUR_RGB[COLOURS[colour]]) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3)
+    rgb = np.asarray(COLOUR_RGB[ALL_COLOURS[colour]]) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=3)
     return tuple(float(v) for v in np.clip(rgb, 0.0, 1.0))
 
 
@@ -300,10 +348,12 @@ def _sample_background(rng: np.random.Generator, textured_prob: float) -> Backgr
     )
 
 
-def sample_scene(rng: np.random.Generator, split: str, textured_prob: float, two_object_prob: float) -> Scene:
-    """Draw a scene; every draw happens here, so rendering at any size shows the same scene."""
+def sample_scene(rng: np.random.Generator, split: str, textured_prob: float, two_object_prob: float,
+                 new_pairs: Sequence[tuple[int, int]] = ()) -> Scene:
+    """Draw a scene; every draw happens here, so rendering at any size shows the same scene. `new_pairs`
+    (`novel_pairs`): every scene holds one of them."""
     num_objects = 2 if rng.uniform() < two_object_prob else 1
-    identities = _sample_identities(rng, split, num_objects)
+    identities = _sample_identities(rng, split, num_objects, new_pairs)
     sizes = [int(rng.integers(len(SIZES))) for _ in range(num_objects)]
     radii = [float(rng.uniform(*RADIUS_RANGE[SIZES[s]])) for s in sizes]
     extents = [EXTENT * r for r in radii]
@@ -377,7 +427,7 @@ def _paint_object(canvas: np.ndarray, obj: PlacedObject) -> None:
     y0, y1 = np.searchsorted(coords, [obj.centre_y - half, obj.centre_y + half])
     local_x = (coords[x0:x1][None, :] - obj.centre_x) / obj.radius
     local_y = (obj.centre_y - coords[y0:y1][:, None]) / obj.radius  # y up for the SDFs
-    distance_px = SHAPE_SDFS[SHAPES[obj.shape]](local_x, local_y) * obj.radius * size
+    distance_px = _ALL_SHAPE_SDFS[ALL_SHAPES[obj.shape]](local_x, local_y) * obj.radius * size
     coverage = np.clip(0.5 - distance_px, 0.0, 1.0)[:, :, None]
     patch = canvas[y0:y1, x0:x1]
     patch += coverage * (np.asarray(obj.rgb) - patch)
@@ -409,9 +459,13 @@ def scene_attributes(scene: Scene) -> np.ndarray:
 
 
 def class_label_of(attributes: np.ndarray) -> int:
-    """``shape * len(COLOURS) + colour`` of slot 0, or -1 if either is unknown."""
-    shape, colour = int(attributes[0, 0]), int(attributes[0, 1])
-    return shape * len(COLOURS) + colour if shape >= 0 and colour >= 0 else -1
+    """``shape * len(COLOURS) + colour`` of slot 0, or -1 if either is unknown or new (`default_class_label`)."""
+    return default_class_label(attributes)
+
+
+def human_label_of(attributes: np.ndarray) -> str:
+    """"<colour> <shape>" of slot 0: the class name, also for a new shape or colour (which has no class)."""
+    return f"{ALL_COLOURS[int(attributes[0, 1])]} {ALL_SHAPES[int(attributes[0, 0])]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +487,9 @@ class ShapesDataset(Dataset):
     `cache_latents` trains on) costs nothing to draw again: making a 32×32 item takes about 0.3 ms, 10 ms a
     batch of 32, a tenth of the txt2img U-Net step (bench/results/training_step.md). The items are the
     same either way; the memory is about 12 KiB per 32×32 item (240 MiB for a pool of 20,000).
+
+    `extra_shapes` / `extra_colours` (names from `EXTRA_SHAPES` / `EXTRA_COLOURS`): every image then holds a new
+    shape or colour (module docstring); without them the items are the default ones, byte for byte.
     """
 
     num_classes = NUM_CLASSES
@@ -449,6 +506,8 @@ class ShapesDataset(Dataset):
         mask_box_prob: float = 0.5,
         keep_items: bool = False,
         caption_style: str = "canonical",
+        extra_shapes: Sequence[str] = (),
+        extra_colours: Sequence[str] = (),
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: use one of {SPLITS}")
@@ -473,6 +532,8 @@ class ShapesDataset(Dataset):
         self.mask_box_prob = mask_box_prob
         self._split_code = SPLITS.index(split)
         self.caption_style = caption_style
+        # The new attributes' pairs (module docstring); none: the default items exactly.
+        self.new_pairs = novel_pairs(extra_shapes or (), extra_colours or ())
         self._kept: Optional[dict[int, dict[str, Any]]] = {} if keep_items else None
         self._caption_rng: Optional[tuple[int, np.random.Generator]] = None  # (worker seed, its stream)
 
@@ -484,7 +545,7 @@ class ShapesDataset(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a {self.split} split of {self.num_samples} items")
         rng = np.random.default_rng([self.seed, self._split_code, index])
-        return sample_scene(rng, self.split, self.textured_prob, self.two_object_prob)
+        return sample_scene(rng, self.split, self.textured_prob, self.two_object_prob, self.new_pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self._kept is not None:
@@ -516,7 +577,7 @@ class ShapesDataset(Dataset):
             "typed_caption": typed_caption(scene.objects, np.random.default_rng([self.seed, self._split_code, index, 3]),
                                            scene.name_slot0_first),
             "class_label": class_label_of(attributes),
-            "human_label": CLASS_NAMES[class_label_of(attributes)],  # the reference's key for class names
+            "human_label": human_label_of(attributes),  # the reference's key for class names
             "attributes": attributes,
             "num_objects": len(scene.objects),
             "index": index,

@@ -11,6 +11,11 @@ an absent slot, plus ``num_objects`` (N,).
 Images are NCHW in [-1, 1]. The network sees 32x32: other sizes are resized to 32x32 first (area
 averaging when shrinking, which is what rendering at 32x32 with box-filter anti-aliasing gives;
 bilinear when enlarging). Non-square images are squashed to square, so pass square images.
+
+A classifier for the extended label space (``AttributeClassifier(extra_shapes=["heart"], extra_colours=["white"])``,
+the new shapes and colours of ``ldm.data.shape_attributes``) has one more output per new shape or colour; its labels
+index `ALL_SHAPES` / `ALL_COLOURS` (the new ones after the default ones), so it reads default images with the
+shipped one's labels. Its config records them; the shipped classifier's config, which names none, is unchanged.
 """
 
 from __future__ import annotations
@@ -27,13 +32,19 @@ from torch import nn
 
 from ldm import assets
 from ldm.checkpoint import load_state_dict, load_weights, save_safetensors
-from ldm.data.shapes import ATTRIBUTE_NAMES, COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES
+from ldm.data.shapes import ATTRIBUTE_NAMES, COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, novel_pairs
 
 DEFAULT_DIR = assets.resolve("models/attribute_classifier")
 WEIGHTS_FILE = "attribute_classifier.safetensors"
 CONFIG_FILE = "config.json"
-# Classes per attribute, in ATTRIBUTE_NAMES order.
+# Classes per attribute, in ATTRIBUTE_NAMES order (the default label space; see `head_sizes` for an extended one).
 HEAD_SIZES = {"shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES), "position": len(POSITIONS)}
+
+
+def head_sizes(extra_shapes: Sequence[str] = (), extra_colours: Sequence[str] = ()) -> dict[str, int]:
+    """Classes per attribute with the new shapes and colours (names from `EXTRA_SHAPES` / `EXTRA_COLOURS`) added."""
+    novel_pairs(extra_shapes, extra_colours)  # ValueError naming an unknown one
+    return {**HEAD_SIZES, "shape": len(SHAPES) + len(extra_shapes), "colour": len(COLOURS) + len(extra_colours)}
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -56,11 +67,16 @@ class AttributeClassifier(nn.Module):
         bottleneck: int = 32,
         hidden: int = 192,
         input_size: int = 32,
+        extra_shapes: Sequence[str] = (),
+        extra_colours: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if input_size % 2 ** len(channels) != 0:
             raise ValueError(f"input_size {input_size} must be divisible by 2**len(channels) = {2 ** len(channels)}")
         self.config = {"channels": list(channels), "bottleneck": bottleneck, "hidden": hidden, "input_size": input_size}
+        # Named only when there are some, so that a default classifier's config stays what the shipped one holds.
+        self.config.update({k: list(v) for k, v in (("extra_shapes", extra_shapes), ("extra_colours", extra_colours)) if v})
+        self.head_sizes = head_sizes(extra_shapes, extra_colours)
         self.input_size = input_size
         stages: list[nn.Module] = []
         in_channels = 3
@@ -73,7 +89,7 @@ class AttributeClassifier(nn.Module):
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(bottleneck * final * final, hidden), nn.ReLU(inplace=True))
         # One linear layer emits every logit: per slot the four attributes, then one presence logit
         # for slot 1 (slot 0 is always present).
-        self.per_slot = sum(HEAD_SIZES.values())
+        self.per_slot = sum(self.head_sizes.values())
         self.head = nn.Linear(hidden, MAX_OBJECTS * self.per_slot + 1)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,7 +116,7 @@ class AttributeClassifier(nn.Module):
         """``{attribute: (N, MAX_OBJECTS, classes)}`` plus ``presence`` (N,): logit that slot 1 exists."""
         out = self.head(features)
         slots = out[:, : MAX_OBJECTS * self.per_slot].reshape(-1, MAX_OBJECTS, self.per_slot)
-        logits = dict(zip(HEAD_SIZES, slots.split(list(HEAD_SIZES.values()), dim=-1)))
+        logits = dict(zip(self.head_sizes, slots.split(list(self.head_sizes.values()), dim=-1)))
         logits["presence"] = out[:, -1]
         return logits
 

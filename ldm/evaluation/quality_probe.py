@@ -15,7 +15,9 @@ nothing here feeds a gradient) and append one row per measurement to ``<run>/qua
 
 The clock is training wall time: time since the fit started minus the time the probes themselves took
 (data loading, validation and checkpointing count as training). It is kept in the callback's state, so a
-run resumed with ``-r`` continues its curve. A last measurement is taken when training ends.
+run resumed with ``-r`` continues its curve. A last measurement is taken when training ends. With
+`max_train_minutes` the probe also ends training once that much training time has passed (its measurements left
+out, which a Trainer's ``max_time`` would count): a recipe given a time budget.
 """
 from __future__ import annotations
 
@@ -44,13 +46,18 @@ PROMPT_SETS = ("seen", "held_out", "seen_typed", "held_out_typed")
 
 class TimedProbe(Callback):
     """Calls `measure` every `every_steps` steps or `every_minutes` of training time, and at the end; writes
-    rows to a CSV. A step interval makes runs comparable when other work shares the CPU."""
+    rows to a CSV. A step interval makes runs comparable when other work shares the CPU. `max_train_minutes`
+    stops training after that much training time (module docstring)."""
 
     columns: tuple[str, ...] = ()
 
     def __init__(self, every_minutes: Optional[float] = 2.0, every_steps: Optional[int] = None,
-                 csv_name: str = "quality.csv", label: str = "", classifier_path: Optional[str] = None) -> None:
+                 csv_name: str = "quality.csv", label: str = "", classifier_path: Optional[str] = None,
+                 max_train_minutes: Optional[float] = None) -> None:
         super().__init__()
+        if max_train_minutes is not None and not max_train_minutes > 0:
+            raise ValueError(f"max_train_minutes must be positive, got {max_train_minutes}")
+        self.max_train_seconds = math.inf if max_train_minutes is None else 60.0 * max_train_minutes
         if every_steps is not None:
             if every_steps < 1:
                 raise ValueError(f"every_steps must be a positive integer, got {every_steps}")
@@ -95,6 +102,10 @@ class TimedProbe(Callback):
             self._run(trainer, pl_module)
             while self.next_due <= self.elapsed():
                 self.next_due += self.every_seconds
+        if self.elapsed() >= self.max_train_seconds:
+            log.info(f"[probe] {self.max_train_seconds / 60:.1f} training minutes reached at step "
+                     f"{trainer.global_step}: stopping")
+            trainer.should_stop = True  # on_train_end takes the last measurement
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.interrupted:

@@ -557,6 +557,11 @@ class LatentDiffusion(DDPM):
 
             _, self.new_word_rows = freeze_all_but_new_words(self, list(self.new_words))
             log.info(f"textual inversion: the embeddings of {', '.join(self.new_words)} train, the rest is frozen")
+        elif self.lora_settings is not None and self.new_words:  # pivotal tuning: the adapter and the new rows
+            from ldm.new_words import train_new_word_rows
+
+            _, self.new_word_rows = train_new_word_rows(self, list(self.new_words))
+            log.info(f"LoRA with new words: the embeddings of {', '.join(self.new_words)} train with the adapter")
         self.prior_weight = None
         if prior_preservation is not None:  # DreamBooth's prior preservation (ldm/prior_preservation.py)
             from ldm.prior_preservation import PriorPreservation
@@ -807,7 +812,7 @@ class LatentDiffusion(DDPM):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.lora_settings is not None:
-            return [p for p in self.parameters() if p.requires_grad]  # the adapter's weights
+            return [p for p in self.parameters() if p.requires_grad]  # the adapter's (and new words' table)
         if self.new_word_rows is not None:
             return [self.word_table]  # textual inversion: the embedding table, of which only new rows move
         params = super().trainable_parameters()
@@ -868,9 +873,9 @@ def _check_new_words_options(new_words: Union[Mapping[str, Optional[str]], Seque
     if words and init_from is None:
         raise ValueError("new_words adds words to a trained model's vocabulary: set model.params.init_from to the "
                          "model to start from")
-    if words and lora_config is not None:
-        raise ValueError("new_words with lora_config: a LoRA run's checkpoints hold the adapter alone, not the new "
-                         "words' embeddings; teach new words by full fine-tuning or train_only_new_words")
+    if train_only_new_words and lora_config is not None:
+        raise ValueError("train_only_new_words with lora_config: textual inversion trains the new words alone; drop "
+                         "lora_config, or train_only_new_words to train the new words with the adapter")
     return words
 
 

@@ -1,0 +1,32 @@
+"""bench/fine_tuning.py --quick end to end: the folder, the extended judge, the three fine-tuning runs through
+main.py (LoRA with new words, full, textual inversion), their probes and the report (issue 26)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_writes_every_figure(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "LDM_RUN_NOW"}
+    subprocess.run([sys.executable, "bench/fine_tuning.py", "--quick", "--workdir", str(tmp_path)], cwd=REPO,
+                   check=True, env=env, timeout=300)
+    results = json.loads((tmp_path / "fine_tuning.json").read_text())
+    assert set(results["methods"]) == {"lora", "full", "textual_inversion"}
+    for split in ("seen", "seen_typed", "novel", "novel_typed"):
+        assert 0.0 <= results["base"][split]["match_all"] <= 1.0
+    for method, figures in results["methods"].items():
+        assert figures["costs"]["steps"] == 2 and figures["peak_rss_bytes"] > 0
+        assert 0.0 <= figures["last"]["novel"]["novel_share"] <= 1.0
+    costs = {m: f["costs"] for m, f in results["methods"].items()}
+    # LoRA trains the adapter and the embedding table, far fewer weights than full fine-tuning.
+    assert costs["lora"]["optimizer_parameters"] < costs["full"]["optimizer_parameters"] / 10
+    assert results["methods"]["lora"]["lora_file_bytes"] < 0.05 * results["unet"]["bytes"]
+    assert (tmp_path / "fine_tuning.png").stat().st_size > 0
+    assert "| lora |" in (tmp_path / "fine_tuning.md").read_text()
+    assert len(list((tmp_path / "data" / "train").glob("*.txt"))) == 8
+    assert (tmp_path / "judge" / "config.json").is_file()
