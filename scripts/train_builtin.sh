@@ -14,7 +14,8 @@
 # Interrupt it at any time (Ctrl-C, SIGTERM, a lost machine): every stage writes last.ckpt when stopped,
 # and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
 # finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS, and
-# BUILTIN_TXT2IMG_TYPED_RUNS the text model's runs on typed captions ("STEPS:RATE ...", default "3000:3e-4 3000:1e-4");
+# BUILTIN_TXT2IMG_TYPED_RUNS the text model's runs on typed captions ("STEPS:RATE[:HOLD] ...": the rate held HOLD
+# steps, then decaying to 1e-5; default "3000:3e-4 3000:1e-4 8000:5e-4:4000");
 # BUILTIN_TXT2IMG_OVERRIDES adds config overrides (key=value, space-separated) to the txt2img stage's first run, e.g. a
 # learning-rate schedule fitted to fewer steps. BUILTIN_FIRST_STAGE_DIR is the first stage's model directory the
 # other stages train on (and stage first_stage exports to): default $BUILTIN_MODELS_DIR/first_stage_models/kl-f4-shapes;
@@ -28,8 +29,9 @@ LOGS="${BUILTIN_LOGDIR:-logs/builtin}"
 STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting superres semantic2img layout2img}"
 FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-12000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
 TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-12000}"
-# The typed-caption runs after it: STEPS:RATE each, its rate decaying linearly to 1e-5 (what the shipped model had).
-TXT2IMG_TYPED_RUNS="${BUILTIN_TXT2IMG_TYPED_RUNS:-3000:3e-4 3000:1e-4}"
+# The typed-caption runs after it: STEPS:RATE[:HOLD] each, its rate held HOLD steps then decaying linearly to 1e-5
+# (what the shipped model had; typed-finetune-4-raised warmed up over 200 steps where this recipe takes 100).
+TXT2IMG_TYPED_RUNS="${BUILTIN_TXT2IMG_TYPED_RUNS:-3000:3e-4 3000:1e-4 8000:5e-4:4000}"
 INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-6000}"
 SUPERRES_STEPS="${BUILTIN_SUPERRES_STEPS:-46000}"
 SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-46000}"
@@ -72,7 +74,8 @@ for stage in $STAGES; do
     txt2img)
       # The canonical captions first, where shape is learned soonest (on typed captions from the start it came
       # ~1,000 steps later: typed-captions-scratch against z8-v-batch128), then runs on the typed captions from
-      # those weights, each a fresh optimizer (typed-finetune, typed-finetune-2 in bench/results/convergence.md):
+      # those weights, each a fresh optimizer (typed-finetune, typed-finetune-2, typed-finetune-4-raised in
+      # bench/results/convergence.md):
       # the model then reads prompts as people write them (words left out, synonyms, counts, case, punctuation).
       train builtin_txt2img configs/latent-diffusion/txt2img.yaml "$TXT2IMG_STEPS" \
         "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
@@ -80,14 +83,23 @@ for stage in $STAGES; do
       schedule=model.params.scheduler_config.params
       typed=0
       for run_spec in $TXT2IMG_TYPED_RUNS; do
-        typed=$((typed + 1)); steps="${run_spec%%:*}"; rate="${run_spec##*:}"
-        # txt2img.yaml's base rate is 1e-3: the schedule's factors are rate / 1e-3, down to 1e-5 / 1e-3.
+        typed=$((typed + 1))
+        IFS=: read -r steps rate hold <<< "$run_spec"
+        hold="${hold:-0}"
+        # txt2img.yaml's base rate is 1e-3: the schedule's factors are rate / 1e-3, down to 1e-5 / 1e-3. With a
+        # HOLD the rate stays there for HOLD steps (after the warm-up), then decays over the rest.
         factor=$(python -c "print($rate / 1e-3)")
+        if [ "$hold" -gt 0 ]; then
+          cycles="$schedule.warm_up_steps=[100,1] $schedule.cycle_lengths=[$hold,$((steps - hold))]"
+          cycles+=" $schedule.f_start=[1.0e-6,$factor] $schedule.f_max=[$factor,$factor] $schedule.f_min=[$factor,0.01]"
+        else
+          cycles="$schedule.warm_up_steps=[100] $schedule.cycle_lengths=[$steps] $schedule.f_start=[1.0e-6]"
+          cycles+=" $schedule.f_max=[$factor] $schedule.f_min=[0.01]"
+        fi
+        read -r -a cycle_overrides <<< "$cycles"
         train "builtin_txt2img_typed$typed" configs/latent-diffusion/txt2img.yaml "$steps" \
           "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
-          "model.params.ckpt_path=$LAST_RUN/checkpoints/last.ckpt" "$schedule.warm_up_steps=[100]" \
-          "$schedule.cycle_lengths=[$steps]" "$schedule.f_start=[1.0e-6]" "$schedule.f_max=[$factor]" \
-          "$schedule.f_min=[0.01]"
+          "model.params.ckpt_path=$LAST_RUN/checkpoints/last.ckpt" "${cycle_overrides[@]}"
       done
       # --share-first-stage: the built-in models share one first stage file (the wheel carries it once).
       python scripts/export_weights.py --overwrite "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \

@@ -4,7 +4,7 @@
 (v-prediction) and of a tiny ε-prediction model (also with min-SNR weighting and the VLB term), and every
 sampler's latents after a few steps. (The shipped inpainting model's loss was pinned too and matched after
 the redesign; its entry was dropped when that model was replaced by the text-conditioned one. The txt2img entries
-were pinned again, by the same functions, each time the shipped model was trained further (20,000, then 30,000, then 40,000 steps), when the batch-128 model replaced it, and when it was trained on typed captions; the tiny models' entries were kept as first pinned.) `python -m tests.pinned_outputs` writes them
+were pinned again, by the same functions, each time the shipped model was trained further (20,000, then 30,000, then 40,000 steps), when the batch-128 model replaced it, and each time it was trained on typed captions; the tiny models' entries were kept as first pinned.) `python -m tests.pinned_outputs` writes them
 to tests/fixtures/pinned_outputs.safetensors (run once, on the code before the redesign);
 tests/test_pinned_outputs.py recomputes them and requires the same numbers.
 """

@@ -24,6 +24,8 @@ THRESHOLD = 0.8
 DOCUMENTS = ["README.md", "docs/*.md", "models/ldm/*/README.md", "scripts/demo.sh", "scripts/check_wheel.sh",
              "ldm/cli/*.py", "ldm/inference.py"]
 FLAG_PROMPT = re.compile(r"""--prompt[ =](?:"([^"]+)"|'([^']+)')""")
+CONFIG_FLAG = re.compile(r"--config[ =](\S+)")
+SHIPPED_TEXT_MODEL = ("txt2img", "models/ldm/txt2img-shapes", "models/ldm/txt2img-shapes/")
 QUOTED = re.compile(r"""(negative_prompt=|--negative_prompt )?["\u201c]([^"\u201c\u201d\n]{4,120})["\u201d]""")
 
 
@@ -33,6 +35,14 @@ def _parses(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _for_the_shipped_model(text: str, position: int) -> bool:
+    """Whether the command around `position` samples the shipped text model (no --config, or --config txt2img),
+    rather than a model the reader trains first (a fine-tuned one with words of its own)."""
+    line = text[text.rfind("\n", 0, position) + 1:text.find("\n", position) % (len(text) + 1)]
+    config = CONFIG_FLAG.search(line)
+    return config is None or config[1] in SHIPPED_TEXT_MODEL
 
 
 def documented_prompts() -> dict[str, list[str]]:
@@ -45,6 +55,8 @@ def documented_prompts() -> dict[str, list[str]]:
             text = path.read_text(encoding="utf-8")
             where = str(path.relative_to(REPO))
             for match in FLAG_PROMPT.finditer(text):
+                if not _for_the_shipped_model(text, match.start()):
+                    continue
                 found.setdefault(match[1] or match[2], []).append(where)
             for match in QUOTED.finditer(text):
                 if not match[1] and " " in match[2] and _parses(match[2]):  # a phrase, not a key such as "shape"

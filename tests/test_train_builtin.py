@@ -45,7 +45,7 @@ def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     schedule = "model.params.scheduler_config.params"
     shipped = "models/first_stage_models/kl-f4-shapes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "txt2img", "BUILTIN_FIRST_STAGE_DIR": shipped,
-           "BUILTIN_TXT2IMG_STEPS": "2", "BUILTIN_TXT2IMG_TYPED_RUNS": "1:3e-4",
+           "BUILTIN_TXT2IMG_STEPS": "2", "BUILTIN_TXT2IMG_TYPED_RUNS": "1:3e-4 2:5e-4:1",
            "BUILTIN_TXT2IMG_OVERRIDES": f"{schedule}.warm_up_steps=[1,1] {schedule}.cycle_lengths=[1,1] "
                                         f"{schedule}.f_start=[0.1,0.3] {schedule}.f_max=[1.0,0.3] "
                                         f"{schedule}.f_min=[1.0,0.01] data.params.validation.params.num_samples=4 "
@@ -69,6 +69,13 @@ def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     assert typed.model.params.ckpt_path == f"{run}/checkpoints/last.ckpt"
     assert list(typed.model.params.scheduler_config.params.cycle_lengths) == [1]
     assert typed.model.params.scheduler_config.params.f_max[0] == pytest.approx(0.3)
+    # The third: a rate held (STEPS:RATE:HOLD), then decaying, from the second run's weights.
+    held_run = next((tmp_path / "logs").glob("*_builtin_txt2img_typed2"))
+    held = OmegaConf.load(sorted((held_run / "configs").glob("*-project.yaml"))[-1]).model.params
+    assert held.ckpt_path == f"{typed_run}/checkpoints/last.ckpt"
+    assert list(held.scheduler_config.params.cycle_lengths) == [1, 1]
+    assert list(held.scheduler_config.params.f_max) == pytest.approx([0.5, 0.5])
+    assert list(held.scheduler_config.params.f_min) == pytest.approx([0.5, 0.01])
     exported = OmegaConf.load(tmp_path / "models" / "ldm" / "txt2img-shapes" / "config.yaml")
     assert "ckpt_path" not in exported.model.params  # the export holds every weight itself
     assert (tmp_path / "models" / "ldm" / "txt2img-shapes" / "model.safetensors").is_file()
