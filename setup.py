@@ -1,7 +1,7 @@
 """The package's metadata, dependencies and commands are in pyproject.toml; this file says which files the wheel
 holds, and keeps `pip install -e .` and `python setup.py develop` working as in the reference.
 
-The built-in models (about 11 MB), the configs and the caption vocabulary travel inside the wheel: the
+The built-in models (about 19 MB), the configs and the caption vocabulary travel inside the wheel: the
 repository's models/ and configs/ become ldm/assets/models and ldm/assets/configs, where `ldm.assets.resolve`
 finds them, so load_model("txt2img") and `ldm-train --base configs/...` work from any directory.
 """
