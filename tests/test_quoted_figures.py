@@ -24,6 +24,9 @@ QUOTES = [
     ("docs/benchmarks.md", "bench/results/demo/split-5000-1500/prompt_following.json",
      "canonical {c5000-t1500.seen} % / {c5000-t1500.held_out} %, typed {c5000-t1500.seen_typed} % / "
      "{c5000-t1500.held_out_typed} %, plain {c5000-t1500.seen_plain} % / {c5000-t1500.held_out_plain} %"),
+    ("docs/benchmarks.md", "bench/results/demo/c5500-t1000h/prompt_following.json",
+     "canonical {c5500-t1000h.seen} % / {c5500-t1000h.held_out} %, typed {c5500-t1000h.seen_typed} % / "
+     "{c5500-t1000h.held_out_typed} %, plain {c5500-t1000h.seen_plain} % / {c5500-t1000h.held_out_plain} %"),
     ("docs/benchmarks.md", "bench/results/demo/lr-2e-3/prompt_following.json",
      "canonical {lr2e-3.seen} % / {lr2e-3.held_out} %, typed {lr2e-3.seen_typed} % / {lr2e-3.held_out_typed} %, "
      "plain {lr2e-3.seen_plain} % / {lr2e-3.held_out_plain} %"),
