@@ -72,14 +72,14 @@ def test_uniform_is_the_reference_draw_bit_for_bit():
 def test_forward_draws_t_from_the_density(monkeypatch):
     model = tiny_ddpm()
     seen = []
-    monkeypatch.setattr(model, "p_losses", lambda x, c, t: seen.append(t))
+    monkeypatch.setattr(model, "p_losses", lambda x, c, t, **kwargs: seen.append(t))
     torch.manual_seed(5)
     model(pixel_batch(8))
     torch.manual_seed(5)
     assert torch.equal(seen[0], torch.randint(0, TIMESTEPS, (8,)).long())  # the default: the reference's draw
 
     model = tiny_ddpm(noise_level_density={"type": "logit_normal", "mean": math.log(2), "std": 0.01})
-    monkeypatch.setattr(model, "p_losses", lambda x, c, t: seen.append(t))
+    monkeypatch.setattr(model, "p_losses", lambda x, c, t, **kwargs: seen.append(t))
     model(pixel_batch(8))
     assert seen[-1].tolist() == [10] * 8  # u ≈ sigmoid(ln 2) = 2/3 of the 15 steps
 
