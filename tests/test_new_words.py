@@ -35,6 +35,20 @@ def table(model: torch.nn.Module) -> torch.Tensor:
     return model.cond_stage_model.transformer.token_emb.weight
 
 
+def train_two_steps(model, optimizer) -> dict:
+    """Two optimizer steps on captions that use the new word, as Lightning runs them; the state dict after."""
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a zorb", "two zorb at the top"]}
+    model.train()
+    for _ in range(2):
+        loss, _ = model.shared_step(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.on_train_batch_end(None, batch, 0)
+    return model.state_dict()
+
+
 def test_new_words_grow_the_vocabulary_and_keep_every_old_row(tiny_txt2img_model, tmp_path):
     model = new_words_model(tiny_txt2img_model, tmp_path, new_words={"zorb": "circle", "blorp": None}).eval()
     base = load_model(tiny_txt2img_model, device="cpu")
@@ -63,16 +77,7 @@ def test_textual_inversion_moves_the_new_rows_alone(tiny_txt2img_model, tmp_path
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = model.configure_optimizers()
     assert [p for group in optimizer.param_groups for p in group["params"]] == [table(model)]
-    torch.manual_seed(0)
-    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a zorb", "two zorb at the top"]}
-    model.train()
-    for _ in range(2):
-        loss, _ = model.shared_step(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        model.on_train_batch_end(None, batch, 0)
-    after = model.state_dict()
+    after = train_two_steps(model, optimizer)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == ["cond_stage_model.transformer.token_emb.weight"]
     moved = (after[changed[0]] != before[changed[0]]).any(1).nonzero().flatten().tolist()
@@ -89,16 +94,7 @@ def test_lora_with_new_words_trains_the_adapter_and_the_new_rows_alone(tiny_txt2
     assert all(".lora_" in n for n in trained if n != "cond_stage_model.transformer.token_emb.weight")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = model.configure_optimizers()
-    torch.manual_seed(0)
-    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a zorb", "two zorb at the top"]}
-    model.train()
-    for _ in range(2):
-        loss, _ = model.shared_step(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        model.on_train_batch_end(None, batch, 0)
-    after = model.state_dict()
+    after = train_two_steps(model, optimizer)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "cond_stage_model.transformer.token_emb.weight" in changed
     assert all(".lora_" in k for k in changed - {"cond_stage_model.transformer.token_emb.weight"})
