@@ -40,7 +40,8 @@ def _parses(text: str) -> bool:
 def _for_the_shipped_model(text: str, position: int) -> bool:
     """Whether the command around `position` samples the shipped text model (no --config, or --config txt2img),
     rather than a model the reader trains first (a fine-tuned one with words of its own)."""
-    line = text[text.rfind("\n", 0, position) + 1:text.find("\n", position) % (len(text) + 1)]
+    end = text.find("\n", position)
+    line = text[text.rfind("\n", 0, position) + 1:end if end >= 0 else len(text)]
     config = CONFIG_FLAG.search(line)
     return config is None or config[1] in SHIPPED_TEXT_MODEL
 
