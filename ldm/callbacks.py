@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ldm.checkpoint import inference_state_dict, is_disk_full, save_safetensors
 from ldm.divergence import TrainingDiverged, non_finite_tensors
+from ldm.image_logs import log_images, shows_images
 from ldm.visualization import make_grid, save_png, to_uint8
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,9 @@ class LastCheckpoint(Callback):
 
 
 class ImageLogger(Callback):
-    """Writes PNG grids of whatever ``pl_module.log_images(batch, split=...)`` returns.
+    """Writes PNG grids of whatever ``ldm.image_logs.log_images(pl_module, batch, split=...)`` returns: a diffusion
+    model's grids, or what a module's own ``log_images`` returns (the first stages', a module written for the
+    reference's logger).
 
     Grids go to ``<trainer.default_root_dir>/images/<split>/<key>_gs-<step>_e-<epoch>_b-<batch>.png`` and to TensorBoard
     when it is among the loggers. With ``increase_log_steps`` the first grids come at steps 1, 2, 4, ...
@@ -142,7 +145,7 @@ class ImageLogger(Callback):
     def log_img(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
                 split: str = "train") -> list[Path]:
         """Ask the module for images and write one grid per key; returns the files written."""
-        if self.disabled or not hasattr(pl_module, "log_images") or self.max_images <= 0:
+        if self.disabled or not shows_images(pl_module) or self.max_images <= 0:
             return []
         if not trainer.is_global_zero:  # sampling is for the pictures only: one rank makes them
             return []
@@ -151,7 +154,7 @@ class ImageLogger(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+            images = log_images(pl_module, batch, split=split, **self.log_images_kwargs)
         finally:
             pl_module.train(was_training)
         if trainer.received_sigterm:  # arrived while sampling: the grids are incomplete and the run is stopping

@@ -179,6 +179,16 @@ def load_weights(
     return missing, unexpected
 
 
+def shared_parts(net: torch.nn.Module, state: Mapping[str, torch.Tensor], first_stage_ckpt: Optional[str]) -> list[str]:
+    """State-dict prefixes a latent diffusion model's weights file may leave out: the frozen first stage when the
+    config names its own checkpoint (`first_stage_ckpt`, loaded from there when the model was built) and the file has
+    none of it."""
+    if not first_stage_ckpt or any(k.startswith("first_stage_model.") for k in state):
+        return []
+    return ["first_stage_model.", "cond_stage_model."] if net.cond_stage_model is net.first_stage_model \
+        else ["first_stage_model."]
+
+
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Optional[Mapping[str, object]] = None
 ) -> Path:

@@ -17,61 +17,27 @@ Every start of the run (also `-r`) reads the base again: a LoRA run's checkpoint
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import TRAINING_ONLY_PREFIXES, load_state_dict, load_weights
+from ldm.checkpoint import TRAINING_ONLY_PREFIXES, load_state_dict, load_weights, shared_parts
 from ldm.config import ConfigError, describe_key, load_configs, merge_onto
+from ldm.model_files import INIT_CONFIG, INIT_FROM, base_model_files
+from ldm.modules.ema import LitEma
+from ldm.new_words import grow_base_state
 
-INIT_FROM = "model.params.init_from"
-INIT_CONFIG = "model.params.init_config"
-WEIGHTS_SUFFIXES = (".ckpt", ".safetensors")  # a weights file, in a run or alone
-
-
-def _run_configs(ckpt: Path) -> list[Path]:
-    """The saved project config of the run `ckpt` belongs to (``<run>/checkpoints/x.ckpt``), or [] for a file
-    outside a run."""
-    from ldm.cli.train import run_config_files  # the training CLI imports this module
-
-    run = ckpt.resolve().parent.parent
-    return run_config_files(run)[:1] if ckpt.resolve().parent.name == "checkpoints" else []
-
-
-def base_model_files(init_from: str, init_config: Optional[str] = None) -> tuple[list[Path], Path]:
-    """(config files, weights) of the model `init_from` names: a run's saved project config and its checkpoint for
-    a run directory or a `.ckpt` in one; `init_config` and the file for a weights file outside a run (ConfigError
-    without `init_config`); else a model directory's config.yaml and model.safetensors (`model_files`)."""
-    from ldm.model_loading import model_files, released_weights_hint
-
-    path = Path(init_from)
-    if path.suffix in WEIGHTS_SUFFIXES or (path.is_dir() and (path / "checkpoints").is_dir()):
-        ckpt = path if path.suffix in WEIGHTS_SUFFIXES else path / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            hint = released_weights_hint(Path(init_config), f"{INIT_FROM}=") if init_config and path.suffix else ""
-            raise FileNotFoundError(f"init_from {init_from}: no checkpoint at {ckpt}{hint}")
-        project = _run_configs(ckpt)
-        if project:
-            return project, ckpt
-        if init_config:
-            return [Path(init_config)], ckpt
-        if path.suffix == ".ckpt" and ckpt.resolve().parent.name == "checkpoints":
-            raise FileNotFoundError(f"init_from {init_from}: no run config beside {ckpt} (expected "
-                                    f"{ckpt.resolve().parent.parent / 'configs'}/*-project.yaml)")
-        raise ConfigError(f"init_from {init_from} is a weights file with no config of its own: name its model's "
-                          f"config with {INIT_CONFIG}=CONFIG.yaml (configs/stable-diffusion/v1-inference.yaml for "
-                          "Stable Diffusion v1)")
-    config, weights, _ = model_files(init_from)
-    return [config], weights
+# Model params about how a training run starts (its starting weights, which of their keys to skip; a fine-tuning
+# run's new words, whether only those train, and its prior-preservation images): a model's own weights replace them
+# when it loads, and a run that fine-tunes it does not inherit them.
+INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from", "init_config", "new_words",
+               "train_only_new_words", "prior_preservation")
 
 
 def apply_init_from(config: DictConfig) -> None:
     """Put the base model's `model:` config under `config.model` when `model.params.init_from` is set (in place).
     The base's own starting point (`ckpt_path`, ...) is dropped; a LoRA run cannot be a base (its checkpoints hold
     no base weights)."""
-    from ldm.model_loading import INIT_PARAMS
-
     init_from = OmegaConf.select(config, INIT_FROM)
     if not init_from:
         return
@@ -109,10 +75,6 @@ def load_base_weights(model: Any, init_from: str, first_stage_config: Optional[M
     restart its EMA from them. A first stage the weights leave out comes from its own checkpoint (as `load_model`).
     With `new_words` ({word: like word or None}) the base's embedding table is first grown onto `model`'s
     vocabulary (ldm/new_words.py). `init_config` is the config of a weights file `init_from` names alone."""
-    from ldm.model_loading import shared_parts
-    from ldm.modules.ema import LitEma
-    from ldm.new_words import grow_base_state
-
     _, weights = base_model_files(init_from, init_config)
     state = _ema_as_model(model, load_state_dict(weights))
     if new_words:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.layout import PAD_TOKEN, layout_tokens
-from ldm.model_loading import (BUILTIN_MODELS, PRECISIONS, ModelNotFound, load_model,  # noqa: F401 (the API)
-                               resolve_device)
+from ldm.model_files import BUILTIN_MODELS, ModelNotFound  # noqa: F401 (the API)
+from ldm.model_loading import PRECISIONS, load_model, resolve_device  # noqa: F401 (the API)
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion

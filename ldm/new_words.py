@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.config import ConfigError, describe_key, load_configs
+from ldm.model_files import base_model_files
 from ldm.modules.encoders.caption_vocabulary import VOCAB_FILE, caption_words, write_tokens
 from ldm.modules.encoders.vocabulary import find_bert_vocab, load_bert_tokenizer
 from ldm.modules.encoders.vocabulary_transfer import ENCODER_PREFIX, POSITIONS, grow_text_encoder
@@ -48,8 +49,6 @@ def vocabulary_tokens(tokenizer: Any) -> list[str]:
 def base_vocabulary(init_from: str, init_config: Optional[str] = None) -> tuple[Path, list[str]]:
     """(file, tokens in id order) of the vocabulary the caption encoder of the model `init_from` names reads
     (`init_config`: the config of a weights file named alone, ldm/finetune.py)."""
-    from ldm.finetune import base_model_files  # it imports this module to grow the base's weights
-
     files, _ = base_model_files(init_from, init_config)
     params = OmegaConf.select(load_configs(files), "model.params.cond_stage_config.params", default=None) or {}
     path = find_bert_vocab(params.get("tokenizer_path"))

@@ -11,7 +11,7 @@ from ldm import assets
 from ldm.callbacks import ImageLogger
 from ldm.config import get_obj_from_str, load_configs
 from ldm.inference import load_model
-from ldm.model_loading import ModelNotFound
+from ldm.model_files import ModelNotFound
 from tests.helpers import REPO
 
 

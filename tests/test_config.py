@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.config import ConfigError, load_configs, merge_onto
-from ldm.finetune import WEIGHTS_SUFFIXES, apply_init_from
+from ldm.finetune import apply_init_from
+from ldm.model_files import WEIGHTS_SUFFIXES
 from ldm.new_words import prepare_new_words
 from ldm.util import instantiate_from_config
 

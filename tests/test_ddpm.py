@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from safetensors.torch import load_file
 
 from ldm.checkpoint import save_safetensors
+from ldm.image_logs import log_images
 from ldm.models.diffusion.ddpm import DDPM, LatentDiffusion
 from ldm.models.diffusion.guidance import drop_conditions, guided_model
 from ldm.modules.diffusionmodules.likelihood import variational_bound
@@ -465,11 +466,11 @@ def test_log_images_of_latent_diffusion():
     torch.manual_seed(0)
     model = load_tiny_txt2img()
     model.eval()
-    log = model.log_images(image_batch(), N=2, n_row=2)
+    log = log_images(model, image_batch(), N=2, n_row=2)
     assert_images(log, {"inputs", "reconstruction", "conditioning", "diffusion_row", "samples", "denoise_row",
                         "samples_cfg_scale_3.00"})
     assert log["samples"].shape == (2, 3, 32, 32)
-    only = model.log_images(image_batch(), N=2, sample=False, return_keys=["inputs", "diffusion_row"])
+    only = log_images(model, image_batch(), N=2, sample=False, return_keys=["inputs", "diffusion_row"])
     assert set(only) == {"inputs", "diffusion_row"}
 
 
@@ -477,7 +478,7 @@ def test_log_images_of_pixel_ddpm():
     torch.manual_seed(0)
     model = tiny_ddpm(use_ema=True)
     batch = {"image": pixel_batch(2).permute(0, 2, 3, 1)}
-    log = model.log_images(batch, N=2, n_row=2)
+    log = log_images(model, batch, N=2, n_row=2)
     assert_images(log, {"inputs", "diffusion_row", "samples", "denoise_row"})
 
 

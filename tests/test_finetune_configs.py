@@ -18,7 +18,7 @@ from ldm.config import ConfigError, load_configs
 from ldm.finetune import apply_init_from
 from ldm.inference import load_model
 from ldm.lora import trained_adapter
-from ldm.model_loading import ModelNotFound
+from ldm.model_files import ModelNotFound
 from ldm.util import instantiate_from_config
 from tests.test_lora import denoiser_output
 from tests.test_main import only_run, run_main

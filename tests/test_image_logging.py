@@ -1,4 +1,4 @@
-"""Sample grids of `log_images`: a short configurable sampler run, and SIGTERM never waits for it."""
+"""Sample grids of `ldm.image_logs.log_images`: a short configurable sampler run, and SIGTERM never waits for it."""
 import os
 import signal
 from pathlib import Path
@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.callbacks import ImageLogger
 from ldm.data.datamodule import DataModuleFromConfig
+from ldm.image_logs import log_images
 from ldm.util import instantiate_from_config
 
 TINY_TXT2IMG = Path(__file__).resolve().parent / "configs" / "ldm_tiny_txt2img.yaml"
@@ -47,7 +48,7 @@ def test_sample_grids_use_the_configured_sampler_and_steps(sampler):
     model = tiny_txt2img().eval()
     calls = count_sampling_calls(model)
     batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a red circle", "a blue square"]}
-    log = model.log_images(batch, N=2, sampler=sampler, steps=4)
+    log = log_images(model, batch, N=2, sampler=sampler, steps=4)
     assert calls["n"] == 8  # 4 steps for the samples, 4 for the guided samples (one batched call per step)
     assert {"samples", "denoise_row", "samples_cfg_scale_3.00"} <= set(log)
     assert log["denoise_row"].shape[-1] == 4 * 32 + 5 * 2  # x̂_0 after each of the 4 steps, in a row

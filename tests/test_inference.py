@@ -182,7 +182,7 @@ def test_bf16_autocast_is_close_to_fp32_and_fp16_needs_a_gpu(tiny_txt2img_model)
 
 
 def test_missing_models_say_how_to_make_them(tmp_path, monkeypatch):
-    monkeypatch.setattr("ldm.model_loading.BUILTIN_MODELS", {"txt2img": tmp_path / "absent"})
+    monkeypatch.setattr("ldm.model_files.BUILTIN_MODELS", {"txt2img": tmp_path / "absent"})
     with pytest.raises(ModelNotFound, match=r"bash scripts/demo.sh(.|\n)*main.py --base configs/latent-diffusion/txt2img.yaml"):
         load_model("txt2img")
     with pytest.raises(ModelNotFound, match="no model config"):

@@ -1,4 +1,4 @@
-"""`cache_latents`: first-stage posteriors cached per dataset item (ldm/data/latent_cache.py)."""
+"""`cache_latents`: first-stage posteriors cached per dataset item (ldm/models/diffusion/latent_cache.py)."""
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +10,10 @@ from PIL import Image
 
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.folder import ImageFolderDataset
-from ldm.data.latent_cache import LatentCache
 from ldm.data.shapes import ShapesTrain
+from ldm.image_logs import log_images
 from ldm.models.diffusion.ddpm import DDPM
+from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -74,7 +75,7 @@ def test_validation_and_image_logging_never_read_the_cache():
     model = tiny_txt2img()
     model.eval()
     model.get_input(shapes_batch([0, 1]), "image")
-    model.log_images(shapes_batch([0, 1]), N=2, sample=False)
+    log_images(model, shapes_batch([0, 1]), N=2, sample=False)
     assert (model.latent_cache.hits, model.latent_cache.misses) == (0, 0)
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.cli.train import run_config_files
 from ldm.config import ConfigError, refuse_unsafe_targets
+from ldm.model_files import run_config_files
 from tests.helpers import optimizer_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Prior preservation (ldm/prior_preservation.py, ldm/data/prior_mix.py): the base model's samples of its own prompts,
+"""Prior preservation (ldm/prior_preservation.py, ldm/prior_images.py, ldm/data/prior_mix.py): the base model's samples of its own prompts,
 drawn once into the run directory, mixed one to one into the training batches with their own loss weight; and one
 textual-inversion run with it through main.py (in-process), resumed and exported."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ from ldm.checkpoint import load_checkpoint_file
 from ldm.config import ConfigError
 from ldm.data.prior_mix import PRIOR_KEY, PriorMixDataset
 from ldm.inference import load_model
-from ldm.prior_preservation import PriorPreservation, prepare_prior_preservation
+from ldm.prior_images import prepare_prior_preservation
+from ldm.prior_preservation import PriorPreservation
 from ldm.util import instantiate_from_config
 from tests.test_finetune_configs import export, image_folder
 from tests.tiny_models import txt2img_config

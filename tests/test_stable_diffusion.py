@@ -10,7 +10,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.checkpoint import CheckpointError, load_weights
 from ldm.inference import load_model, text_to_image
-from ldm.model_loading import ModelNotFound
+from ldm.model_files import ModelNotFound
 from ldm.modules.encoders.clip import CLIPNotFound, FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenization import PromptWarning
 from ldm.util import instantiate_from_config

@@ -6,6 +6,7 @@ import torch
 
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.shapes import ShapesTrain
+from ldm.image_logs import log_images
 from ldm.inference import inpaint, load_model
 from ldm.util import instantiate_from_config
 from tests.tiny_models import text_inpainting_config, txt2img_config, write_model_dir
@@ -94,7 +95,7 @@ def test_trains_on_captions_and_masks_and_logs_both(batch):
     assert model.model.diffusion_model.input_blocks[0][0].weight.grad[:, 4:].abs().sum() > 0  # reads the image
     assert next(model.cond_stage_model.parameters()).grad is not None  # and trains the text encoder
     model.eval()
-    log = model.log_images(dict(batch), N=2, n_row=2, sample=True, steps=2)
+    log = log_images(model, dict(batch), N=2, n_row=2, sample=True, steps=2)
     assert log["conditioning"].shape[-2] > log["conditioning"].shape[-1]  # masked image above the caption
     assert any(key.startswith("samples_cfg_scale") for key in log)  # guidance drops the caption only
 

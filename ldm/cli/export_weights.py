@@ -39,16 +39,16 @@ from omegaconf import DictConfig, OmegaConf
 
 
 from ldm.checkpoint import inference_state_dict, load_checkpoint_file, load_state_dict, save_safetensors
-from ldm.model_loading import INIT_PARAMS, build_model
+from ldm.model_loading import build_model
 from ldm.config import load_configs, safe_targets_only
-from ldm.finetune import apply_init_from
+from ldm.finetune import INIT_PARAMS, apply_init_from
 from ldm.lora import export_trained_lora, is_lora_checkpoint, load_training_state, merge_trained_lora
 from ldm.lora_formats import FORMATS
 from ldm.util import instantiate_from_config
 from ldm.modules.encoders.vocabulary import find_bert_vocab
 from ldm.new_words import parse_new_words
 from ldm.script_args import HelpFormatter, add_trust_config_arg, check_writable, command_line
-from ldm.cli.train import run_config_files
+from ldm.model_files import run_config_files
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -36,9 +36,10 @@ from ldm.csv_logger import ResumableCSVLogger
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.divergence import SafeCheckpointIO, TrainingDiverged, remove_partial_writes
 from ldm.finetune import apply_init_from
+from ldm.model_files import run_config_files
 from ldm.modules.encoders.caption_vocabulary import prepare_run_vocabulary
 from ldm.new_words import prepare_new_words
-from ldm.prior_preservation import prepare_prior_preservation
+from ldm.prior_images import prepare_prior_preservation
 from ldm.run_lock import LOCK_NAME, RunLocked, lock_run
 from ldm.script_args import HelpFormatter
 from ldm.util import instantiate_from_config
@@ -195,13 +196,6 @@ def claim_run_name(logdir: Path, now: str, suffix: str) -> str:
         except FileExistsError:
             continue
     raise FileExistsError(f"999 runs named {now}{suffix} already exist in {logdir}; pick another -n/--name")
-
-
-def run_config_files(logdir: Path) -> list[Path]:
-    """The run's latest saved configs, project then lightning (trainer, callbacks): what `-r` restores, as the
-    reference's main.py merges every configs/*.yaml of the run."""
-    configs = logdir / "configs"
-    return [path for kind in ("project", "lightning") for path in sorted(configs.glob(f"*-{kind}.yaml"))[-1:]]
 
 
 def _resolve_resume(resume: str) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """A fine-tuning run's own images mixed one to one with the base model's samples (DreamBooth's prior preservation).
 
 `PriorMixDataset` wraps the run's training dataset (`instance`, a ``target:``/``params:`` config) and a captioned
-folder of the base model's own samples (`prior_root`: what ``ldm/prior_preservation.py`` generates, or a folder the
+folder of the base model's own samples (`prior_root`: what ``ldm/prior_images.py`` generates, or a folder the
 user gives). It is twice as long as `instance`: the first half is the instance items, each item of the second half
 a prior image drawn at random (torch's global generator, which Lightning seeds), so every shuffled batch holds
 about as many of each, as DreamBooth's batches do (Ruiz et al. 2023, eq. 2). Each item is marked
@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 
 from ldm.config import instantiate_from_config
 from ldm.data.folder import ImageFolderDataset
+from ldm.prior_preservation import PRIOR_KEY
 
-PRIOR_KEY = "prior"
 INDEX_KEY = "index"  # a latent cache's key for an item (`cache_latents`)
 
 

@@ -4,7 +4,11 @@ The modules orchestrate; the math lives in small parts shared with the samplers:
 `ldm.modules.diffusionmodules.schedule` (the reference's β table), `.noise_process` (how x_t is made, which
 noise levels exist), `.denoiser` (what the network predicts: ε/x_0/v/flow/EDM), `.noise_levels` and
 `.loss_weighting` (the training density and weights), `.objectives` (L_simple, VLB weights), `.likelihood` (bits/dim), `ldm.models.diffusion.guidance`
-(condition dropout, guided outputs) and `ldm.models.diffusion.ancestral` (sampling for `log_images`).
+(condition dropout, guided outputs) and `ldm.models.diffusion.ancestral` (DDPM's own `sample`).
+
+The images the ImageLogger shows are drawn by `ldm.image_logs.log_images(model, batch)`, not by a method here: they
+need the sampling API and the datasets' renderers, which sit above the model. The model gives what they are made of
+(`log_inputs`, `decode_for_display`, `unconditional_guidance_inputs`).
 """
 from __future__ import annotations
 
@@ -16,20 +20,17 @@ from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.config import instantiate_from_config
-from ldm.data.latent_cache import LatentCache
-from ldm.data.layout import drawable_layout, tokens_to_layout
-from ldm.data.prior_mix import PRIOR_KEY
-from ldm.data.semantic import label_palette
 from ldm.divergence import raise_if_not_finite
+from ldm.finetune import load_base_weights
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.guidance import drop_conditions, guided_model
+from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.modules.diffusionmodules.likelihood import variational_bound
 from ldm.modules.diffusionmodules.denoiser import Denoiser, make_prediction
 from ldm.modules.diffusionmodules.loss_weighting import check_loss_weighting, loss_weights
@@ -41,14 +42,13 @@ from ldm.modules.diffusionmodules.schedule import NoiseSchedule
 from ldm.modules.diffusionmodules.speed import DEFAULT_SPEED_OPTIONS, apply_speed_options
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.new_words import parse_new_words
+from ldm.new_words import freeze_all_but_new_words, parse_new_words, train_new_word_rows
 from ldm.optim import adamw
-from ldm.visualization import make_grid, render_boxes, render_captions, render_label_maps
+from ldm.prior_preservation import PRIOR_KEY, PriorPreservation
 
 log = logging.getLogger(__name__)
 
 CONDITIONING_KEYS = ("concat", "crossattn", "hybrid", "adm")
-LAYOUT_KEY = "objects_bbox"  # the reference's batch key of layout tokens (shown as boxes in image logs)
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -408,75 +408,16 @@ class DDPM(pl.LightningModule):
                                                   log_every_t=self.log_every_t, progress=progress)
         return (samples, intermediates["pred_x0"]) if return_intermediates else samples
 
-    def diffusion_row(self, x_start: torch.Tensor, n_steps: int = 5) -> torch.Tensor:
-        """One grid: each row an input noised at increasing levels (the forward process), shown as images."""
-        rows = []
-        for u in torch.linspace(0, 1, n_steps, dtype=torch.float64):
-            level = self.process.level_at_fraction(u.expand(x_start.shape[0])).to(self.device)
-            rows.append(self.decode_for_display(self.process.add_noise(x_start, torch.randn_like(x_start), level)))
-        return _rows_to_grid(rows)
-
     def unconditional_guidance_inputs(self, cond: Any, batch: Mapping, n: int) -> Any:
         """The "no condition" input matching `cond`, the condition of the first `n` examples of `batch` (empty
         captions, null classes, an all-padding layout), or None if the model was not trained for it."""
         return None
 
-    @torch.no_grad()
-    def log_images(self, batch: Mapping, N: int = 8, n_row: int = 2, sample: bool = True,
-                   return_keys: Optional[Sequence[str]] = None, guidance_scale: float = 3.0,
-                   sampler: str = "dpmpp_2m", steps: int = 20, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Images for the ImageLogger (NCHW in [-1, 1]): inputs, reconstructions, the conditioning, a diffusion
-        row, samples (EMA weights), a denoise row (x̂_0 along the sampling run) and, for a model trained with
-        condition dropout, guided samples.
-
-        Samples come from `sampler` in `steps` steps (`ldm.inference.sample_latents`; `ddpm` is the 1000-step
-        ancestral sampler): DPM-Solver++(2M) in 20 steps by default, 50× fewer U-Net calls than ancestral
-        sampling. When the run this module trains in receives SIGTERM, sampling stops at the next step and the
-        sample grids are left out, so a stopping run never waits for pictures.
-        """
-        log: dict[str, torch.Tensor] = {}
-        x, cond, shown = self.log_inputs(batch, N)
-        log.update(shown)
-        log["diffusion_row"] = self.diffusion_row(x[:n_row])
-        if sample:
-            try:
-                with self.ema_scope():
-                    log.update(self._sample_grids(cond, batch, x.shape[0], n_row, guidance_scale, sampler, steps))
-            except SamplingInterrupted:
-                pass  # Lightning stops the run after this batch
-        if return_keys:
-            log = {k: v for k, v in log.items() if k in return_keys}
-        return log
-
-    def _sample_grids(self, cond: Any, batch: Mapping, n: int, n_row: int, guidance_scale: float, sampler: str,
-                      steps: int) -> dict[str, torch.Tensor]:
-        """`samples`, `denoise_row` and, for a model trained with condition dropout, guided samples."""
-        from ldm.inference import sample_latents  # imported here: ldm.inference imports this module
-
-        def stop_if_terminated(i: int, x0: torch.Tensor) -> None:
-            if self._trainer is not None and self._trainer.received_sigterm:
-                raise SamplingInterrupted
-
-        denoised: list[torch.Tensor] = []
-
-        def step(i: int, x0: torch.Tensor) -> None:
-            stop_if_terminated(i, x0)
-            denoised.append(x0[:n_row])
-
-        samples = sample_latents(self, n, cond, sampler=sampler, steps=steps, callback=step, progress=False)
-        out = {"samples": self.decode_for_display(samples),
-               "denoise_row": _rows_to_grid([self.decode_for_display(z) for z in _evenly_spaced(denoised, 6)])}
-        uncond = self.unconditional_guidance_inputs(cond, batch, n)
-        if uncond is not None:
-            guided = sample_latents(self, n, cond, uncond=uncond, scale=guidance_scale, sampler=sampler, steps=steps,
-                                    callback=stop_if_terminated, progress=False)
-            out[f"samples_cfg_scale_{guidance_scale:.2f}"] = self.decode_for_display(guided)
-        return out
-
-    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
-        """(model-space inputs, their conditioning, images to show for them)."""
+    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, Any, dict[str, torch.Tensor]]:
+        """For the image logs (`ldm.image_logs`), the first `N` examples of `batch`: (model-space inputs, their
+        conditioning, their raw condition to draw or None, images to show for them: ``inputs`` in [-1, 1], ...)."""
         x = self.get_input(batch, self.first_stage_key)[:N].to(self.device)
-        return x, None, {"inputs": x}
+        return x, None, None, {"inputs": x}
 
 
 class LatentDiffusion(DDPM):
@@ -492,8 +433,8 @@ class LatentDiffusion(DDPM):
     fraction of the others' signal-to-noise ratio at every noise level).
 
     `cache_latents` (true, or ``{dir: path, max_items: n}``) encodes each training item once and reuses its
-    posterior on later visits (`ldm.data.latent_cache`, which says what it costs); validation and image
-    logging always encode.
+    posterior on later visits (`ldm.models.diffusion.latent_cache`, which says what it costs); validation and
+    image logging always encode.
 
     `init_from` (with `init_config` for a weights file that has no config of its own) names a trained model to
     fine-tune: its weights are loaded here (ldm/finetune.py); `lora_config`, `new_words`, `train_only_new_words` and
@@ -544,8 +485,6 @@ class LatentDiffusion(DDPM):
         self.init_config = init_config
         self.new_words = _check_new_words_options(new_words, train_only_new_words, init_from, lora_config)
         if init_from is not None:  # fine-tuning a trained model (ldm/finetune.py)
-            from ldm.finetune import load_base_weights  # it imports model loading, which imports this module
-
             load_base_weights(self, init_from, first_stage_config, self.new_words, init_config)
             self.restarted_from_ckpt = True  # the base's scale_factor stays: its U-Net was trained on it
         self.lora_settings = None
@@ -553,19 +492,13 @@ class LatentDiffusion(DDPM):
             self._add_lora(lora_config)
         self.new_word_rows = None
         if train_only_new_words:  # textual inversion (ldm/new_words.py)
-            from ldm.new_words import freeze_all_but_new_words
-
             _, self.new_word_rows = freeze_all_but_new_words(self, list(self.new_words))
             log.info(f"textual inversion: the embeddings of {', '.join(self.new_words)} train, the rest is frozen")
         elif self.lora_settings is not None and self.new_words:  # pivotal tuning: the adapter and the new rows
-            from ldm.new_words import train_new_word_rows
-
             _, self.new_word_rows = train_new_word_rows(self, list(self.new_words))
             log.info(f"LoRA with new words: the embeddings of {', '.join(self.new_words)} train with the adapter")
         self.prior_weight = None
         if prior_preservation is not None:  # DreamBooth's prior preservation (ldm/prior_preservation.py)
-            from ldm.prior_preservation import PriorPreservation
-
             self.prior_weight = PriorPreservation.from_config(prior_preservation).weight
 
     def _add_lora(self, lora_config: Mapping) -> None:
@@ -836,30 +769,10 @@ class LatentDiffusion(DDPM):
         dropped = self.get_raw_condition({key: torch.full_like(raw, value)})
         return self.get_learned_conditioning(dropped.to(self.device))
 
-    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+    def log_inputs(self, batch: Mapping, N: int) -> tuple[torch.Tensor, Any, Any, dict[str, torch.Tensor]]:
         z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
                                            force_c_encode=True, return_original_cond=True, bs=N)
-        shown = {"inputs": x, "reconstruction": xrec.clamp(-1.0, 1.0)}
-        if self.model.conditioning_key is not None:
-            shown["conditioning"] = self.render_condition(xc, x.shape[-1], batch)
-        return z, c, shown
-
-    def render_condition(self, xc: Any, size: int, batch: Mapping) -> torch.Tensor:
-        """The raw condition as images: captions or class names written out, images (a low-resolution input
-        enlarged to the image size), label maps in colour, layouts as boxes."""
-        if isinstance(xc, torch.Tensor) and xc.dim() == 4:
-            if xc.shape[1] > 3:  # a one-hot label map (semantic synthesis)
-                return render_label_maps(xc, label_palette(xc.shape[1]))
-            image = xc if xc.shape[1] == 3 else xc[:, :1].expand(-1, 3, -1, -1)
-            return F.interpolate(image, size=(size, size), mode="nearest") if image.shape[-1] != size else image
-        if self.cond_stage_key == LAYOUT_KEY:
-            return render_boxes([drawable_layout(tokens_to_layout(tokens)) for tokens in xc.tolist()],
-                                size=max(size, 64)).to(self.device)
-        if isinstance(xc, torch.Tensor):
-            # Datasets name their classes under the reference's `human_label` key.
-            names = batch.get("human_label")
-            xc = [names[i] if names is not None and names[i] else f"class {label}" for i, label in enumerate(xc.tolist())]
-        return render_captions(list(xc), size=max(size, 64)).to(self.device)
+        return z, c, xc, {"inputs": x, "reconstruction": xrec.clamp(-1.0, 1.0)}
 
 
 def _check_new_words_options(new_words: Union[Mapping[str, Optional[str]], Sequence[str], None],
@@ -891,24 +804,6 @@ def _batch_size(batch: Mapping) -> int:
         if hasattr(value, "__len__"):
             return len(value)
     raise ValueError("cannot tell the batch size: the batch has no sized values")
-
-
-class SamplingInterrupted(Exception):
-    """Raised inside `log_images`' sampling when the run received SIGTERM; `log_images` catches it."""
-
-
-def _evenly_spaced(items: Sequence[Any], k: int) -> list[Any]:
-    """At most `k` of `items`, evenly spaced, the first and the last included."""
-    if len(items) <= k:
-        return list(items)
-    return [items[i] for i in torch.linspace(0, len(items) - 1, k).round().long().tolist()]
-
-
-def _rows_to_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Rows of images (each (n, C, H, W)) as one image, the i-th row holding example i across the row list."""
-    stacked = torch.stack(list(rows), dim=1)  # (n, steps, C, H, W)
-    grid = make_grid(stacked.flatten(0, 1), nrow=stacked.shape[1])
-    return grid[None]
 
 
 def _missing_first_stage_message(config: Mapping) -> str:

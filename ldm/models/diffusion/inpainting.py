@@ -134,14 +134,6 @@ class LatentInpaintDiffusion(LatentDiffusion):
             return None
         return self.text_condition(cond["c_concat"][0], [self.ucg_training[self.cond_stage_key].get("val", "")] * n)
 
-    def render_condition(self, xc: Any, size: int, batch: Mapping) -> torch.Tensor:
-        """The masked image, and under it a hybrid model's captions written out."""
-        if not isinstance(xc, dict):
-            return super().render_condition(xc, size, batch)
-        masked = super().render_condition(xc["c_concat"], size, batch)
-        captions = super().render_condition(xc["c_crossattn"], size, batch)
-        return torch.cat([F.interpolate(masked, size=captions.shape[-2:], mode="nearest"), captions], dim=-2)
-
     @torch.no_grad()
     def inpainting_condition(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The U-Net's concat input for a masked image (N, 3, H, W) in [−1, 1] and its mask (N, 1, H, W)."""
