@@ -27,6 +27,9 @@ def test_quick_run_writes_every_figure(tmp_path):
     # LoRA trains the adapter and the embedding table, far fewer weights than full fine-tuning.
     assert costs["lora"]["optimizer_parameters"] < costs["full"]["optimizer_parameters"] / 10
     assert results["methods"]["lora"]["lora_file_bytes"] < 0.05 * results["unet"]["bytes"]
+    assert 0.0 <= results["first_stage_ceiling"]["novel_share"] <= 1.0
+    for figures in results["methods"].values():  # prior preservation sampled its images in every run
+        assert len(list((Path(figures["run"]) / "prior").glob("*.png"))) == 2
     assert (tmp_path / "fine_tuning.png").stat().st_size > 0
     assert "| lora |" in (tmp_path / "fine_tuning.md").read_text()
     assert len(list((tmp_path / "data" / "train").glob("*.txt"))) == 8
