@@ -88,6 +88,11 @@ def diffusion_row(model: DDPM, x_start: torch.Tensor, n_steps: int = 5) -> torch
     return _rows_to_grid(rows)
 
 
+def _is_one_hot(x: torch.Tensor) -> bool:
+    """Whether channels hold a one-hot label map: 0s and 1s, one 1 per pixel, more channels than an image has."""
+    return x.shape[1] > 3 and bool(((x == 0) | (x == 1)).all()) and bool((x.sum(1) == 1).all())
+
+
 def render_condition(xc: Any, size: int, batch: Mapping, cond_key: Optional[str],
                      device: torch.device) -> torch.Tensor:
     """A raw condition (`cond_key`'s, of `batch`) as images: captions or class names written out, images (a
@@ -98,9 +103,10 @@ def render_condition(xc: Any, size: int, batch: Mapping, cond_key: Optional[str]
         captions = render_condition(xc["c_crossattn"], size, batch, cond_key, device)
         return torch.cat([F.interpolate(masked, size=captions.shape[-2:], mode="nearest"), captions], dim=-2)
     if isinstance(xc, torch.Tensor) and xc.dim() == 4:
-        if xc.shape[1] > 3:  # a one-hot label map (semantic synthesis)
+        if _is_one_hot(xc):  # a label map (semantic synthesis)
             return render_label_maps(xc, label_palette(xc.shape[1]))
-        image = xc if xc.shape[1] == 3 else xc[:, :1].expand(-1, 3, -1, -1)
+        # An image, or an image with more channels after it (the inpainting model's masked image and mask).
+        image = xc[:, :3] if xc.shape[1] >= 3 else xc[:, :1].expand(-1, 3, -1, -1)
         return F.interpolate(image, size=(size, size), mode="nearest") if image.shape[-1] != size else image
     if cond_key == LAYOUT_KEY:
         return render_boxes([drawable_layout(tokens_to_layout(tokens)) for tokens in xc.tolist()],

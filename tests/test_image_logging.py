@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.callbacks import ImageLogger
 from ldm.data.datamodule import DataModuleFromConfig
-from ldm.image_logs import log_images
+from ldm.image_logs import log_images, render_condition
 from ldm.util import instantiate_from_config
 
 TINY_TXT2IMG = Path(__file__).resolve().parent / "configs" / "ldm_tiny_txt2img.yaml"
@@ -67,3 +67,15 @@ def test_sigterm_while_logging_images_stops_sampling_and_writes_nothing(tmp_path
     assert calls["n"] == 2  # stopped right after the step the signal came in, of 400 (200 steps, plain and guided)
     assert trainer.global_step == 1
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_masked_image_with_its_mask_is_shown_as_the_image_and_a_label_map_in_colour():
+    masked = torch.rand(2, 3, 8, 8) * 2 - 1
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    shown = render_condition(torch.cat([masked, mask], 1), 8, {}, None, torch.device("cpu"))
+    assert torch.equal(shown, masked)  # the inpainting model's concat condition: image first, mask after it
+    labels = torch.nn.functional.one_hot(torch.randint(0, 5, (2, 8, 8)), 5).permute(0, 3, 1, 2).float()
+    coloured = render_condition(labels, 8, {}, None, torch.device("cpu"))
+    assert coloured.shape == (2, 3, 8, 8)
+    same_class = labels.argmax(1) == labels.argmax(1)[0, 0, 0]
+    assert (coloured.permute(0, 2, 3, 1)[same_class] == coloured[0, :, 0, 0]).all()  # one colour per class
