@@ -101,8 +101,8 @@ def write_prior_config(path: Path, n_images: int, steps: int) -> Path:
     return path
 
 
-def first_stage_ceiling(judge: Path, n: int) -> dict[str, float]:
-    """The extended judge's figures on the base model's first-stage reconstructions of `n` extended validation images
+def first_stage_ceiling(base: Any, judge: Path, n: int) -> dict[str, float]:
+    """The extended judge's figures on the `base` model's first-stage reconstructions of `n` extended validation images
     that show a new shape or colour: the most any fine-tuning of the frozen-first-stage LDM can draw (the
     autoencoder never saw those attributes either)."""
     import torch
@@ -110,9 +110,8 @@ def first_stage_ceiling(judge: Path, n: int) -> dict[str, float]:
     from ldm.data.shapes import ShapesValidation
     from ldm.evaluation.attribute_classifier import load_attribute_classifier
     from ldm.evaluation.new_words_probe import novel_match, states_new_attribute
-    from ldm.inference import load_model
 
-    first_stage = load_model(BASE_MODEL).first_stage_model
+    first_stage = base.first_stage_model
     data = ShapesValidation(num_samples=20 * n, extra_shapes=EXTRA_SHAPES, extra_colours=EXTRA_COLOURS)
     items = [item for item in (data[i] for i in range(len(data))) if states_new_attribute(item["caption"])][:n]
     images = torch.stack([torch.as_tensor(item["image"]) for item in items]).permute(0, 3, 1, 2)
@@ -132,16 +131,15 @@ def ensure_judge(judge: Path, opt: argparse.Namespace, results: Path) -> None:
          "--results", str(results / "fine_tuning_judge.json"), *quick])
 
 
-def base_rows(opt: argparse.Namespace, judge: Path, train_root: Path) -> dict[str, dict[str, float]]:
+def base_rows(base: Any, opt: argparse.Namespace, judge: Path, train_root: Path) -> dict[str, dict[str, float]]:
     """The base model's probe figures (what fine-tuning starts from)."""
     from ldm.evaluation.attribute_classifier import load_attribute_classifier
     from ldm.evaluation.new_words_probe import NewWordsProbe
-    from ldm.inference import load_model
 
     probe = NewWordsProbe(**{k: v for k, v in probe_params(opt, judge, train_root, "base").items()
                              if k != "max_train_minutes"})
     probe.classifier = load_attribute_classifier()
-    return probe.measure(load_model(BASE_MODEL))
+    return probe.measure(base)
 
 
 def read_probe(run_dir: Path) -> list[dict[str, Any]]:
@@ -162,11 +160,9 @@ def checkpoint_costs(run_dir: Path) -> dict[str, int]:
             "checkpoint_bytes": ckpt_path.stat().st_size, "steps": int(ckpt["global_step"])}
 
 
-def unet_bytes() -> tuple[int, int]:
+def unet_bytes(base: Any) -> tuple[int, int]:
     """(parameters, float32 bytes) of the base model's U-Net."""
-    from ldm.inference import load_model
-
-    params = sum(p.numel() for p in load_model(BASE_MODEL).model.diffusion_model.parameters())
+    params = sum(p.numel() for p in base.model.diffusion_model.parameters())
     return params, 4 * params
 
 
@@ -320,14 +316,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                         extra_colours=EXTRA_COLOURS)
     ensure_judge(judge, opt, results_dir)
 
+    from ldm.inference import load_model
+
+    base = load_model(BASE_MODEL)  # measured before fine-tuning, and the U-Net whose size the LoRA file is set against
     state_file = workdir / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     settings = {k: getattr(opt, k) for k in DEFAULTS}
     if state.get("settings") != settings:
         state = {"settings": settings}  # other budgets or probes: nothing measured before compares
     if "base" not in state:
-        state["base"] = base_rows(opt, judge, folder["train"])
-        state["first_stage_ceiling"] = first_stage_ceiling(judge, opt.n_novel)
+        state["base"] = base_rows(base, opt, judge, folder["train"])
+        state["first_stage_ceiling"] = first_stage_ceiling(base, judge, opt.n_novel)
         state_file.write_text(json.dumps(state, indent=1) + "\n")
     prior = ([str(write_prior_config(workdir / "prior.json", opt.prior_images, opt.prior_steps))]
              if opt.prior_images else [])
@@ -354,8 +353,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         methods[method] = figures
         state_file.write_text(json.dumps(state, indent=1) + "\n")
 
-    parameters, nbytes = unet_bytes()
-    results = {"base": state["base"], "first_stage_ceiling": state["first_stage_ceiling"], "methods": {m: methods[m] for m in opt.methods},
+    parameters, nbytes = unet_bytes(base)
+    results = {"base": state["base"], "first_stage_ceiling": state["first_stage_ceiling"],
+               "methods": {m: methods[m] for m in opt.methods},
                "unet": {"parameters": parameters, "bytes": nbytes}, "targets": TARGETS, "settings": settings,
                "new_words": NEW_WORDS}
     save_curve(results, results_dir / "fine_tuning.png")
