@@ -292,6 +292,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
             setattr(opt, key, value)
     if opt.minutes <= 0 or opt.max_steps < 1 or (opt.every_steps or 1) < 1 or (opt.every_minutes or 1) <= 0:
         parser.error("--minutes, --max-steps, --every-steps and --every-minutes must be positive")
+    if opt.prior_images < 0:
+        parser.error("--prior-images must be 0 (no prior preservation) or more")
     return opt
 
 
