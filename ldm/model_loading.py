@@ -3,6 +3,9 @@ model directory or a config, for every script and the Python API (`ldm.inference
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -38,14 +41,56 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def weights_hash(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None) -> str:
-    """The first 10 hex digits of the SHA-256 of the weights `load_model(model, ckpt)` reads (AUTOMATIC1111's
-    "Model hash"; the whole digest is what a model card or the Hub lists)."""
+def hash_cache_file() -> Path:
+    """Where weights hashes are kept between runs: ``$LDM_CACHE_DIR/hashes.json``, else ``ldm/hashes.json`` in
+    ``$XDG_CACHE_HOME`` (``~/.cache``)."""
+    root = os.environ.get("LDM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
+    return Path(root) / "hashes.json"
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """The SHA-256 hex digest of a file, read once per version of the file: digests are kept in `hash_cache_file()`
+    under the file's resolved path with its size and modification time (as AUTOMATIC1111 keeps model hashes in its
+    cache.json), so a model's start-up reads its weights only to load them. A cache that cannot be read or written
+    is ignored (the digest is then computed each time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache_file = hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or unreadable: start a new one
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) \
+            and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
     digest = hashlib.sha256()
-    with open(model_files(model, ckpt)[1], "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    # Entries of files that are gone are dropped, so the cache does not grow with every deleted run or export.
+    cache = {k: v for k, v in cache.items() if Path(k).is_file()}
+    cache[str(path)] = {**stamp, "sha256": digest.hexdigest()}
+    temporary = None
+    try:  # through a temporary file, so that a concurrent reader sees the old cache or the new one
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=cache_file.parent, prefix=".hashes-", suffix=".json")
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(cache, f, indent=0)
+        os.replace(temporary, cache_file)
+    except OSError:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+    return digest.hexdigest()
+
+
+def weights_hash(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None) -> str:
+    """The first 10 hex digits of the SHA-256 of the weights `load_model(model, ckpt)` reads (AUTOMATIC1111's
+    "Model hash"; the whole digest is what a model card or the Hub lists), from the hash cache after the first time
+    (`file_sha256`)."""
+    return file_sha256(model_files(model, ckpt)[1])[:10]
 
 
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,

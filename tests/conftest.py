@@ -9,6 +9,16 @@ from tests.unet_fixtures import unet_small  # noqa: F401  (a fixture, shared by 
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The weights-hash cache (ldm.model_loading.hash_cache_file) of the tests and the scripts they run: one of this
+# process's own, never the user's ~/.cache.
+if "LDM_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["LDM_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LDM_CACHE_DIR"], ignore_errors=True)
+
 
 def _find_reference() -> Path:
     """`shared/reference` beside the checkout (CI and developer machines), or LDM_REFERENCE_DIR."""
