@@ -291,15 +291,23 @@ class LossCurve(Callback):
 
 class SkippedImages(Callback):
     """At the end of each training epoch, says how many images of the training data could not be read and were
-    skipped (datasets with `skipped_files()`, as `ldm.data.folder.ImageFolderDataset`), naming the first few."""
+    skipped (datasets with `skipped_files()`, as `ldm.data.folder.ImageFolderDataset`), naming the first few; for
+    a shard stream (`skipped_count()`, `ldm.data.shards.ShardDataset`) how many samples it skipped that epoch."""
 
     def __init__(self, show: int = 3) -> None:
         super().__init__()
         self.show = show
+        self._streamed_skips = 0  # a stream's count at the last report
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datasets = getattr(trainer.datamodule, "datasets", {}) if trainer.datamodule is not None else {}
         dataset = getattr(datasets.get("train"), "data", datasets.get("train"))  # unwrap WrappedDataset
+        if trainer.is_global_zero and hasattr(dataset, "skipped_count"):
+            # A stream (`ldm.data.shards`) skips anew every epoch, naming each sample as it goes: the count here.
+            count, self._streamed_skips = dataset.skipped_count() - self._streamed_skips, dataset.skipped_count()
+            if count:
+                log.warning(f"epoch {trainer.current_epoch}: {count} training samples of this rank's part of the "
+                            "shards could not be read and were skipped (named in the warnings above)")
         if not trainer.is_global_zero or not hasattr(dataset, "skipped_files"):
             return
         skipped = dataset.skipped_files()

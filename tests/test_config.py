@@ -143,10 +143,31 @@ def semantic_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def shard_folder(image_folder, tmp_path_factory) -> Path:
+    """The image folder's splits as WebDataset shards (<root>/<split>/<split>-000000.tar), for the shard configs."""
+    from ldm.data.shard_writer import FolderSource, prepare_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    for split in ("train", "validation"):
+        prepare_shards(FolderSource(str(image_folder / split), class_from_subfolders=True), root / split, 3, split)
+    return root
+
+
+def _dataset_urls(node, path=""):
+    """(key path of the `urls:` param, the split folder it names) of every shard dataset in a config."""
+    if isinstance(node, dict):
+        if node.get("target") == "ldm.data.shards.ShardDataset":
+            yield f"{path}.params.urls", Path(node["params"]["urls"]).parent.name
+        for k, v in node.items():
+            yield from _dataset_urls(v, f"{path}.{k}" if path else k)
+
+
 def _dataset_roots(node, path=""):
     """(key path of the `root:` param, its value, the dataset class name) of every folder dataset in a config."""
     if isinstance(node, dict):
-        if node.get("target") in ("ldm.data.folder.ImageFolderDataset", "ldm.data.semantic.SemanticFolder"):
+        if node.get("target") in ("ldm.data.folder.ImageFolderDataset", "ldm.data.semantic.SemanticFolder",
+                                  "ldm.data.mix.FolderMixDataset"):
             yield f"{path}.params.root", node["params"]["root"], node["target"].rpartition(".")[2]
         for k, v in node.items():
             yield from _dataset_roots(v, f"{path}.{k}" if path else k)
@@ -154,7 +175,7 @@ def _dataset_roots(node, path=""):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, random_vgg16_file, image_folder,
-                                                             semantic_folder, tmp_path):
+                                                             semantic_folder, shard_folder, tmp_path):
     """Every `target` resolves and the model, data and callbacks build as main.py builds them.
 
     Real-data configs point at `data/images/...`; they are built on a small folder made here, and LPIPS
@@ -166,6 +187,7 @@ def test_every_target_in_shipped_configs_imports_and_builds(path, monkeypatch, r
     raw = OmegaConf.to_container(load_configs(paths))
     overrides = [f"{key}={semantic_folder if kind == 'SemanticFolder' else image_folder / Path(root).name}"
                  for key, root, kind in _dataset_roots(raw)]
+    overrides += [f"{key}={shard_folder / split / split}-{{000000..000001}}.tar" for key, split in _dataset_urls(raw)]
     cfg = load_configs(paths, overrides=overrides)
     init_from = Path(str(OmegaConf.select(cfg, "model.params.init_from") or ""))
     if init_from.suffix in WEIGHTS_SUFFIXES and not init_from.is_file():

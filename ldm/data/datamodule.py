@@ -15,7 +15,8 @@
 Each split config is built with ``instantiate_from_config`` in ``setup``. Only the splits given get a
 ``*_dataloader`` hook, so Lightning skips validation / test when there is no dataset for it. The loaders
 use plain shuffling or sequential order and no custom sampler, so under DDP Lightning swaps in its
-DistributedSampler itself.
+DistributedSampler itself; an iterable dataset with ``set_distributed`` (the shard streams, `ldm.data.shards`) is
+told the trainer's rank and world size and splits itself.
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ class DataModuleFromConfig(pl.LightningDataModule):
             self.setup()
         dataset = self.datasets[split]
         iterable = isinstance(dataset, IterableDataset)
+        if iterable and hasattr(dataset, "set_distributed") and self.trainer is not None:
+            # A stream splits itself across ranks (`ldm.data.shards`); DataLoader workers cannot ask the process
+            # group, which is not set up in them.
+            dataset.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+            # A resumed run reads its epoch's shard order, not the first epoch's again (the loader is made after the
+            # checkpoint's loop state is restored).
+            dataset.set_epoch(self.trainer.current_epoch)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

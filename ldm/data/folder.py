@@ -33,27 +33,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.image_io import to_rgb
+from ldm.data.image_transform import UNREADABLE_IMAGE_ERRORS, ImageTransform, load_rgb
 from ldm.util import read_utf8
 
 CAPTION_SOURCES = ("auto", "txt", "jsonl", "csv", "none")
-CROPS = ("center", "random")
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-}
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = {"jsonl": "metadata.jsonl", "csv": "metadata.csv"}
-# PIL raises these for truncated, corrupt or unsupported files.
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _list_missing(paths: Sequence[Path], root: Path, limit: int = 5) -> str:
@@ -120,17 +108,9 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"image folder not found: {self.root}; set 'root' to a directory of images")
         if caption_source not in CAPTION_SOURCES:
             raise ValueError(f"unknown caption_source {caption_source!r}: use one of {CAPTION_SOURCES}")
-        if crop not in CROPS:
-            raise ValueError(f"unknown crop {crop!r}: use one of {CROPS}")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {interpolation!r}: use one of {tuple(INTERPOLATIONS)}")
-        if size is not None and size < 1:
-            raise ValueError(f"size must be a positive number of pixels (or null to keep the stored size), got {size}")
-        if not 0.0 <= flip_p <= 1.0:
-            raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p}")
+        self.transform = ImageTransform(size, crop, interpolation, flip_p)
         self.size = size
         self.crop = crop
-        self.interpolation = INTERPOLATIONS[interpolation]
         self.flip_p = flip_p
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
 
@@ -214,7 +194,7 @@ class ImageFolderDataset(Dataset):
     @property
     def random_augmentation(self) -> bool:
         """Whether an item's pixels vary between visits (random crop or flips): then they cannot be cached."""
-        return self.crop == "random" or self.flip_p > 0
+        return self.transform.random_augmentation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -222,26 +202,6 @@ class ImageFolderDataset(Dataset):
     def skipped_files(self) -> list[Path]:
         """The images found unreadable so far (in this process or any DataLoader worker), skipped."""
         return [self.paths[i] for i in torch.nonzero(self._unreadable).flatten().tolist()]
-
-    def _load(self, path: Path) -> Image.Image:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-
-    def _resize_crop(self, image: Image.Image) -> Image.Image:
-        if self.size is None:
-            return image
-        width, height = image.size
-        scale = self.size / min(width, height)
-        new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
-        image = image.resize(new_size, resample=self.interpolation)
-        spare_x, spare_y = new_size[0] - self.size, new_size[1] - self.size
-        if self.crop == "random":
-            left = int(torch.randint(spare_x + 1, ()).item())
-            top = int(torch.randint(spare_y + 1, ()).item())
-        else:
-            left, top = spare_x // 2, spare_y // 2
-        return image.crop((left, top, left + self.size, top + self.size))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.paths):
@@ -252,17 +212,13 @@ class ImageFolderDataset(Dataset):
                 continue
             path = self.paths[candidate]
             try:
-                image = self._load(path)
+                image = load_rgb(path)
             except UNREADABLE_IMAGE_ERRORS as e:
                 self._unreadable[candidate] = True
                 warnings.warn(f"skipping unreadable image {path}: {e.__class__.__name__}: {e}", stacklevel=2)
                 continue
-            image = self._resize_crop(image)
-            if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
             return {
-                "image": pixels,
+                "image": self.transform(image),
                 "caption": self.captions[candidate],
                 "class_label": self.labels[candidate],
                 "human_label": self.classes[self.labels[candidate]] if self.classes else "",

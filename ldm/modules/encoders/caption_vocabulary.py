@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import string
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,12 +68,29 @@ def write_vocabulary(words: list[str], path: Path) -> Path:
     return write_tokens([*BERT_SPECIAL_TOKENS, *words], path)
 
 
-def dataset_captions(dataset: Any) -> list[str]:
-    """Every caption of a dataset: its `captions` list (the folder datasets hold one), else each item's."""
+def dataset_captions(dataset: Any) -> Iterator[str]:
+    """Every caption of a dataset, one at a time: a stream's `iter_captions()` (the shard datasets read them without
+    holding them all), else its `captions` list (the folder datasets hold one), else each item's."""
+    if hasattr(dataset, "iter_captions"):
+        yield from dataset.iter_captions()
+        return
     captions = getattr(dataset, "captions", None)
     if captions is None:
-        captions = [dataset[i]["caption"] for i in range(len(dataset))]
-    return [str(c) for c in captions]
+        captions = (dataset[i]["caption"] for i in range(len(dataset)))
+    for caption in captions:
+        yield str(caption)
+
+
+class _Counted:
+    """An iterable that counts what passes (the number of captions, for the log, without a list of them)."""
+
+    def __init__(self, items: Iterable[str]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 def prepare_run_vocabulary(config: DictConfig, logdir: Path) -> Optional[Path]:
@@ -96,14 +113,14 @@ def prepare_run_vocabulary(config: DictConfig, logdir: Path) -> Optional[Path]:
     if train is None:
         raise ValueError("model.params.cond_stage_config.vocabulary builds the vocabulary from the training "
                          "captions, but the config has no data.params.train; set tokenizer_path to a vocab.txt instead")
-    captions = dataset_captions(instantiate_from_config(train))
+    captions = _Counted(dataset_captions(instantiate_from_config(train)))
     words = build_caption_vocabulary(captions, int(options["min_count"]), int(options["max_size"]))
     if not words:
-        raise ValueError(f"no word occurs {options['min_count']} times in the {len(captions)} training captions: "
+        raise ValueError(f"no word occurs {options['min_count']} times in the {captions.count} training captions: "
                          "lower model.params.cond_stage_config.vocabulary.min_count, or check the captions")
     path = write_vocabulary(words, logdir / VOCAB_FILE)
     params.tokenizer_path = str(path)
     params.vocab_size = len(BERT_SPECIAL_TOKENS) + len(words)
-    log.info(f"vocabulary: {len(words)} words of {len(captions)} training captions (seen at least "
+    log.info(f"vocabulary: {len(words)} words of {captions.count} training captions (seen at least "
              f"{options['min_count']} times, at most {options['max_size']}) -> {path}")
     return path
