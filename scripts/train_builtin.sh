@@ -30,8 +30,8 @@ STAGES="${BUILTIN_STAGES:-first_stage txt2img inpainting superres semantic2img l
 FIRST_STAGE_STEPS="${BUILTIN_FIRST_STAGE_STEPS:-12000}"  # optimizer steps, 2 per batch (autoencoder + discriminator)
 TXT2IMG_STEPS="${BUILTIN_TXT2IMG_STEPS:-12000}"
 # The typed-caption runs after it: STEPS:RATE[:HOLD] each, its rate held HOLD steps then decaying linearly to 1e-5
-# (what the shipped model had; typed-finetune-4-raised warmed up over 200 steps where this recipe takes 100).
-TXT2IMG_TYPED_RUNS="${BUILTIN_TXT2IMG_TYPED_RUNS:-3000:3e-4 3000:1e-4 8000:5e-4:4000}"
+# (what the shipped model had; typed-finetune-4/5-raised warmed up over 200 steps where this recipe takes 100).
+TXT2IMG_TYPED_RUNS="${BUILTIN_TXT2IMG_TYPED_RUNS:-3000:3e-4 3000:1e-4 8000:5e-4:4000 10000:5e-4:5000}"
 INPAINTING_STEPS="${BUILTIN_INPAINTING_STEPS:-6000}"
 SUPERRES_STEPS="${BUILTIN_SUPERRES_STEPS:-46000}"
 SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-46000}"
@@ -74,7 +74,7 @@ for stage in $STAGES; do
     txt2img)
       # The canonical captions first, where shape is learned soonest (on typed captions from the start it came
       # ~1,000 steps later: typed-captions-scratch against z8-v-batch128), then runs on the typed captions from
-      # those weights, each a fresh optimizer (typed-finetune, typed-finetune-2, typed-finetune-4-raised in
+      # those weights, each a fresh optimizer (typed-finetune, typed-finetune-2, typed-finetune-4/5-raised in
       # bench/results/convergence.md):
       # the model then reads prompts as people write them (words left out, synonyms, counts, case, punctuation).
       train builtin_txt2img configs/latent-diffusion/txt2img.yaml "$TXT2IMG_STEPS" \

@@ -5,7 +5,8 @@
 sampler's latents after a few steps. (The shipped inpainting model's loss was pinned too and matched after
 the redesign; its entry was dropped when that model was replaced by the text-conditioned one. The txt2img entries
 were pinned again, by the same functions, each time the shipped model was trained further (20,000, then 30,000, then 40,000 steps), when the batch-128 model replaced it, and each time it was trained on typed captions; the tiny models' entries were kept as first pinned.) `python -m tests.pinned_outputs` writes them
-to tests/fixtures/pinned_outputs.safetensors (run once, on the code before the redesign);
+to tests/fixtures/pinned_outputs.safetensors (run once, on the code before the redesign; `python -m tests.pinned_outputs
+txt2img` pins the shipped model's entries alone);
 tests/test_pinned_outputs.py recomputes them and requires the same numbers.
 """
 from __future__ import annotations
@@ -75,7 +76,16 @@ def compute() -> dict[str, torch.Tensor]:
 
 
 if __name__ == "__main__":
+    # `python -m tests.pinned_outputs txt2img` pins the shipped model's entries again (after it was retrained) and keeps
+    # every other entry as it was pinned; without an argument every entry is written anew.
+    import sys
+
+    from safetensors.torch import load_file
+
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     values = compute()
+    if len(sys.argv) > 1:
+        prefixes = tuple(f"{name}/" for name in sys.argv[1:])
+        values = {**load_file(str(FIXTURE)), **{k: v for k, v in values.items() if k.startswith(prefixes)}}
     save_safetensors(values, FIXTURE)
     print(f"wrote {len(values)} pinned outputs to {FIXTURE}")
