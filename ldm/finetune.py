@@ -28,10 +28,10 @@ from ldm.modules.ema import LitEma
 from ldm.new_words import grow_base_state
 
 # Model params about how a training run starts (its starting weights, which of their keys to skip; a fine-tuning
-# run's new words, whether only those train, and its prior-preservation images): a model's own weights replace them
-# when it loads, and a run that fine-tunes it does not inherit them.
+# run's new words, whether only those train, its prior-preservation images, and the VAE its first stage is swapped
+# for): a model's own weights replace them when it loads, and a run that fine-tunes it does not inherit them.
 INIT_PARAMS = ("ckpt_path", "ignore_keys", "init_from_text_model", "init_from", "init_config", "new_words",
-               "train_only_new_words", "prior_preservation")
+               "train_only_new_words", "prior_preservation", "vae")
 
 
 def apply_init_from(config: DictConfig) -> None:

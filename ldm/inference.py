@@ -12,6 +12,7 @@ and every one keeps known latents when inpainting with a model not trained for i
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -22,16 +23,14 @@ import torch.nn.functional as F
 from ldm.data.layout import PAD_TOKEN, layout_tokens
 from ldm.model_files import BUILTIN_MODELS, ModelNotFound  # noqa: F401 (the API)
 from ldm.model_loading import PRECISIONS, load_model, resolve_device  # noqa: F401 (the API)
-from ldm.models.diffusion.ancestral import ancestral_sample
-from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
 from ldm.models.diffusion.noise import Generators, generators_for, randn
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.samplers import SAMPLERS, SamplerInfo, get_sampler, keep_known
-from ldm.models.diffusion.spacing import make_sigmas
+from ldm.models.diffusion.samplers import SAMPLERS, get_sampler, run_sampler, sampler_sigmas, start_state  # noqa: F401
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.encoders.modules import ClassEmbedder
+
+log = logging.getLogger(__name__)
 
 # Callback of every sampler here: (step index, current x̂_0 in latent space).
 StepCallback = Callable[[int, torch.Tensor], None]
@@ -141,15 +140,10 @@ def class_condition(model: LatentDiffusion, labels: torch.Tensor, scale: float) 
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _sampler_for(model: LatentDiffusion, sampler: str, spacing: Optional[str]) -> SamplerInfo:
-    """The registered sampler, checked against the model's noise process and the run's options."""
-    info = get_sampler(sampler)
-    if info.timestep and not model.process.discrete:
-        raise ValueError(f"the {sampler} sampler steps over the discrete DDPM table; this model's noise process is "
-                         f"{model.process.name}: use " + ", ".join(n for n, i in SAMPLERS.items() if not i.timestep))
-    if info.timestep and spacing is not None:
-        raise ValueError(f"a sigma spacing ({spacing}) applies to the σ-space samplers, not to {sampler}")
-    return info
+def eta_option(eta: float) -> dict[str, float]:
+    """The `eta` keyword for a sampler: none at 0, so each sampler keeps its own default (0 for DDIM, 1 for the
+    ancestral and SDE samplers)."""
+    return {"eta": eta} if eta > 0 else {}
 
 
 @torch.no_grad()
@@ -166,47 +160,32 @@ def sample_latents(model: LatentDiffusion, batch_size: int, cond: Any = None, *,
     **1 = keep**) keeps the known latents at every step, for every sampler, and exactly at the end. `eta`
     is DDIM's noise (0 = deterministic) and the stochastic σ-space samplers' (0 = their default, 1). `spacing`
     picks the σ-space samplers' noise levels (`ldm.models.diffusion.spacing.SIGMA_SPACINGS`; default the
-    process's own). `ddpm` is the DDPM paper's ancestral sampler over all T steps (`steps` is ignored).
-    `callback(i, x̂_0)` runs after each step. DDIM and PLMS use trailing timesteps for a zero-terminal-SNR
-    model (Lin et al. 2024, sec. 3.3: start at its pure noise).
+    process's own); `ddim`, `plms` and `ddpm` visit the trained timesteps their registry entry names (`ddpm`: all T,
+    `steps` is ignored; DDIM and PLMS trailing ones for a zero-terminal-SNR model, Lin et al. 2024, sec. 3.3).
+    `callback(i, x̂_0)` runs at each step.
 
     Randomness: `seed` (an int) seeds torch's global generator, as the reference's scripts do; a list of seeds,
     one per image, or `generator` (a `torch.Generator`, or a list of them, one per image, as diffusers takes)
     draws each image's noise from its own generator, so a seed gives the same image whatever else is in the
     batch (`ldm.models.diffusion.noise`).
     """
-    info = _sampler_for(model, sampler, spacing)
+    info = get_sampler(sampler)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    sigmas = sampler_sigmas(info, model.process, steps, spacing, device=model.device)
     if (known is None) != (known_mask is None):
         raise ValueError("keeping known latents needs both `known` and `known_mask` (1 = keep)")
     shape = tuple(shape) if shape is not None else (model.channels, model.image_size, model.image_size)
     generator = _generators(seed, generator, batch_size)
     x_T = randn((batch_size, *shape), generator, device=model.device) if x_T is None else x_T.to(model.device)
+    log.info(f"{sampler} sampler: {len(sigmas) - 1} steps from σ = {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}, "
+             f"latents {(batch_size, *shape)}, eta {eta}")
     with precision_scope(model):
-        if sampler in ("ddim", "plms"):
-            ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
-            discretize = "trailing" if model.schedule.zero_terminal_snr else "uniform"
-            z, _ = ddim.sample(S=steps, batch_size=batch_size, shape=shape, conditioning=cond, eta=eta, x_T=x_T,
-                               ddim_discretize=discretize,
-                               unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                               mask=known_mask, x0=known, verbose=progress, generator=generator,
-                               img_callback=None if callback is None else lambda x0, i: callback(i, x0))
-        elif sampler == "ddpm":
-            z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), model.schedule, model.prediction, x_T,
-                                    progress=progress, mask=known_mask, x0=known, generator=generator,
-                                    callback=None if callback is None else
-                                    lambda t, x, x0: callback(model.num_timesteps - 1 - t, x0))
-        else:
-            denoiser = model.sigma_denoiser(cond, uncond, scale)
-            if known is not None:
-                denoiser = keep_known(denoiser, known, known_mask)
-            sigmas = make_sigmas(spacing, steps, model.process, device=model.device)
-            z = info.fn(denoiser, x_T * sigmas[0], sigmas, eta=eta if eta > 0 else 1.0, disable=not progress,
-                        generator=generator,
-                        callback=None if callback is None else lambda i, x, sigma, x0: callback(i, x0))
-    if known is not None:
-        z = known_mask * known + (1.0 - known_mask) * z
+        denoiser = model.sigma_denoiser(cond, uncond, scale)
+        z = run_sampler(info, denoiser, start_state(info, denoiser, x_T, sigmas[0]), sigmas, known=known,
+                        known_mask=known_mask, generator=generator, disable=not progress,
+                        callback=None if callback is None else lambda i, x, sigma, x0: callback(i, x0),
+                        **eta_option(eta))
     return z.float()
 
 
@@ -286,39 +265,32 @@ def image_to_image(model: LatentDiffusion, images: torch.Tensor, prompts: Option
                    strength: float = 0.75, scale: float = 3.0, sampler: str = "ddim", steps: int = 50,
                    eta: float = 0.0, spacing: Optional[str] = None, seed: Optional[int] = None,
                    progress: bool = True, negative_prompt: Union[str, Sequence[str], None] = None) -> torch.Tensor:
-    """SDEdit (Meng et al. 2022) as Stable Diffusion's img2img: the images' latents are noised to step
-    `strength · steps` of a `steps`-step run of `sampler`, which then denoises from there.
+    """SDEdit (Meng et al. 2022) as Stable Diffusion's img2img: the images' latents are noised to the level
+    `strength` · n steps from the end of a `steps`-step run of `sampler` (n its steps: all T for ddpm), which then
+    denoises from there.
 
-    DDIM and PLMS noise by DDIM's forward process (the reference's img2img); a σ-space sampler starts from
-    z + σ·ε at the first noise level it runs. `ddpm` runs all T steps and cannot start midway.
+    Every sampler starts from z + σ·ε at the first noise level it runs (for DDIM and PLMS the reference's img2img:
+    DDIM's forward process to that timestep).
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1] (the share of the steps to redo), got {strength}")
-    info = _sampler_for(model, sampler, spacing)
-    if sampler == "ddpm":
-        raise ValueError("image_to_image needs a sampler that can start midway: ddim, plms or a σ-space sampler "
-                         "(euler, dpmpp_2m, ...), not ddpm")
+    info = get_sampler(sampler)
+    if not info.starts_midway:
+        raise ValueError(f"image_to_image needs a sampler that can start midway, not {sampler}: use one of "
+                         + ", ".join(name for name, entry in SAMPLERS.items() if entry.starts_midway))
+    sigmas = sampler_sigmas(info, model.process, steps, spacing, device=model.device)
     n = images.shape[0]
     prompts = prompt_list("" if prompts is None else prompts, n)
     if seed is not None:
         torch.manual_seed(seed)
     cond, uncond = (text_condition(model, prompts, scale, negative_prompt) if model.model.conditioning_key is not None
                     else (None, None))
-    t_enc = max(1, int(strength * steps))
+    t_enc = max(1, int(strength * (len(sigmas) - 1)))
+    sigmas = sigmas[len(sigmas) - 1 - t_enc:]
     with precision_scope(model):
         z = encode_images(model, images)
-        if info.timestep:
-            ddim = (DDIMSampler if sampler == "ddim" else PLMSSampler)(model)
-            ddim.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
-            # Noised to the step decoding starts from (position t_enc − 1); the reference's img2img noises one
-            # step further than it denoises from.
-            z = ddim.stochastic_encode(z, torch.full((n,), t_enc - 1, device=model.device))
-            z = ddim.decode(z, cond, t_enc, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                            progress=progress)
-        else:
-            sigmas = make_sigmas(spacing, steps, model.process, device=model.device)[steps - t_enc:]
-            z = info.fn(model.sigma_denoiser(cond, uncond, scale), z + torch.randn_like(z) * sigmas[0], sigmas,
-                        eta=eta if eta > 0 else 1.0, disable=not progress)
+        z = run_sampler(info, model.sigma_denoiser(cond, uncond, scale), z + torch.randn_like(z) * sigmas[0], sigmas,
+                        disable=not progress, **eta_option(eta))
     return decode_latents(model, z.float())
 
 

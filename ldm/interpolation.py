@@ -20,17 +20,11 @@ from typing import Any, Optional
 
 import torch
 
-from ldm.inference import (class_condition, decode_latents, encode_images, precision_scope, sample_latents,
-                           text_condition)
-from ldm.models.diffusion.ancestral import ancestral_sample
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.inference import (class_condition, decode_latents, encode_images, eta_option, precision_scope,
+                           sample_latents, text_condition)
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.diffusion.samplers import get_sampler
-from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from ldm.models.diffusion.samplers import SAMPLERS, SamplerInfo, get_sampler, run_sampler, sampler_sigmas, start_state
 from ldm.modules.encoders.modules import ClassEmbedder
-
-# Samplers that can start the reverse process from an intermediate step t.
-INTERPOLATION_SAMPLERS = ("ddpm", "ddim")
 # Within this angle (radians) of 0 or π, the great circle through two latents is ill-defined (sin θ → 0):
 # slerp falls back to the straight line. Well above float32's resolution of acos near ±1 (~3e-4).
 DEGENERATE_ANGLE = 1e-3
@@ -96,27 +90,41 @@ def condition_for(model: LatentDiffusion, n: int, prompt: Optional[str] = None, 
     return cond, (uncond if prompt else None)
 
 
-def start_step(model: LatentDiffusion, t: int, sampler: str = "ddim", steps: int = 50) -> int:
-    """The timestep the reverse process starts from for a requested noise level `t` (0-based, < T).
+def starts_at_a_timestep(info: SamplerInfo) -> bool:
+    """Whether a sampler can start the reverse process from a trained timestep t: it steps over the trained
+    levels (so t can be one of its levels) and can start midway."""
+    return info.needs_discrete_levels and info.starts_midway
 
-    Ancestral DDPM can start at any t. DDIM runs on a subsequence of `steps` timesteps: it starts at the
-    highest of them not above t, so that the noisy latent and the first DDIM update are at the same level.
+
+def interpolation_samplers() -> list[str]:
+    """The samplers `interpolate` runs (`starts_at_a_timestep`)."""
+    return [name for name, info in SAMPLERS.items() if starts_at_a_timestep(info)]
+
+
+def _timesteps(model: LatentDiffusion, info: SamplerInfo, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ, trained timestep of each step start, descending) of a `steps`-step run of `info` on `model`."""
+    sigmas = sampler_sigmas(info, model.process, steps)
+    return sigmas, model.process.level_of_sigma(sigmas[:-1])[0]
+
+
+def start_step(model: LatentDiffusion, t: int, sampler: str = "ddim", steps: int = 50) -> int:
+    """The timestep the reverse process starts from for a requested noise level `t` (0-based, < T): the highest
+    of the sampler's timesteps not above t (ancestral DDPM visits every t; DDIM and PLMS a subsequence of `steps`),
+    so that the noisy latent and the first update are at the same level.
     """
-    if sampler not in INTERPOLATION_SAMPLERS:
+    info = get_sampler(sampler)
+    if not starts_at_a_timestep(info):
         raise ValueError(f"the reverse process can start from an intermediate step with "
-                         f"{' or '.join(INTERPOLATION_SAMPLERS)}, not {sampler!r}")
+                         f"{', '.join(interpolation_samplers())}, not {sampler!r}")
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < model.num_timesteps:
         raise ValueError(f"t must be a timestep in 0..{model.num_timesteps - 1} (this model has "
                          f"{model.num_timesteps}), got {t!r}")
-    if sampler == "ddpm":
-        return t
-    ddim = DDIMSampler(model)
-    ddim.make_schedule(ddim_num_steps=steps, verbose=False)
-    below = ddim.ddim_timesteps[ddim.ddim_timesteps <= t]
-    if below.size == 0:
-        raise ValueError(f"t = {t} lies below the first of the {steps} DDIM timesteps ({ddim.ddim_timesteps[0]}); "
+    _, timesteps = _timesteps(model, info, steps)
+    below = timesteps[timesteps <= t]
+    if below.numel() == 0:
+        raise ValueError(f"t = {t} lies below the first of the {steps} {sampler} timesteps ({int(timesteps[-1])}); "
                          "raise t or use more --steps")
-    return int(below[-1])
+    return int(below[0])
 
 
 @torch.no_grad()
@@ -126,28 +134,22 @@ def denoise_from(model: LatentDiffusion, x_t: torch.Tensor, t: int, cond: Any = 
     """Latents x_0 from the reverse process p(x_0 | x_t) started at timestep `t` (as `start_step` gives it).
 
     ``ddpm``: ancestral sampling (DDPM Algorithm 2) over t, t − 1, ..., 0. ``ddim``: DDIM (Song et al. 2021,
-    eq. 12) over the `steps`-step schedule's timesteps up to t, with its `eta`. `seed` fixes the reverse
-    process's noise, so equal inputs give equal outputs.
+    eq. 12) over the `steps`-step schedule's timesteps up to t, with its `eta`; ``plms`` alike. `seed` fixes the
+    reverse process's noise, so equal inputs give equal outputs.
     """
     if start_step(model, t, sampler, steps) != t:
-        raise ValueError(f"DDIM with {steps} steps cannot start at t = {t}, which is not one of its timesteps; "
-                         "pass start_step(model, t, 'ddim', steps)")
+        raise ValueError(f"{sampler} with {steps} steps cannot start at t = {t}, which is not one of its timesteps; "
+                         f"pass start_step(model, t, {sampler!r}, steps)")
+    info = get_sampler(sampler)
+    sigmas, timesteps = _timesteps(model, info, steps)
+    sigmas = sigmas[int((timesteps > t).sum()):].to(model.device)
     x_t = x_t.to(model.device)
-    if seed is not None:  # both samplers draw their noise from the global generator, as sample_latents
+    if seed is not None:  # the samplers draw their noise from the global generator, as sample_latents
         torch.manual_seed(seed)
     with precision_scope(model):
-        if sampler == "ddpm":
-            # The reverse steps t..0 use only β_1..β_{t+1}: on the schedule cut after t (equal to the model's
-            # up to float32 rounding), ancestral sampling over all steps is DDPM's reverse process from t.
-            schedule = NoiseSchedule(model.schedule.betas[: t + 1], v_posterior=model.schedule.v_posterior)
-            z, _ = ancestral_sample(model.denoiser(cond, uncond, scale), schedule.to(x_t.device),
-                                    model.prediction, x_t, progress=progress)
-        else:
-            ddim = DDIMSampler(model)
-            ddim.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
-            first = int((ddim.ddim_timesteps <= t).sum())
-            z = ddim.decode(x_t, cond, first, unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                            progress=progress)
+        denoiser = model.sigma_denoiser(cond, uncond, scale)
+        z = run_sampler(info, denoiser, start_state(info, denoiser, x_t, sigmas[0]), sigmas, disable=not progress,
+                        **eta_option(eta))
     return z.float()
 
 
@@ -169,8 +171,8 @@ def interpolate(model: LatentDiffusion, images_a: torch.Tensor, images_b: torch.
         raise ValueError(f"images_a and images_b must be batches (N, 3, H, W) of one shape, got "
                          f"{tuple(images_a.shape)} and {tuple(images_b.shape)}")
     if spacing is not None:
-        raise ValueError(f"interpolation runs {' or '.join(INTERPOLATION_SAMPLERS)} over the DDPM table, which take no "
-                         f"sigma spacing (got {spacing})")
+        raise ValueError(f"interpolation runs {', '.join(interpolation_samplers())} over the DDPM table, which take "
+                         f"no sigma spacing (got {spacing})")
     weights = mixing_weights(n_frames)
     step = start_step(model, t, sampler, steps)
     if seed is None:  # still one seed for all frames, so they share their noise
@@ -183,9 +185,10 @@ def interpolate(model: LatentDiffusion, images_a: torch.Tensor, images_b: torch.
     x_a, x_b = model.q_sample(z_a, timestep, noise), model.q_sample(z_b, timestep, noise)
     mix = slerp if spherical else lerp
     mixtures = torch.stack([mix(x_a, x_b, weight) for weight in weights], dim=1).flatten(0, 1)  # pair-major
-    # Deterministic DDIM decodes every frame in one batch; otherwise each frame is decoded alone and reseeded,
+    # A deterministic run decodes every frame in one batch; otherwise each frame is decoded alone and reseeded,
     # so the reverse-process noise is the same for every λ and pair.
-    batches = [mixtures] if sampler == "ddim" and eta == 0 else list(mixtures.split(1))
+    deterministic = not get_sampler(sampler).stochastic and eta == 0
+    batches = [mixtures] if deterministic else list(mixtures.split(1))
     cond, uncond = condition_for(model, batches[0].shape[0], prompt, class_label, scale)
     latents = torch.cat([denoise_from(model, x, step, cond, uncond=uncond, scale=scale, sampler=sampler, steps=steps,
                                       eta=eta, seed=seed + 1, progress=progress) for x in batches])
@@ -204,11 +207,10 @@ def progressive_generation(model: LatentDiffusion, n_samples: int, *, n_frames: 
     data mean) to the last (the sample). Samples follow `prompt` or `class_label` on a conditional model
     (`condition_for`), with guidance `scale`.
     """
-    get_sampler(sampler)  # a clear error for an unknown name
-    total = model.num_timesteps if sampler == "ddpm" else steps
+    cond, uncond = condition_for(model, n_samples, prompt, class_label, scale)
+    total = len(sampler_sigmas(get_sampler(sampler), model.process, steps, spacing)) - 1
     if isinstance(n_frames, bool) or not isinstance(n_frames, int) or not 1 <= n_frames <= total:
         raise ValueError(f"n_frames must be between 1 and the number of sampler steps ({total}), got {n_frames!r}")
-    cond, uncond = condition_for(model, n_samples, prompt, class_label, scale)
     wanted = torch.linspace(0, total - 1, n_frames).round().long().tolist()
     predictions: list[torch.Tensor] = []
     calls = 0

@@ -71,7 +71,9 @@ def model_files(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = None
     """(config, weights, built-in name or None) for `load_model`'s arguments."""
     named = _named_model(model)
     name = str(model) if named is not None and str(model) in BUILTIN_MODELS else None
-    path = named if named is not None else Path(model)
+    # A repository path (a config's `init_from: models/first_stage_models/kl-f4-shapes`) works from anywhere, as
+    # configs' file paths do (`ldm.assets.resolve`; a user's own path of that name wins).
+    path = named if named is not None else assets.resolve(model)
     if named is None and not path.exists() and HUB_REPO_ID.match(str(model)):
         path = _hub_model(str(model))
     if path.suffix in (".yaml", ".yml"):

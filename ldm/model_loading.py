@@ -21,6 +21,7 @@ from ldm.model_files import model_files
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.encoders.tokenization import set_strict_vocab
 from ldm.util import instantiate_from_config
+from ldm.vae import swap_vae, vae_weights_file
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,10 +94,15 @@ def weights_hash(model: Union[str, Path], ckpt: Optional[Union[str, Path]] = Non
     return file_sha256(model_files(model, ckpt)[1])[:10]
 
 
+def vae_hash(vae: Union[str, Path]) -> str:
+    """The first 10 hex digits of the SHA-256 of the weights file the VAE path names (AUTOMATIC1111's "VAE hash")."""
+    return file_sha256(vae_weights_file(vae))[:10]
+
+
 def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Path]] = None,
                device: Union[str, torch.device] = "auto", precision: str = "fp32",
                trust_config: bool = False, strict_vocab: bool = False,
-               lora: Sequence[LoraSpec] = ()) -> LatentDiffusion:
+               lora: Sequence[LoraSpec] = (), vae: Optional[Union[str, Path]] = None) -> LatentDiffusion:
     """A trained model, in eval mode on `device`, ready for the functions below.
 
     `model` is a built-in name (`BUILTIN_MODELS`), the name of a model directory in ``$LDM_MODELS_DIR``, a
@@ -112,6 +118,9 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     `strict_vocab` raises `UnknownWordsError` (`ldm.modules.encoders.tokenization.set_strict_vocab`).
     `lora` lists LoRA files to apply, each ``path``, ``"path:scale"`` or ``(path, scale)`` (diffusers or kohya key
     format, `ldm.lora`): merged into the weights at their scales (needs peft).
+    `vae` names a first stage of the model's architecture whose weights replace its own (`ldm.vae`: a first stage's
+    .safetensors or .ckpt, its model directory or its training run), as AUTOMATIC1111's VAE setting; a VAE of
+    another architecture is a `ldm.vae.VaeMismatch` (a ValueError) naming the difference.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -143,6 +152,8 @@ def load_model(model: Union[str, Path] = "txt2img", ckpt: Optional[Union[str, Pa
     load_weights(net, state, strict=True, ignore_prefixes=ignore, source=str(weights_path))
     if ema_keys:
         net.model_ema.copy_to(net.model)
+    if vae is not None:
+        swap_vae(net, vae)
     if lora:
         apply_loras(net, lora)
     net.inference_precision = precision

@@ -22,7 +22,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.console import configure_logging
 from ldm.image_io import next_index, save_grid, save_images
 from ldm.inference import PRECISIONS, load_model
-from ldm.model_loading import weights_hash
+from ldm.model_loading import vae_hash, weights_hash
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.samplers import SAMPLERS, sampler_help
 from ldm.models.diffusion.spacing import SIGMA_SPACINGS
@@ -44,6 +44,10 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: Optional[str]
     group.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                        help="apply a LoRA (diffusers or kohya .safetensors, e.g. from ldm-export --lora) at SCALE "
                             "(default 1), merged into the weights; repeat for several (needs pip install 'ldm[lora]')")
+    group.add_argument("--vae", default=None, metavar="PATH",
+                       help="decode (and encode) with this first stage instead of the model's own: a first stage's "
+                            ".safetensors or .ckpt, its model directory or its training run, of the model's "
+                            "architecture (e.g. a decoder fine-tuned with configs/autoencoder/decoder_finetune.yaml)")
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     group.add_argument("--precision", default="fp32", choices=[*PRECISIONS, *PRECISION_ALIASES],
                        help="sampling precision: fp32, or autocast to bf16 (CPU or GPU) / fp16 (GPU)")
@@ -208,8 +212,11 @@ def model_from_args(opt: argparse.Namespace) -> LatentDiffusion:
     precision = PRECISION_ALIASES.get(opt.precision, opt.precision)
     with user_errors():
         model = load_model(opt.config, opt.ckpt, opt.device, precision, trust_config=opt.trust_config,
-                           strict_vocab=getattr(opt, "strict_vocab", False), lora=getattr(opt, "lora", ()))
+                           strict_vocab=getattr(opt, "strict_vocab", False), lora=getattr(opt, "lora", ()),
+                           vae=getattr(opt, "vae", None))
         opt.model_hash = weights_hash(opt.config, opt.ckpt)  # for the images' metadata (`generation_text`)
+        if getattr(opt, "vae", None):
+            opt.vae_hash = vae_hash(opt.vae)
     return model
 
 
@@ -240,13 +247,14 @@ def check_writable(folder: Path, flag: str = "--outdir") -> None:
 
 def generation_text(opt: argparse.Namespace, prompt: str, seed: int, **extra: str) -> dict[str, str]:
     """PNG text metadata of a generated image: what it was asked for, how it was sampled and by which model (its
-    name and the first 10 hex digits of its weights file's SHA-256, as AUTOMATIC1111's "Model hash"): enough to
-    make it again. `save_png` adds the size and the `parameters` text other tools read."""
+    name and the first 10 hex digits of its weights file's SHA-256, as AUTOMATIC1111's "Model hash"; a --vae the
+    same way, its "VAE" and "VAE hash"): enough to make it again. `save_png` adds the size and the `parameters` text
+    other tools read."""
     text = {"prompt": prompt, "negative_prompt": getattr(opt, "negative_prompt", None) or "", "seed": str(seed),
             "sampler": "plms" if getattr(opt, "plms", False) else opt.sampler, "steps": str(opt.steps),
             "scale": str(getattr(opt, "scale", 1.0)), "eta": str(opt.eta), "model": str(opt.config),
             "model_hash": getattr(opt, "model_hash", "")}
-    for optional in ("ckpt", "spacing", "strength"):
+    for optional in ("ckpt", "vae", "vae_hash", "spacing", "strength"):
         if getattr(opt, optional, None) is not None:
             text[optional] = str(getattr(opt, optional))
     if getattr(opt, "lora", None):

@@ -46,7 +46,8 @@ def a1111_parameters(text: Mapping[str, str]) -> str:
     """The `parameters` PNG text of AUTOMATIC1111's web UI, from the toolkit's own keys: the prompt, then
     ``Negative prompt: ...``, then one line of ``Key: value`` settings."""
     names = {"steps": "Steps", "scale": "CFG scale", "seed": "Seed", "size": "Size", "model_hash": "Model hash",
-             "model": "Model", "strength": "Denoising strength", "eta": "Eta", "software": "Version"}
+             "model": "Model", "vae_hash": "VAE hash", "vae": "VAE", "strength": "Denoising strength", "eta": "Eta",
+             "software": "Version"}
     settings = [f"{label}: {text[key]}" for key, label in names.items() if text.get(key) not in (None, "")]
     if text.get("sampler"):
         settings.insert(1, f"Sampler: {A1111_SAMPLER_NAMES.get(text['sampler'], text['sampler'])}")

@@ -1,6 +1,7 @@
 """bench/fine_tuning.py --quick end to end: the folder, the extended judge, fine-tuning runs through main.py (LoRA
 with new words and full fine-tuning, whose costs it compares; textual inversion is the same path with another config,
-trained end to end in tests/test_new_words.py), their probes and the report (issue 26)."""
+trained end to end in tests/test_new_words.py), their probes and the report (issue 26); first the first stage's decoder
+fine-tuned on the folder, which every run then decodes with."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +31,17 @@ def test_quick_run_writes_every_figure(tmp_path):
     assert costs["lora"]["optimizer_parameters"] < costs["full"]["optimizer_parameters"] / 10
     assert results["methods"]["lora"]["lora_file_bytes"] < 0.05 * results["unet"]["bytes"]
     assert 0.0 <= results["first_stage_ceiling"]["novel_share"] <= 1.0
+    decoder = results["decoder"]  # fine-tuned first (2 batches), measured with the shipped one's figures beside it
+    assert decoder["batches"] == 2 and (Path(decoder["run"]) / "checkpoints" / "last.ckpt").is_file()
+    assert 0.0 <= decoder["first_stage_ceiling"]["novel_share"] <= 1.0 and "novel" in decoder["base"]
+    assert 0.0 <= decoder["first_stage_ceiling"]["known_shape"] <= 1.0
+    for figures in results["methods"].values():  # every method trained and sampled through it
+        (project,) = (Path(figures["run"]) / "configs").glob("*-project.yaml")
+        assert OmegaConf.load(project).model.params.vae == decoder["run"]
     for figures in results["methods"].values():  # prior preservation sampled its images in every run
         assert len(list((Path(figures["run"]) / "prior").glob("*.png"))) == 2
     assert (tmp_path / "fine_tuning.png").stat().st_size > 0
-    assert "| lora |" in (tmp_path / "fine_tuning.md").read_text()
+    report = (tmp_path / "fine_tuning.md").read_text()
+    assert "| lora |" in report and "| the fine-tuned decoder: its reconstructions" in report
     assert len(list((tmp_path / "data" / "train").glob("*.txt"))) == 8
     assert (tmp_path / "judge" / "config.json").is_file()

@@ -21,11 +21,10 @@ from typing import Callable
 import pytest
 import torch
 
-from ldm.models.diffusion.ancestral import ancestral_sample
-from ldm.models.diffusion.samplers import (SAMPLERS, sample_dpm2, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+from ldm.models.diffusion.samplers import (SAMPLERS, sample_ddpm, sample_dpm2, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                                            sample_dpmpp_3m_sde, sample_euler, sample_euler_ancestral, sample_heun,
                                            sample_lms, sample_unipc)
-from ldm.models.diffusion.spacing import exponential_sigmas, karras_sigmas, make_sigmas
+from ldm.models.diffusion.spacing import ddpm_levels, exponential_sigmas, karras_sigmas, make_sigmas
 from ldm.modules.diffusionmodules.denoiser import PREDICTIONS, Denoiser, make_prediction
 from ldm.modules.diffusionmodules.noise_process import EDM, ContinuousVP, DiscreteVP, RectifiedFlow
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule
@@ -81,8 +80,9 @@ def run_ddpm(model_fn: Callable, schedule: NoiseSchedule, parameterization: str,
              seed: int) -> tuple[torch.Tensor, GaussianMixture]:
     generator = torch.Generator().manual_seed(seed)
     x_T = noised_start(data, float(schedule.alphas_cumprod[-1]), n, generator)
-    samples, _ = ancestral_sample(model_fn, schedule, parameterization, x_T, generator=generator, progress=False)
-    return samples, data
+    denoiser = vp_denoiser(model_fn, schedule, parameterization)
+    sigmas = ddpm_levels(denoiser.process, 1)
+    return sample_ddpm(denoiser, x_T / denoiser.input_scale(sigmas[0]), sigmas, generator=generator, disable=True), data
 
 
 def k_diffusion_runner(sampler: Callable, sigmas_of: Callable, steps: int, stochastic: bool = False) -> Callable:
@@ -299,7 +299,7 @@ def test_denoiser_of_the_exact_network_is_the_exact_denoiser(process_name, param
     torch.testing.assert_close(denoiser(x_sigma, sigma), data.denoise(x_sigma, sigma), rtol=1e-7, atol=1e-9)
 
 
-SIGMA_SAMPLER_NAMES = [name for name, info in SAMPLERS.items() if not info.timestep]
+SIGMA_SAMPLER_NAMES = [name for name, info in SAMPLERS.items() if not info.needs_discrete_levels]
 
 
 @pytest.mark.parametrize("process_name", list(PROCESSES))

@@ -276,7 +276,7 @@ def test_guided_model_combines_conditional_and_unconditional_calls():
         guided = guided_model(model.apply_model, cond, uncond, 4.0)(x, t)
         assert (out_cond - out_uncond).abs().max() > 1e-2  # the condition matters
         torch.testing.assert_close(guided, out_uncond + 4.0 * (out_cond - out_uncond), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.denoiser(cond, uncond, 4.0)(x, t), guided, atol=0, rtol=0)
+        torch.testing.assert_close(model.sigma_denoiser(cond, uncond, 4.0).model_fn(x, t), guided, atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ EMA

@@ -25,9 +25,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Network parts: U-Net, autoencoder networks, encoders, losses, and the diffusion maths.
     ("modules", ("ldm.modules",)),
     # The Lightning modules and what a model is built, fine-tuned or converted with (base weights, new words, prior
-    # preservation's settings, LoRA, the diffusers names of its parts).
+    # preservation's settings, LoRA, a swapped first stage, the diffusers names of its parts).
     ("models", ("ldm.models", "ldm.diffusers_bridge", "ldm.finetune", "ldm.lora", "ldm.lora_formats",
-                "ldm.new_words", "ldm.prior_preservation")),
+                "ldm.new_words", "ldm.prior_preservation", "ldm.vae")),
     # Datasets and the data module.
     ("data", ("ldm.data",)),
     # The user API: loading trained models, sampling, interpolation, evaluation of samples.

@@ -13,8 +13,8 @@ from ldm.checkpoint import save_safetensors
 from ldm.data.shapes import ShapesTrain, write_caption_vocabulary
 from ldm.inference import (SAMPLERS, ModelNotFound, encode_images, generate, image_to_image, inpaint, latent_shape,
                            load_model, sample_latents, text_condition, text_to_image)
-from ldm.models.diffusion.ancestral import ancestral_sample
-from ldm.models.diffusion.samplers import keep_known, sample_dpmpp_2m, sample_euler_ancestral, sample_heun
+from ldm.models.diffusion.samplers import (EditedDenoiser, keep_known, run_sampler, sample_dpmpp_2m,
+                                           sample_euler_ancestral, sample_heun, sampler_sigmas, start_state)
 from ldm.models.diffusion.spacing import karras_sigmas
 from ldm.util import instantiate_from_config
 from tests.tiny_models import txt2img_config
@@ -64,17 +64,21 @@ def test_known_latents_are_kept_by_the_k_samplers_themselves(txt2img, sample_fn)
 
 
 def test_ancestral_sampler_keeps_the_known_latents_themselves(txt2img):
-    """No paste at the end: the known region of the DDPM loop is the given x0 (not the model's x̂_0)."""
+    """No paste at the end: DDPM's last step lands on x̂_0, which is the given x0 on the known region."""
     torch.manual_seed(0)
     cond = txt2img.get_learned_conditioning(["a red circle"] * 2)
     known = torch.randn(2, 4, 8, 8)
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, :4] = 1.0
-    predictions = []
-    z, _ = ancestral_sample(txt2img.denoiser(cond), txt2img.schedule, txt2img.parameterization, torch.randn(2, 4, 8, 8),
-                            progress=False, mask=mask, x0=known, callback=lambda t, x, x0: predictions.append(x0))
+    info, denoiser = SAMPLERS["ddpm"], txt2img.sigma_denoiser(cond)
+    sigmas = sampler_sigmas(info, txt2img.process, 1)
+    raw = []
+    with torch.no_grad():
+        denoiser_spy = EditedDenoiser(denoiser, lambda x0: raw.append(x0) or x0)
+        z = run_sampler(info, denoiser_spy, start_state(info, denoiser, torch.randn(2, 4, 8, 8), sigmas[0]), sigmas,
+                        known=known, known_mask=mask, paste_known=False, disable=True)
     assert torch.equal(z[:, :, :4], known[:, :, :4])
-    assert not torch.allclose(predictions[-1][:, :, :4], known[:, :, :4])  # the model alone would not give them
+    assert not torch.allclose(raw[-1][:, :, :4], known[:, :, :4])  # the model alone would not give them
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -159,8 +163,9 @@ def test_image_to_image_strength(txt2img, images, sampler):
     assert (light - recon).abs().mean() < (full - recon).abs().mean()
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
         image_to_image(txt2img, image, prompts, strength=0.0, progress=False)
-    with pytest.raises(ValueError, match="start midway"):
-        image_to_image(txt2img, image, prompts, sampler="ddpm", progress=False)
+    # Every sampler can start midway, DDPM's ancestral one on the tail of its T levels too.
+    assert image_to_image(txt2img, image, prompts, sampler="ddpm", strength=0.25, seed=0,
+                          progress=False).shape == image.shape
 
 
 def test_class_conditional_generation_with_guidance(tiny_class_model):

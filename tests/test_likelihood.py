@@ -105,7 +105,7 @@ def test_discretized_bound_terms_are_non_negative_and_decoder_is_the_bin_nll():
         assert bool((out[key] >= 0).all()), key
     t0 = torch.zeros(4, dtype=torch.long)
     x_1 = schedule.q_sample(x0, t0, noise)
-    x0_hat = schedule.predict_start_from_noise(x_1, t0, model_fn(x_1, t0))
+    x0_hat = make_prediction("eps").x0(model_fn(x_1, t0), x_1, *schedule.coefficients(t0))
     log_scales = torch.full_like(x0, 0.5 * schedule.posterior_log_variance_clipped[1].item())
     nll = -discretized_gaussian_log_likelihood(x0, x0_hat, log_scales).flatten(1).mean(1) / LN2
     torch.testing.assert_close(out["decoder_bpd"], nll)

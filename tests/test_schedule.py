@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ldm.modules.diffusionmodules.denoiser import make_prediction
 from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract, make_beta_schedule
 
 
@@ -155,29 +156,31 @@ def conversion_setup(dtype):
     return schedule, x0, eps, t, schedule.q_sample(x0, t, eps)
 
 
+def check_conversions(schedule, x0, eps, t, x_t, tol):
+    """The predictions read x_0 and ε from each other's outputs on the schedule's x_t (DDPM eq. 15; Salimans & Ho
+    2022, appendix D for v)."""
+    alpha, sigma = schedule.coefficients(t)
+    eps_model, x0_model, v_model = (make_prediction(name) for name in ("eps", "x0", "v"))
+    v = v_model.target(x0, eps, alpha, sigma)
+    torch.testing.assert_close(eps_model.x0(eps, x_t, alpha, sigma), x0, **tol)
+    torch.testing.assert_close(x0_model.eps(x0, x_t, alpha, sigma), eps, **tol)
+    torch.testing.assert_close(v_model.x0(v, x_t, alpha, sigma), x0, **tol)
+    torch.testing.assert_close(v_model.eps(v, x_t, alpha, sigma), eps, **tol)
+    return alpha, sigma, eps_model, x0_model, v_model
+
+
 def test_conversions_are_exact_inverses_in_float64():
     schedule, x0, eps, t, x_t = conversion_setup(torch.float64)
-    v = schedule.get_v(x0, eps, t)
     tol = dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(schedule.predict_start_from_noise(x_t, t, eps), x0, **tol)
-    torch.testing.assert_close(schedule.predict_noise_from_start(x_t, t, x0), eps, **tol)
-    torch.testing.assert_close(schedule.predict_start_from_v(x_t, t, v), x0, **tol)
-    torch.testing.assert_close(schedule.predict_noise_from_v(x_t, t, v), eps, **tol)
+    alpha, sigma, eps_model, x0_model, v_model = check_conversions(schedule, x0, eps, t, x_t, tol)
     # Round trips through the other representation, for arbitrary (not only consistent) inputs.
     other = torch.randn_like(x0)
-    x0_back = schedule.predict_start_from_noise(x_t, t, schedule.predict_noise_from_start(x_t, t, other))
+    x0_back = eps_model.x0(x0_model.eps(other, x_t, alpha, sigma), x_t, alpha, sigma)
     torch.testing.assert_close(x0_back, other, **tol)
-    v_back = schedule.get_v(schedule.predict_start_from_v(x_t, t, other),
-                            schedule.predict_noise_from_v(x_t, t, other), t)
+    v_back = v_model.target(v_model.x0(other, x_t, alpha, sigma), v_model.eps(other, x_t, alpha, sigma), alpha, sigma)
     torch.testing.assert_close(v_back, other, **tol)
 
 
 def test_conversions_in_float32():
-    schedule, x0, eps, t, x_t = conversion_setup(torch.float32)
-    v = schedule.get_v(x0, eps, t)
     # Well conditioned at these t: the condition numbers stay below ~10 (√(1/ᾱ−1) ≥ 0.1 at t=5).
-    tol = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(schedule.predict_start_from_noise(x_t, t, eps), x0, **tol)
-    torch.testing.assert_close(schedule.predict_noise_from_start(x_t, t, x0), eps, **tol)
-    torch.testing.assert_close(schedule.predict_start_from_v(x_t, t, v), x0, **tol)
-    torch.testing.assert_close(schedule.predict_noise_from_v(x_t, t, v), eps, **tol)
+    check_conversions(*conversion_setup(torch.float32), tol=dict(rtol=1e-5, atol=1e-5))

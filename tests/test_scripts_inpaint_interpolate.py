@@ -19,9 +19,8 @@ from ldm.data.shapes import ShapesTest
 from ldm.inference import decode_latents, encode_images, load_model
 from ldm.interpolation import (condition_for, denoise_from, interpolate, lerp, mixing_weights,
                                progressive_generation, slerp, start_step)
-from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.diffusionmodules.schedule import NoiseSchedule
+from ldm.models.diffusion.samplers import SAMPLERS, run_sampler, sampler_sigmas, start_state
 from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +216,7 @@ def test_inpaint_bad_inputs_exit_before_loading_a_model(tmp_path, capsys, proble
 
 @pytest.mark.hostile
 @pytest.mark.parametrize("args, message", [
-    (["--plms"], "--sampler plms cannot; use --sampler ddpm or ddim"),
+    (["--sampler", "heun"], "--sampler heun cannot; use --sampler ddim, plms, ddpm"),
     (["--n_frames", "1"], "--n_frames must be at least 2"),
     (["--image-a", "a.png"], "give both --image-a and --image-b"),
     (["--image-a", "a.png", "c.png", "--image-b", "b.png"], "give one b per a"),
@@ -292,17 +291,16 @@ def test_start_step(txt2img_model):
 
 
 def test_ddpm_from_the_last_step_is_ancestral_sampling(txt2img_model):
-    """The reverse process from t = T−1 on the cut schedule is the model's full ancestral sampler, and the cut
-    schedule holds the model's own numbers up to t."""
+    """The reverse process from t = T−1 is the model's full ancestral sampler (the registry's ddpm)."""
     model = txt2img_model
-    cut = NoiseSchedule(model.schedule.betas[:9])
-    for name in NoiseSchedule.BUFFER_NAMES:
-        torch.testing.assert_close(getattr(cut, name), getattr(model.schedule, name)[:9], rtol=1e-5, atol=1e-7)
     cond, _ = condition_for(model, 1, "a red circle")
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ours = denoise_from(model, x_T, model.num_timesteps - 1, cond, sampler="ddpm", seed=3)
     torch.manual_seed(3)
-    full, _ = ancestral_sample(model.denoiser(cond), model.schedule, model.parameterization, x_T, progress=False)
+    info, denoiser = SAMPLERS["ddpm"], model.sigma_denoiser(cond)
+    sigmas = sampler_sigmas(info, model.process, 1)
+    with torch.no_grad():
+        full = run_sampler(info, denoiser, start_state(info, denoiser, x_T, sigmas[0]), sigmas, disable=True)
     torch.testing.assert_close(ours, full, rtol=1e-4, atol=1e-4)
 
 

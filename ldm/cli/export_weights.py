@@ -9,7 +9,8 @@ The `.ckpt` is read with weights_only=True (no arbitrary unpickling). Training-o
 A LoRA run (configs/latent-diffusion/txt2img_lora.yaml) checkpoints its adapter alone:
     python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --lora -o my_lora.safetensors
     python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --lora --format kohya -o my_lora.safetensors
-    python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --merge-lora --model-dir models/ldm/my-model
+    python scripts/export_weights.py logs/<run>/checkpoints/last.ckpt --merge-lora --model-dir models/ldm/my-model \
+        --vae logs/<decoder fine-tune run>
 --lora writes the adapter alone, a small file in diffusers' key format (diffusers' `load_lora_adapter` /
 `load_lora_weights`) or kohya's (AUTOMATIC1111, ComfyUI), for `ldm-txt2img --lora FILE[:SCALE]`; --merge-lora
 writes the base model with the adapter merged into its weights (a model directory, or -o weights).
@@ -22,6 +23,9 @@ sampling scripts, loadable wherever it is copied:
   built-in models share one first stage that way);
 - `config.yaml`: the run's config (model, data and lightning sections), so `main.py --base <dir>/config.yaml
   -t` retrains it; file references inside the directory are relative to it;
+- with --vae PATH (a first stage of the model's architecture, e.g. a decoder fine-tuned on the same images with
+  configs/autoencoder/decoder_finetune.yaml), that first stage's weights in place of the model's own, so the
+  directory samples with it without --vae (a run trained with `model.params.vae` carries its VAE the same way);
 - the caption tokenizer's vocabulary (`vocab.txt`) when the config names one;
 - `README.md`, a model card: what the model is, what it was trained on and for how long, how to use it (a
   fine-tuned model: the model it started from and the words it added to its vocabulary).
@@ -49,6 +53,8 @@ from ldm.modules.encoders.vocabulary import find_bert_vocab
 from ldm.new_words import parse_new_words
 from ldm.script_args import HelpFormatter, add_trust_config_arg, check_writable, command_line
 from ldm.model_files import run_config_files
+from ldm.model_loading import vae_hash
+from ldm.vae import swap_vae
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -168,10 +174,11 @@ def new_words_section(new_words: Mapping[str, Optional[str]], only: bool) -> lis
 
 def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary: Optional[Path] = None,
                      base_model: Optional[str] = None, merged_lora: bool = False,
-                     new_words: Optional[Mapping[str, Optional[str]]] = None, only_new_words: bool = False) -> Path:
+                     new_words: Optional[Mapping[str, Optional[str]]] = None, only_new_words: bool = False,
+                     vae: Optional[str] = None) -> Path:
     """README.md: what the model is, how it was trained (from the run's config and checkpoint; the model it was
-    fine-tuned from, `base_model`, and the words it added, `new_words`), how to use it, and the words its caption
-    encoder reads."""
+    fine-tuned from, `base_model`, the words it added, `new_words`, and the first stage it carries in place of its
+    own, `vae`: its path and hash as markdown), how to use it, and the words its caption encoder reads."""
     params = config.model.get("params", {})
     step = load_checkpoint_file(ckpt, mmap=True).get("global_step") if ckpt.suffix == ".ckpt" else None
     data = OmegaConf.select(config, "data.params.train", default=None)
@@ -191,6 +198,7 @@ def write_model_card(model_dir: Path, config, ckpt: Path, dtype: str, vocabulary
         *([f"| fine-tuned from | `{base_model}`{' (a LoRA, merged into its weights)' if merged_lora else ''} |"]
           if base_model else []),
         *([f"| new words | {', '.join(f'`{w}`' for w in new_words)} |"] if new_words else []),
+        *([f"| first stage (VAE) | {vae}, in place of the config's own |"] if vae else []),
         f"| weights | {dtype}; `config.yaml` holds the full training config |", "",
         "Use it:", "", "```bash", usage_line(config, model_dir), "```", "",
         "Measured figures (prompt following, FID) are not part of an export: measure them with the benchmarks "
@@ -256,6 +264,10 @@ def main() -> None:
     parser.add_argument("--share-first-stage", action="store_true",
                         help="with --model-dir: leave the frozen first stage out of model.safetensors when the run's "
                              "config names its own checkpoint (the directory then needs that file)")
+    parser.add_argument("--vae", default=None, metavar="PATH",
+                        help="with --model-dir (or --merge-lora -o): put this first stage's weights in place of the "
+                             "model's own (a first stage's .safetensors or .ckpt, its model directory or its run, "
+                             "of the model's architecture), so the export samples with it")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="with --model-dir: type of the stored parameters (fp16 halves the file)")
     parser.add_argument("--overwrite", action="store_true",
@@ -274,7 +286,16 @@ def main() -> None:
     opt = parser.parse_args()
     if opt.lora and (opt.merge_lora or opt.model_dir is not None):
         parser.error("--lora writes the adapter alone (-o FILE.safetensors); for a model directory use --merge-lora")
+    if opt.vae and opt.lora:
+        parser.error("--vae: a LoRA file holds the adapter alone; give --vae when sampling with it, or export the "
+                     "model merged (--merge-lora --model-dir DIR --vae PATH)")
+    if opt.vae and not (opt.model_dir is not None or opt.merge_lora):
+        parser.error("--vae goes with --model-dir or --merge-lora (a whole model to carry it); a first stage's own "
+                     "checkpoint exports as it is")
+    if opt.vae and opt.share_first_stage:
+        parser.error("--vae puts a first stage of its own in model.safetensors: leave out --share-first-stage")
     refuse_to_lose(opt)
+    vae_card = f"`{opt.vae}` (VAE hash {vae_hash(opt.vae)})" if opt.vae else None  # a bad path stops it here
     config, model = None, None
     if opt.lora or opt.merge_lora:
         config = load_configs(opt.config or ckpt_run_configs(opt.ckpt))
@@ -290,12 +311,17 @@ def main() -> None:
             return
         merge_trained_lora(model)
         OmegaConf.select(config, "model.params").pop("lora_config")
+        if opt.vae:
+            swap_vae(model, opt.vae)
     if opt.model_dir is not None:
         config = config if config is not None else load_configs(opt.config or ckpt_run_configs(opt.ckpt))
         if OmegaConf.select(config, "model.params.lora_config"):
             raise SystemExit(f"error: {opt.ckpt} holds a LoRA adapter alone: export the model with it merged "
                              "(--merge-lora), or the adapter (--lora -o FILE.safetensors)")
         base_model = OmegaConf.select(config, "model.params.init_from")
+        # The first stage the directory carries in place of the config's own file: --vae, or the run's own VAE
+        # (`model.params.vae`, swapped in when the run's model was built, so its weights are in the checkpoint).
+        vae = opt.vae or OmegaConf.select(config, "model.params.vae")
         new_words = parse_new_words(OmegaConf.select(config, "model.params.new_words", default=None))
         only_new_words = bool(OmegaConf.select(config, "model.params.train_only_new_words", default=False))
         # The directory holds every weight: the training run's starting point is not needed to load it.
@@ -307,8 +333,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as scratch:
                 OmegaConf.save(config, Path(scratch) / "config.yaml")
                 model = build_model(Path(scratch) / "config.yaml", opt.ckpt, trust_config=opt.trust_config)
-        state = sampling_state_dict(model, config, DTYPES[opt.dtype], opt.share_first_stage)
-        if not opt.share_first_stage:
+            if opt.vae:
+                swap_vae(model, opt.vae)
+        state = sampling_state_dict(model, config, DTYPES[opt.dtype], opt.share_first_stage and not vae)
+        if not opt.share_first_stage or vae:
             OmegaConf.select(config, "model.params.first_stage_config.params", default={}).pop("ckpt_path", None)
         opt.model_dir.mkdir(parents=True, exist_ok=True)
         vocabulary = copy_vocabulary(config, opt.model_dir)
@@ -317,7 +345,7 @@ def main() -> None:
         out = save_safetensors(state, opt.model_dir / "model.safetensors",
                                metadata={"source": str(opt.ckpt), "dtype": opt.dtype})
         card = write_model_card(opt.model_dir, config, opt.ckpt, opt.dtype, vocabulary, base_model, opt.merge_lora,
-                                new_words, only_new_words)
+                                new_words, only_new_words, vae_card or (f"`{vae}`" if vae else None))
         written = ", ".join(str(p) for p in (config_path, out, vocabulary, card) if p is not None)
         print(f"wrote {written} ({out.stat().st_size / 2**20:.2f} MiB of weights)")
         return

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ldm.image_io import load_image
 from ldm.inference import downsampling_factor, image_to_image, latent_shape
+from ldm.models.diffusion.samplers import get_sampler
 from ldm.script_args import (HelpFormatter, SampleWriter, add_model_args, add_negative_prompt_arg, add_output_args,
                              add_sampler_args, add_strict_vocab_arg, command_line, guidance_scale, model_from_args,
                              sampler_kwargs)
@@ -48,9 +49,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = get_parser()
     opt = parser.parse_args(argv)
-    if sampler_kwargs(opt)["sampler"] == "ddpm":
-        parser.error("img2img starts the reverse process midway; --sampler ddpm runs all T steps (use ddim, plms "
-                     "or a σ-space sampler such as dpmpp_2m)")
+    name = sampler_kwargs(opt)["sampler"]
+    if not get_sampler(name).starts_midway:
+        parser.error(f"img2img starts the reverse process midway, which --sampler {name} cannot")
     writer = SampleWriter(opt)  # checks --outdir before the model loads
     model = model_from_args(opt)
     try:

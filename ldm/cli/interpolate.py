@@ -6,8 +6,8 @@
 
 --mode interpolate: each pair (--image-a[i], --image-b[i]) is encoded, noised to step --t of the model's T
 with the same noise, mixed at --n_frames evenly spaced λ from 0 to 1 (linearly, or spherically with
---slerp) and decoded by the reverse process from there (--sampler ddpm: ancestral, as the paper; ddim:
-DDIM from the nearest of its --steps timesteps at or below --t). The first and last frames are the two
+--slerp) and decoded by the reverse process from there (--sampler ddpm: ancestral, as the paper; ddim or
+plms: from the nearest of their --steps timesteps at or below --t). The first and last frames are the two
 images reconstructed through step t; larger t gives smoother, less faithful paths. Without --image-a/-b
 the first two images of the built-in held-out test split are used. Images are resized to the model's
 training size.
@@ -27,7 +27,7 @@ import torch
 from ldm.data.shapes import ShapesTest
 from ldm.image_io import next_index, load_image, save_grid
 from ldm.inference import downsampling_factor
-from ldm.interpolation import INTERPOLATION_SAMPLERS, interpolate, progressive_generation, start_step
+from ldm.interpolation import interpolate, interpolation_samplers, progressive_generation, start_step
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.script_args import (HelpFormatter, add_model_args, add_sampler_args, add_strict_vocab_arg, check_writable,
                              command_line, generation_text, guidance_scale, model_from_args, sampler_kwargs)
@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     if opt.image_a is not None and len(opt.image_a) != len(opt.image_b):
         parser.error(f"got {len(opt.image_a)} --image-a and {len(opt.image_b)} --image-b; give one b per a")
     sampler = sampler_kwargs(opt)["sampler"]
-    if opt.mode == "interpolate" and sampler not in INTERPOLATION_SAMPLERS:
+    if opt.mode == "interpolate" and sampler not in interpolation_samplers():
         parser.error(f"interpolation starts the reverse process at step --t, which --sampler {sampler} cannot; "
-                     f"use --sampler {' or '.join(INTERPOLATION_SAMPLERS)}")
+                     f"use --sampler {', '.join(interpolation_samplers())}")
     model = model_from_args(opt)
     try:
         rows = run_interpolation(parser, opt, model) if opt.mode == "interpolate" else run_progressive(opt, model)

@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ldm.checkpoint import load_state_dict, load_weights
 from ldm.divergence import raise_if_not_finite
+from ldm.model_files import base_model_files
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -66,14 +67,21 @@ class FirstStageModule(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
 
-    def _finish_setup(self, ema_decay: Optional[float], ckpt_path: Optional[str], ignore_keys: Sequence[str]) -> None:
-        """EMA of the weights (built once every module exists), then optional initial weights."""
+    def _finish_setup(self, ema_decay: Optional[float], ckpt_path: Optional[str], ignore_keys: Sequence[str],
+                      init_from: Optional[str] = None) -> None:
+        """EMA of the weights (built once every module exists), then optional initial weights: `ckpt_path`, or
+        the weights of the trained first stage `init_from` names (a model directory, a run or a `.ckpt` in one, as
+        ldm/finetune.py reads it; its architecture went under this model's config before it was built)."""
         self.use_ema = ema_decay is not None
         if self.use_ema:
             if not 0.0 < ema_decay < 1.0:
                 raise ValueError(f"ema_decay must lie in (0, 1) (e.g. 0.9999), got {ema_decay}")
             self.ema_decay = ema_decay
             self.model_ema = LitEma(self, decay=ema_decay)
+        if ckpt_path is not None and init_from is not None:
+            raise ValueError("ckpt_path and init_from both name starting weights of the autoencoder: keep one")
+        if init_from is not None:
+            ckpt_path = str(base_model_files(init_from)[1])
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
@@ -321,12 +329,16 @@ class AutoencoderKL(FirstStageModule):
     sec. 4.1, put on the decoder: a sample's latent is off the encoder's by errors of that kind, and a decoder
     that only saw exact encodings turns them into ragged outlines); `train_decoder_only` freezes the encoder
     and `quant_conv`, so the latent space, and every diffusion model trained on it, stays as it was.
+
+    `init_from` starts from a trained first stage (configs/autoencoder/decoder_finetune.yaml fine-tunes the shipped
+    one's decoder on a user's images): see `_finish_setup`.
     """
 
     def __init__(self, ddconfig: dict, lossconfig: dict, embed_dim: int, ckpt_path: Optional[str] = None,
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: Optional[int] = None,
                  monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = True,
-                 decoder_noise: float = 0.0, train_decoder_only: bool = False) -> None:
+                 decoder_noise: float = 0.0, train_decoder_only: bool = False,
+                 init_from: Optional[str] = None) -> None:
         super().__init__(image_key=image_key, colorize_nlabels=colorize_nlabels, monitor=monitor)
         if decoder_noise < 0:
             raise ValueError(f"decoder_noise must be >= 0 (a fraction of the latent std), got {decoder_noise}")
@@ -346,7 +358,7 @@ class AutoencoderKL(FirstStageModule):
         self.learn_logvar = learn_logvar and isinstance(logvar, nn.Parameter)
         if isinstance(logvar, nn.Parameter):
             logvar.requires_grad_(learn_logvar)  # a fixed logvar stays out of the optimiser and the EMA
-        self._finish_setup(ema_decay, ckpt_path, ignore_keys)
+        self._finish_setup(ema_decay, ckpt_path, ignore_keys, init_from)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))

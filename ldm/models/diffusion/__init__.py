@@ -1,2 +1,2 @@
-"""Diffusion models (`ddpm.py`: the reference's DDPM and LatentDiffusion) and their samplers (`samplers.py`, `ddim.py`,
-`plms.py`, `ancestral.py`)."""
+"""Diffusion models (`ddpm.py`: the reference's DDPM and LatentDiffusion) and their samplers (`samplers.py`, with
+the reference's `DDIMSampler` and `PLMSSampler` as facades over it in `ddim.py` and `plms.py`)."""

@@ -1,34 +1,31 @@
 """DDIM sampling (Song et al. 2021, "Denoising Diffusion Implicit Models") with the CompVis reference's API.
 
-`DDIMSampler(model).sample(S, batch_size, shape, conditioning, ...)` reproduces the reference's
-trajectories. `ddim_update` is the one update step, shared with PLMS (`plms.py`). Beyond the reference:
-any prediction (ε, x_0, v, flow, EDM: `ldm.modules.diffusionmodules.denoiser`), x̂_0 clipping, Imagen's dynamic
-thresholding, and pasting the known region back exactly at the end of inpainting (`keep_known_exact`).
-The sampler's tensors live on the model's schedule device; nothing is moved to CUDA.
+`DDIMSampler(model).sample(S, batch_size, shape, conditioning, ...)` reproduces the reference's trajectories.
+It is a facade: the steps are the registry's ``ddim`` (``plms`` for `PLMSSampler`) over the model's `Denoiser`
+(`ldm.models.diffusion.samplers`), on the reference's timesteps; the facade converts between the reference's
+x_t and the samplers' x_σ = x_t/√ᾱ_t and keeps the reference's schedule attributes, intermediates and callbacks.
+Beyond the reference: any prediction (ε, x_0, v, flow, EDM), x̂_0 clipping, Imagen's dynamic thresholding, and
+pasting the known region back exactly at the end of inpainting (`keep_known_exact`). The sampler's tensors live
+on the model's schedule device; nothing is moved to CUDA.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ldm.models.diffusion.guidance import Condition, guided_model
 from ldm.models.diffusion.noise import Generators, randn
-from ldm.models.diffusion.spacing import ddim_alphas, ddim_sigmas, make_ddim_timesteps
-from ldm.modules.diffusionmodules.denoiser import Prediction, X0Prediction, as_prediction
-from ldm.modules.diffusionmodules.schedule import NoiseSchedule, extract
+from ldm.models.diffusion.samplers import EditedDenoiser, get_sampler, run_sampler, start_state
+from ldm.models.diffusion.spacing import ddim_alphas, ddim_sigmas, make_ddim_timesteps, timestep_sigmas
+from ldm.modules.diffusionmodules.denoiser import Denoiser
+from ldm.modules.diffusionmodules.noise_process import DiscreteVP
+from ldm.modules.diffusionmodules.schedule import extract
 
 log = logging.getLogger(__name__)
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-X0Fn = Callable[[torch.Tensor], torch.Tensor]
-# step(x, t, t_next, ᾱ_prev, σ, noise) -> (x_prev, x̂_0)
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
-                  tuple[torch.Tensor, torch.Tensor]]
 
 
 def dynamic_threshold_x0(x0: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -42,28 +39,6 @@ def dynamic_threshold_x0(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     s = x0.detach().abs().flatten(1).float().quantile(percentile, dim=1).clamp(min=1.0).to(x0.dtype)
     s = s.reshape(-1, *([1] * (x0.dim() - 1)))
     return x0.clamp(-s, s) / s
-
-
-def ddim_update(schedule: NoiseSchedule, prediction: Union[str, Prediction], model_output: torch.Tensor, x: torch.Tensor,
-                t: torch.Tensor, alpha_prev: torch.Tensor, sigma: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                x0_fn: Optional[X0Fn] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step from x_t (DDIM eq. 12); returns (x_prev, x̂_0).
-
-    x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ · noise, with x̂_0 and ε̂ read from the model
-    output at (x, t). `noise` (None for none) is the already scaled standard normal draw. `x0_fn` edits x̂_0
-    (clipping, thresholding); ε̂ is then re-derived from the edited x̂_0 so the pair still reconstructs x_t.
-    """
-    prediction = as_prediction(prediction)
-    alpha, sigma_t = schedule.coefficients(t)
-    pred_x0 = prediction.x0(model_output, x, alpha, sigma_t)
-    eps = prediction.eps(model_output, x, alpha, sigma_t)
-    if x0_fn is not None:
-        pred_x0 = x0_fn(pred_x0)
-        eps = X0Prediction().eps(pred_x0, x, alpha, sigma_t)
-    x_prev = alpha_prev.sqrt() * pred_x0 + (1.0 - alpha_prev - sigma ** 2).sqrt() * eps
-    if noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev, pred_x0
 
 
 def _batch_size_of(cond: Condition) -> Optional[int]:
@@ -81,12 +56,14 @@ def _batch_size_of(cond: Condition) -> Optional[int]:
 class DDIMSampler:
     """The reference's DDIM sampler for a diffusion model.
 
-    The model needs `apply_model(x, t, cond)`, `schedule` (a `NoiseSchedule`), `prediction` and
-    `num_timesteps`, as `LatentDiffusion` has, and the discrete VP noise process (DDIM steps over its table). `schedule` is the reference's argument, unused there as
-    here (the noise schedule is the model's); it is kept so the reference's calls work.
+    The model needs `apply_model(x, t, cond)`, `schedule` (a `NoiseSchedule`), `prediction` and `num_timesteps`,
+    as `LatentDiffusion` has, and the discrete VP noise process (DDIM steps over its table). `schedule` is the
+    reference's argument, unused there as here (the noise schedule is the model's); it is kept so the reference's
+    calls work.
     """
 
     name = "DDIM"
+    sampler = "ddim"  # its steps: the registry's function of this name
 
     def __init__(self, model: Any, schedule: str = "linear") -> None:
         process = getattr(model, "process", None)
@@ -94,16 +71,18 @@ class DDIMSampler:
             raise ValueError(f"{self.name} steps over the discrete DDPM table; this model's noise process is "
                              f"{process.name}: use a σ-space sampler (euler, heun, dpmpp_2m, ...)")
         self.model = model
+        self.process = process if process is not None else DiscreteVP(model.schedule)
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
         self.ddim_timesteps: Optional[np.ndarray] = None
+        self.eta = 0.0
 
     # ------------------------------------------------------------------------------------ schedule
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0,
                       verbose: bool = True) -> None:
         """Pick the timesteps and their coefficients: `ddim_timesteps` (ascending), and `ddim_alphas`,
-        `ddim_alphas_prev`, `ddim_sigmas`, `ddim_sqrt_one_minus_alphas` indexed by step position."""
+        `ddim_alphas_prev`, `ddim_sigmas` (the η-noise std), `ddim_sqrt_one_minus_alphas` by step position."""
         alphas_cumprod = self.model.schedule.alphas_cumprod
         if alphas_cumprod.shape[0] != self.ddpm_num_timesteps:
             raise ValueError(f"the model's schedule has {alphas_cumprod.shape[0]} alphas but num_timesteps is "
@@ -115,6 +94,7 @@ class DDIMSampler:
         # With use_original_steps (all T steps), the last update goes to ᾱ = 1, as in the reference.
         self.ddim_sigmas_for_original_num_steps = ddim_sigmas(alphas_cumprod, self.model.schedule.alphas_cumprod_prev,
                                                               ddim_eta)
+        self.eta = ddim_eta
         if verbose:
             log.info(f"Selected timesteps for {self.name.lower()} sampler: {self.ddim_timesteps}")
 
@@ -135,14 +115,15 @@ class DDIMSampler:
         """Samples of shape (batch_size, *shape) and ``{'x_inter': [...], 'pred_x0': [...]}``, as the reference.
 
         The intermediates start with x_T and hold x and x̂_0 after every `log_every_t`-th step (counted
-        down to the end) and after the first. `callback(i)` and `img_callback(x̂_0, i)` run after step i.
+        down to the end) and after the first. `callback(i)` and `img_callback(x̂_0, i)` run at step i.
 
-        Inpainting: with `mask` and `x0`, **mask == 1 marks the known region**: before each step at t the
-        known region of x is replaced by q_sample(x0, t) (the reference). `keep_known_exact` (not in the
-        reference) then sets the final sample's known region to x0 exactly.
+        Inpainting: with `mask` and `x0`, **mask == 1 marks the known region**, kept as every sampler keeps it
+        (`samplers.run_sampler`): that region starts as x0 plus the run's noise and the denoiser's x̂_0 is x0 there,
+        so the model sees x0 noised to each step's level, as in the reference's re-noising. `keep_known_exact`
+        (not in the reference) then sets the final sample's known region to x0 exactly.
 
         Beyond the reference: `clip_denoised` clips x̂_0 to [−1, 1] and `dynamic_threshold` (a quantile,
-        e.g. 0.995) applies Imagen's dynamic thresholding, both before the update (see `ddim_update`).
+        e.g. 0.995) applies Imagen's dynamic thresholding; the step uses the edited x̂_0 and the ε̂ it implies.
         The reference's `quantize_x0`, `score_corrector`/`corrector_kwargs` and `normals_sequence` are not
         supported and raise.
         """
@@ -166,15 +147,16 @@ class DDIMSampler:
         if verbose:
             log.info(f"Data shape for {self.name} sampling is {size}, eta {eta}")
         x = randn(size, generator, device=self.ddim_alphas.device) if x_T is None else x_T
-        samples, intermediates = self._denoise(
-            x, conditioning, self.ddim_timesteps, self.ddim_alphas_prev, self.ddim_sigmas,
-            unconditional_conditioning, unconditional_guidance_scale, mask=mask, x0=x0, callback=callback,
-            img_callback=img_callback, log_every_t=log_every_t, temperature=temperature, noise_dropout=noise_dropout,
-            x0_fn=self._x0_fn(clip_denoised, dynamic_threshold), progress=verbose, desc=f"{self.name} Sampler",
-            generator=generator)
-        if mask is not None and keep_known_exact:
-            samples = x0 * mask + (1.0 - mask) * samples
-        return samples, intermediates
+
+        def noise(x: torch.Tensor) -> torch.Tensor:
+            drawn = randn(x.shape, generator, x.device, x.dtype) * temperature
+            return torch.nn.functional.dropout(drawn, p=noise_dropout) if noise_dropout > 0 else drawn
+
+        denoiser = self._denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale,
+                                  clip_denoised, dynamic_threshold)
+        return self._run(x, denoiser, self._levels(self.ddim_timesteps), known=x0, known_mask=mask,
+                         paste_known=keep_known_exact, callback=callback, img_callback=img_callback,
+                         log_every_t=log_every_t, noise=noise, generator=generator, disable=not verbose)
 
     @torch.no_grad()
     def stochastic_encode(self, x0: torch.Tensor, t: torch.Tensor, use_original_steps: bool = False,
@@ -204,17 +186,17 @@ class DDIMSampler:
         ``t_start=t_enc``; note that the encoding is then one step noisier than where decoding starts
         (the reference's convention, kept for identical results).
         """
-        if use_original_steps:
-            timesteps = np.arange(self.ddpm_num_timesteps)
-            alphas_prev, sigmas = self.model.schedule.alphas_cumprod_prev, self.ddim_sigmas_for_original_num_steps
-        else:
+        if not use_original_steps:
             self._require_schedule("decode")
-            timesteps, alphas_prev, sigmas = self.ddim_timesteps, self.ddim_alphas_prev, self.ddim_sigmas
+        timesteps = np.arange(self.ddpm_num_timesteps) if use_original_steps else self.ddim_timesteps
         if not 0 <= t_start <= len(timesteps):
             raise ValueError(f"t_start must lie in 0..{len(timesteps)} (the number of steps), got {t_start}")
-        samples, _ = self._denoise(x_latent, cond, timesteps[:t_start], alphas_prev, sigmas, unconditional_conditioning,
-                                   unconditional_guidance_scale, progress=progress, desc="Decoding image")
-        return samples
+        if t_start == 0:
+            return x_latent
+        # All T steps end at ᾱ = 1 (σ = 0), the reference's alphas_cumprod_prev[0].
+        sigmas = self._levels(timesteps[:t_start], end=0.0 if use_original_steps else None)
+        denoiser = self._denoiser(cond, unconditional_conditioning, unconditional_guidance_scale)
+        return self._run(x_latent, denoiser, sigmas, disable=not progress)[0]
 
     # ------------------------------------------------------------------------------------ internals
 
@@ -222,57 +204,48 @@ class DDIMSampler:
         if self.ddim_timesteps is None:
             raise RuntimeError(f"{caller} needs the sampling schedule: call make_schedule(ddim_num_steps, ...) first")
 
-    @staticmethod
-    def _x0_fn(clip_denoised: bool, dynamic_threshold: Optional[float]) -> Optional[X0Fn]:
-        """The edit applied to every x̂_0: dynamic thresholding and/or clipping to [−1, 1], or None."""
-        if dynamic_threshold is None and not clip_denoised:
-            return None
+    def _levels(self, timesteps: np.ndarray, end: Optional[float] = None) -> torch.Tensor:
+        """σ of the ascending `timesteps` from the highest, then `end` (default: σ of ᾱ_0, the reference's last
+        ᾱ_prev)."""
+        sigmas = timestep_sigmas(self.process, timesteps[::-1], float(self.process.sigmas[0]) if end is None else end)
+        return sigmas.to(self.model.schedule.alphas_cumprod.device)
 
-        def edit(x0: torch.Tensor) -> torch.Tensor:
-            if dynamic_threshold is not None:
-                x0 = dynamic_threshold_x0(x0, dynamic_threshold)
-            return x0.clamp(-1.0, 1.0) if clip_denoised else x0
-        return edit
+    def _denoiser(self, cond: Condition, uncond: Condition, scale: float, clip_denoised: bool = False,
+                  dynamic_threshold: Optional[float] = None) -> Any:
+        """The model's guided D(x_σ, σ), with x̂_0 thresholded and/or clipped to [−1, 1] when asked."""
+        denoiser: Any = Denoiser(guided_model(self.model.apply_model, cond, uncond, scale), self.process,
+                                 self.model.prediction)
+        if dynamic_threshold is not None:
+            denoiser = EditedDenoiser(denoiser, lambda x0: dynamic_threshold_x0(x0, dynamic_threshold))
+        if clip_denoised:
+            denoiser = EditedDenoiser(denoiser, lambda x0: x0.clamp(-1.0, 1.0))
+        return denoiser
 
-    def _make_step(self, model_output: ModelFn, x0_fn: Optional[X0Fn]) -> StepFn:
-        """A fresh step function for one run (PLMS overrides this; its steps keep state)."""
-        def step(x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, alpha_prev: torch.Tensor,
-                 sigma: torch.Tensor, noise: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return ddim_update(self.model.schedule, self.model.prediction, model_output(x, t), x, t,
-                               alpha_prev, sigma, noise, x0_fn)
-        return step
+    def _run(self, x_T: torch.Tensor, denoiser: Any, sigmas: torch.Tensor, *, log_every_t: int = 100,
+             callback: Optional[Callable[[int], None]] = None,
+             img_callback: Optional[Callable[[torch.Tensor, int], None]] = None,
+             **options: Any) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """The registry's sampler from x_T (the model's input at sigmas[0]), with the reference's intermediates:
+        x (in x_t units) and x̂_0 after the first step and after every `log_every_t`-th counted down to the end."""
+        total = len(sigmas) - 1
+        logged = [i for i in range(total) if (total - i - 1) % log_every_t == 0 or i == 0]
+        states: dict[int, torch.Tensor] = {}  # x_σ before step i, for the steps whose predecessor is logged
+        predictions: dict[int, torch.Tensor] = {}
 
-    def _denoise(self, x: torch.Tensor, cond: Condition, timesteps: np.ndarray, alphas_prev: torch.Tensor,
-                 sigmas: torch.Tensor, uncond: Condition, scale: float, *, mask: Optional[torch.Tensor] = None,
-                 x0: Optional[torch.Tensor] = None, callback: Optional[Callable[[int], None]] = None,
-                 img_callback: Optional[Callable[[torch.Tensor, int], None]] = None, log_every_t: int = 100,
-                 temperature: float = 1.0, noise_dropout: float = 0.0, x0_fn: Optional[X0Fn] = None,
-                 progress: bool = True, desc: str = "", generator: Generators = None,
-                 ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """The sampling loop over the ascending `timesteps`, run from the highest; coefficients by position."""
-        model_output = guided_model(self.model.apply_model, cond, uncond, scale)
-        step = self._make_step(model_output, x0_fn)
-        schedule = self.model.schedule
-        time_range = np.flip(timesteps)
-        total = len(time_range)
-        intermediates = {"x_inter": [x], "pred_x0": [x]}
-        for i, timestep in enumerate(tqdm(time_range, desc=desc, total=total, disable=not progress)):
-            index = total - i - 1
-            t = torch.full((x.shape[0],), int(timestep), device=x.device, dtype=torch.long)
-            t_next = torch.full_like(t, int(time_range[min(i + 1, total - 1)]))
-            if mask is not None:
-                x = schedule.q_sample(x0, t, randn(x0.shape, generator, x0.device, x0.dtype)) * mask + (1.0 - mask) * x
-            noise = None
-            if sigmas[index] > 0:
-                noise = randn(x.shape, generator, x.device, x.dtype) * temperature
-                if noise_dropout > 0:
-                    noise = torch.nn.functional.dropout(noise, p=noise_dropout)
-            x, pred_x0 = step(x, t, t_next, alphas_prev[index], sigmas[index], noise)
+        def record(i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+            if i - 1 in logged:
+                states[i] = x * denoiser.input_scale(sigma)
+            if i in logged:
+                predictions[i] = denoised
             if callback is not None:
                 callback(i)
             if img_callback is not None:
-                img_callback(pred_x0, i)
-            if index % log_every_t == 0 or index == total - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(pred_x0)
-        return x, intermediates
+                img_callback(denoised, i)
+
+        info = get_sampler(self.sampler)
+        samples = run_sampler(info, denoiser, start_state(info, denoiser, x_T, sigmas[0]), sigmas, callback=record,
+                              eta=self.eta, **options)
+        states[total] = samples
+        intermediates = {"x_inter": [x_T] + [states[i + 1] for i in logged],
+                         "pred_x0": [x_T] + [predictions[i] for i in logged]}
+        return samples, intermediates

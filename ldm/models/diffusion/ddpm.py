@@ -4,7 +4,7 @@ The modules orchestrate; the math lives in small parts shared with the samplers:
 `ldm.modules.diffusionmodules.schedule` (the reference's β table), `.noise_process` (how x_t is made, which
 noise levels exist), `.denoiser` (what the network predicts: ε/x_0/v/flow/EDM), `.noise_levels` and
 `.loss_weighting` (the training density and weights), `.objectives` (L_simple, VLB weights), `.likelihood` (bits/dim), `ldm.models.diffusion.guidance`
-(condition dropout, guided outputs) and `ldm.models.diffusion.ancestral` (DDPM's own `sample`).
+(condition dropout, guided outputs) and `ldm.models.diffusion.samplers` (DDPM's own `sample`).
 
 The images the ImageLogger shows are drawn by `ldm.image_logs.log_images(model, batch)`, not by a method here: they
 need the sampling API and the datasets' renderers, which sit above the model. The model gives what they are made of
@@ -28,9 +28,9 @@ from ldm.config import instantiate_from_config
 from ldm.divergence import raise_if_not_finite
 from ldm.finetune import load_base_weights
 from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
-from ldm.models.diffusion.ancestral import ancestral_sample
 from ldm.models.diffusion.guidance import drop_conditions, guided_model
 from ldm.models.diffusion.latent_cache import LatentCache
+from ldm.models.diffusion.samplers import EditedDenoiser, get_sampler, run_sampler, sampler_sigmas, start_state
 from ldm.modules.diffusionmodules.likelihood import variational_bound
 from ldm.modules.diffusionmodules.denoiser import Denoiser, make_prediction
 from ldm.modules.diffusionmodules.loss_weighting import check_loss_weighting, loss_weights
@@ -45,6 +45,7 @@ from ldm.modules.ema import LitEma
 from ldm.new_words import freeze_all_but_new_words, parse_new_words, train_new_word_rows
 from ldm.optim import adamw
 from ldm.prior_preservation import PRIOR_KEY, PriorPreservation
+from ldm.vae import swap_vae
 
 log = logging.getLogger(__name__)
 
@@ -287,15 +288,10 @@ class DDPM(pl.LightningModule):
         t = self.noise_level_density(x.shape[0], device=self.device)
         return self.p_losses(x, c, t, example_weights=example_weights)
 
-    def denoiser(self, cond: Any = None, uncond: Any = None,
-                 guidance_scale: float = 1.0) -> Any:
-        """`f(x, time) -> network output` with classifier-free guidance when `uncond` is given (the t-space
-        samplers: DDIM, PLMS, ancestral)."""
-        return guided_model(self.apply_model, cond, uncond, guidance_scale)
-
     def sigma_denoiser(self, cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0) -> Denoiser:
-        """D(x_σ, σ) ≈ E[x_0 | x_σ] with guidance, for the σ-space samplers (`ldm.models.diffusion.samplers`)."""
-        return Denoiser(self.denoiser(cond, uncond, guidance_scale), self.process, self.prediction)
+        """D(x_σ, σ) ≈ E[x_0 | x_σ] with classifier-free guidance when `uncond` is given, for every sampler
+        (`ldm.models.diffusion.samplers`)."""
+        return Denoiser(guided_model(self.apply_model, cond, uncond, guidance_scale), self.process, self.prediction)
 
     # ------------------------------------------------------------------------------------ likelihood
 
@@ -397,16 +393,25 @@ class DDPM(pl.LightningModule):
     def sample(self, cond: Any = None, batch_size: int = 16, return_intermediates: bool = False,
                x_T: Optional[torch.Tensor] = None, uncond: Any = None, guidance_scale: float = 1.0,
                progress: bool = False) -> Any:
-        """Ancestral samples (DDPM Algorithm 2) in model space, with guidance when `uncond` is given."""
-        if not self.process.discrete:
-            raise ValueError(f"sample() is DDPM's ancestral sampler over the discrete table; this model's noise process "
-                             f"is {self.process.name}: use ldm.inference.sample_latents with a σ-space sampler")
+        """Ancestral samples (DDPM Algorithm 2: the registry's ``ddpm``) in model space, with guidance when `uncond`
+        is given and x̂_0 clipped to [−1, 1] when `clip_denoised`; with `return_intermediates`, also x_T and the
+        x̂_0 of every `log_every_t`-th step (and the last)."""
+        info = get_sampler("ddpm")
+        sigmas = sampler_sigmas(info, self.process, self.num_timesteps, device=self.device)
         shape = (batch_size, self.channels, self.image_size, self.image_size)
         x_T = torch.randn(shape, device=self.device) if x_T is None else x_T
-        samples, intermediates = ancestral_sample(self.denoiser(cond, uncond, guidance_scale), self.schedule,
-                                                  self.prediction, x_T, clip_denoised=self.clip_denoised,
-                                                  log_every_t=self.log_every_t, progress=progress)
-        return (samples, intermediates["pred_x0"]) if return_intermediates else samples
+        denoiser: Any = self.sigma_denoiser(cond, uncond, guidance_scale)
+        if self.clip_denoised:
+            denoiser = EditedDenoiser(denoiser, lambda x0: x0.clamp(-1.0, 1.0))
+        intermediates = [x_T]
+
+        def record(i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+            if (self.num_timesteps - 1 - i) % self.log_every_t == 0:
+                intermediates.append(denoised)
+
+        samples = run_sampler(info, denoiser, start_state(info, denoiser, x_T, sigmas[0]), sigmas, callback=record,
+                              disable=not progress)
+        return (samples, intermediates) if return_intermediates else samples
 
     def unconditional_guidance_inputs(self, cond: Any, batch: Mapping, n: int) -> Any:
         """The "no condition" input matching `cond`, the condition of the first `n` examples of `batch` (empty
@@ -438,7 +443,9 @@ class LatentDiffusion(DDPM):
 
     `init_from` (with `init_config` for a weights file that has no config of its own) names a trained model to
     fine-tune: its weights are loaded here (ldm/finetune.py); `lora_config`, `new_words`, `train_only_new_words` and
-    `prior_preservation` say how it is fine-tuned.
+    `prior_preservation` say how it is fine-tuned. `vae` names a first stage of the same architecture whose weights
+    then replace the first stage's (ldm/vae.py: a decoder fine-tuned on the run's images, which its samples and image
+    logs are then decoded with).
     """
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Union[Mapping, str],
@@ -450,7 +457,7 @@ class LatentDiffusion(DDPM):
                  lora_config: Optional[Mapping] = None,
                  new_words: Union[Mapping[str, Optional[str]], Sequence[str], None] = None,
                  train_only_new_words: bool = False,
-                 prior_preservation: Optional[Mapping] = None, **kwargs: Any) -> None:
+                 prior_preservation: Optional[Mapping] = None, vae: Optional[str] = None, **kwargs: Any) -> None:
         if num_timesteps_cond not in (None, 1):
             raise ValueError(f"num_timesteps_cond={num_timesteps_cond}: the reference's noisy-condition schedule "
                              "is not supported; use 1")
@@ -487,6 +494,8 @@ class LatentDiffusion(DDPM):
         if init_from is not None:  # fine-tuning a trained model (ldm/finetune.py)
             load_base_weights(self, init_from, first_stage_config, self.new_words, init_config)
             self.restarted_from_ckpt = True  # the base's scale_factor stays: its U-Net was trained on it
+        if vae is not None:  # after every other weight: the VAE replaces whatever first stage came with them
+            swap_vae(self, vae)
         self.lora_settings = None
         if lora_config is not None:
             self._add_lora(lora_config)

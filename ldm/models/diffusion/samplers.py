@@ -1,54 +1,63 @@
-"""Samplers: each a short function of (denoiser, x, sigmas), and the registry the scripts and benches read.
+"""Samplers: each a short function of (denoiser, x, sigmas), the registry the scripts and benches read, and the
+one way a run is started, kept on known latents and ended (`start_state`, `run_sampler`).
 
 Every sampler here works in the variance-exploding view x_σ = x_0 + σ·ε that all noise processes share
 (`ldm.modules.diffusionmodules.noise_process`), with a denoiser D(x_σ, σ) ≈ E[x_0 | x_σ]
 (`ldm.modules.diffusionmodules.denoiser.Denoiser`), in the style of k-diffusion (Karras et al. 2022, EDM).
-A run starts from ``x = noise · sigmas[0]`` (neglecting the data's own variance next to σ_max²) and returns x_σ
-at sigmas[-1], the sample when that is 0. Known latents (inpainting with any model) are kept by wrapping the
-denoiser (`keep_known`), the same way for every sampler.
+The reference's samplers are among them: ``ddim`` (DDIM eq. 12, with η), ``plms`` (Liu et al. 2022) and ``ddpm``
+(DDPM Algorithm 2) step over the trained timesteps of the discrete table, through the same `Denoiser`, which
+snaps each σ to its trained level as k-diffusion's `CompVisDenoiser` does. Their noise levels come with their
+registry entry (`SamplerInfo.levels`); the others take any σ spacing (`spacing.make_sigmas`) on any process.
 
-Signature: ``sampler(denoiser, x, sigmas, *, generator=None, eta=1.0, callback=None, disable=False)``;
-`callback(i, x, sigma_i, denoised)` sees the state before step i and the denoiser's x̂_0 there. Samplers
-that take no noise ignore `generator` and `eta`.
-
-The registry (`SAMPLERS`) also holds the reference's timestep samplers (``ddim``, ``plms``, ``ddpm``), which
-step over the discrete DDPM table through their classes (`ddim.py`, `plms.py`, `ancestral.py`); `ldm.inference`
-runs them.
+Signature: ``sampler(denoiser, x, sigmas, *, generator=None, eta=..., callback=None, disable=False)``; it returns
+x_σ at sigmas[-1]. `callback(i, x, sigma_i, denoised)` sees the state before step i and the x̂_0 the step uses
+(the denoiser's, or for PLMS the one its multistep slope implies). Samplers that take no noise ignore
+`generator` and `eta`; each stochastic one has its own default η (0 for DDIM, 1 for the ancestral samplers).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ldm.models.diffusion.noise import Generators, randn
-from ldm.models.diffusion.spacing import make_ddim_timesteps
-from ldm.modules.diffusionmodules.noise_process import ODEClock, sigma_clock
+from ldm.models.diffusion.spacing import ddim_levels, ddpm_levels, make_ddim_timesteps, make_sigmas
+from ldm.modules.diffusionmodules.noise_process import NoiseProcess, ODEClock, sigma_clock
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# callback(i, x, sigma_i, denoised): the state x_σ before step i, its σ and the denoiser's x̂_0 there.
+# callback(i, x, sigma_i, denoised): the state x_σ before step i, its σ and the x̂_0 the step uses.
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 SamplerFn = Callable[..., torch.Tensor]
+# Noise levels of a sampler that steps over the trained timesteps: (process, steps) -> σ, descending.
+Levels = Callable[[NoiseProcess, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class SamplerInfo:
-    """A registered sampler: its function (None for the timestep samplers run by their classes), what it needs.
+    """A registered sampler and what the code around it needs to know about it.
 
     `evals(steps, num_timesteps)` is the number of model evaluations a run of `steps` steps costs on a model of
-    `num_timesteps` training timesteps (with guidance, each is one batched pass over both halves).
+    `num_timesteps` training timesteps (with guidance, each is one batched pass over both halves). `stochastic`:
+    it draws fresh noise at its default η. `starts_midway`: it can run the tail of its noise levels from a noised
+    state (img2img, interpolation). `levels`: its own noise levels over the trained timesteps, for the samplers
+    that need the discrete table (`needs_discrete_levels`); None for those that take any σ spacing.
     """
 
     name: str
-    fn: Optional[SamplerFn]
+    fn: SamplerFn
     description: str
     evals: Callable[[int, int], int]
     stochastic: bool = False
-    timestep: bool = False  # steps over the discrete DDPM table (needs noise_process discrete_vp)
+    starts_midway: bool = True
+    levels: Optional[Levels] = None
+
+    @property
+    def needs_discrete_levels(self) -> bool:
+        return self.levels is not None
 
 
 SAMPLERS: dict[str, SamplerInfo] = {}
@@ -59,10 +68,12 @@ def _one_per_step(steps: int, num_timesteps: int) -> int:
 
 
 def register(name: str, description: str, evals: Callable[[int, int], int] = _one_per_step, *,
-             stochastic: bool = False) -> Callable[[SamplerFn], SamplerFn]:
-    """Add a σ-space sampler function to `SAMPLERS` under `name`."""
+             stochastic: bool = False, starts_midway: bool = True,
+             levels: Optional[Levels] = None) -> Callable[[SamplerFn], SamplerFn]:
+    """Add a sampler function to `SAMPLERS` under `name` (its fields: `SamplerInfo`)."""
     def add(fn: SamplerFn) -> SamplerFn:
-        SAMPLERS[name] = SamplerInfo(name, fn, description, evals, stochastic=stochastic)
+        SAMPLERS[name] = SamplerInfo(name, fn, description, evals, stochastic=stochastic,
+                                     starts_midway=starts_midway, levels=levels)
         return fn
     return add
 
@@ -78,25 +89,78 @@ def sampler_help() -> str:
     return "; ".join(f"{info.name}: {info.description}" for info in SAMPLERS.values())
 
 
+def sampler_sigmas(info: SamplerInfo, process: NoiseProcess, steps: int, spacing: Optional[str] = None,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
+    """The noise levels a `steps`-step run of `info` visits on `process`: its own trained levels, or `spacing`."""
+    if not info.needs_discrete_levels:
+        return make_sigmas(spacing, steps, process, device=device)
+    if not process.discrete:
+        others = ", ".join(name for name, entry in SAMPLERS.items() if not entry.needs_discrete_levels)
+        raise ValueError(f"the {info.name} sampler steps over the discrete DDPM table; this model's noise process is "
+                         f"{process.name}: use {others}")
+    if spacing is not None:
+        raise ValueError(f"a sigma spacing ({spacing}) applies to the σ-space samplers, not to {info.name}")
+    return info.levels(process, steps).to(device)
+
+
+def start_state(info: SamplerInfo, denoiser: Any, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The state x_σ a run starting at `sigma` begins from, given the standard normal `noise`.
+
+    The samplers over the trained levels take `noise` as x_T, the network's input at that level (DDPM, DDIM):
+    x_σ = x_T / c_in(σ). The others start from k-diffusion's noise·σ, the data's variance neglected next to σ².
+    """
+    return noise / denoiser.input_scale(sigma) if info.needs_discrete_levels else noise * sigma
+
+
+def run_sampler(info: SamplerInfo, denoiser: Any, x: torch.Tensor, sigmas: torch.Tensor, *,
+                known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None,
+                paste_known: bool = True, **options: Any) -> torch.Tensor:
+    """`info`'s sampler from the state x_σ at sigmas[0], returned in the model's space: x_σ itself when the run ends
+    at σ = 0, else the network's input there, c_in·x_σ (DDIM's last step lands on ᾱ_0, the reference's x at t = 0).
+
+    Known latents (inpainting with any model; `known_mask` is 1 where known) are kept one way for every sampler:
+    the start holds them plus the run's noise there, the denoiser returns them there (`keep_known`), so that region
+    follows known + σ·noise down the levels, and the result is `known` there exactly unless `paste_known` is False.
+    """
+    if (known is None) != (known_mask is None):
+        raise ValueError("keeping known latents needs both `known` and `known_mask` (1 = keep)")
+    if known is not None:
+        denoiser = keep_known(denoiser, known, known_mask)
+        x = x + known_mask * known
+    z = info.fn(denoiser, x, sigmas, **options)
+    if sigmas[-1] > 0:
+        z = z * denoiser.input_scale(sigmas[-1])
+    if known is not None and paste_known:
+        z = known_mask * known + (1.0 - known_mask) * z
+    return z
+
+
+class EditedDenoiser:
+    """A denoiser whose x̂_0 goes through `edit` (known latents, clipping, thresholding), so every sampler sees the
+    edited x̂_0 and the slope (x − D)/σ it implies; everything else (its process, clock, scales) is the wrapped one's."""
+
+    def __init__(self, denoiser: Denoiser, edit: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.denoiser, self.edit = denoiser, edit
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.edit(self.denoiser(x, sigma))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("denoiser", "edit"):  # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
 def keep_known(denoiser: Denoiser, x0: torch.Tensor, mask: torch.Tensor) -> Denoiser:
-    """Inpainting for any σ-space sampler: the denoiser's x̂_0 is x0 wherever **mask == 1 (known)**.
+    """Inpainting for any sampler: the denoiser's x̂_0 is x0 wherever **mask == 1 (known)**.
 
     The samplers step along d = (x − D)/σ; with D = x0 on the known region, x − x0 there shrinks in proportion
-    to σ (it stays the known latents plus noise of the current level, as the reference's re-noising of the
-    known region does for DDIM), and equals x0 exactly when σ reaches 0.
+    to σ (it stays the known latents plus noise of the current level, as RePaint's and the reference's
+    re-noising of the known region aims for), and equals x0 exactly when σ reaches 0.
     """
     if x0.shape[1:] != mask.shape[1:] and mask.shape[1] != 1:
         raise ValueError(f"mask {tuple(mask.shape)} does not fit the known latents {tuple(x0.shape)}")
-    return _KeepKnown(denoiser, x0, mask)
-
-
-class _KeepKnown:
-    def __init__(self, denoiser: Denoiser, x0: torch.Tensor, mask: torch.Tensor) -> None:
-        self.denoiser, self.x0, self.mask = denoiser, x0, mask
-        self.ode_clock = ode_clock_of(denoiser)  # the wrapped process's clock
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.mask * self.x0 + (1.0 - self.mask) * self.denoiser(x, sigma)
+    return EditedDenoiser(denoiser, lambda denoised: mask * x0 + (1.0 - mask) * denoised)
 
 
 def ode_clock_of(denoiser: Denoiser) -> Callable[[torch.Tensor], ODEClock]:
@@ -104,15 +168,18 @@ def ode_clock_of(denoiser: Denoiser) -> Callable[[torch.Tensor], ODEClock]:
     return getattr(denoiser, "ode_clock", sigma_clock)
 
 
-def check_sigmas(sigmas: torch.Tensor) -> None:
+def check_sigmas(sigmas: torch.Tensor, repeats: bool = False) -> None:
+    """A 1-D grid of at least 2 non-negative levels, strictly decreasing (non-increasing with `repeats`: the
+    reference's ``quad`` timesteps repeat for many steps, and such a step leaves x unchanged)."""
     if sigmas.dim() != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must be a 1-D tensor of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
-    if bool((sigmas[1:] >= sigmas[:-1]).any()) or bool((sigmas < 0).any()):
+    rising = sigmas[1:] > sigmas[:-1] if repeats else sigmas[1:] >= sigmas[:-1]
+    if bool(rising.any()) or bool((sigmas < 0).any()):
         raise ValueError("sigmas must be non-negative and strictly decreasing (see ldm.models.diffusion.spacing)")
 
 
-def _steps(sigmas: torch.Tensor, desc: str, disable: bool) -> tqdm:
-    check_sigmas(sigmas)
+def _steps(sigmas: torch.Tensor, desc: str, disable: bool, repeats: bool = False) -> tqdm:
+    check_sigmas(sigmas, repeats)
     return tqdm(range(len(sigmas) - 1), desc=desc, disable=disable, leave=False)
 
 
@@ -130,20 +197,24 @@ def _noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
 
 
 def to_derivative(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """dx/dσ of the probability-flow ODE, (x − D(x, σ))/σ (EDM eq. 3 with σ(t) = t, s(t) = 1)."""
+    """dx/dσ of the probability-flow ODE, (x − D(x, σ))/σ (EDM eq. 3 with σ(t) = t, s(t) = 1); on the discrete
+    table this is the ε̂ the network implies (x_σ = x_t/√ᾱ_t, σ = √(1 − ᾱ_t)/√ᾱ_t)."""
     return (x - denoised) / sigma
 
 
 def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor,
                    eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ_down, σ_up) for an ancestral step from σ_from to σ_to: a deterministic move to σ_down, then fresh
-    noise of std σ_up, with σ_down² + σ_up² = σ_to². σ_up² = η²·σ_to²(σ_from² − σ_to²)/σ_from² is the DDPM
-    posterior's variance in σ units (DDIM eq. 16 at η = 1); η = 0 is the deterministic ODE step."""
+    noise of std σ_up, with σ_down² + σ_up² = σ_to². σ_up² = η²·σ_to²(σ_from² − σ_to²)/σ_from² is DDIM's η-noise
+    (eq. 16) in σ units, and at η = 1 between consecutive timesteps DDPM's posterior variance β̃_t; η = 0 is the
+    deterministic ODE step."""
     if not eta:
         return sigma_to, torch.zeros_like(sigma_to)
+    # In float64: between close levels (DDPM's consecutive timesteps) σ_from² − σ_to² and σ_to² − σ_up² cancel.
+    dtype, sigma_from, sigma_to = sigma_to.dtype, sigma_from.double(), sigma_to.double()
     posterior_variance = sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2
     sigma_up = torch.minimum(sigma_to, eta * posterior_variance ** 0.5)
-    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+    return (sigma_to ** 2 - sigma_up ** 2).to(dtype) ** 0.5, sigma_up.to(dtype)
 
 
 def _heun_evals(steps: int, num_timesteps: int) -> int:
@@ -153,14 +224,30 @@ def _heun_evals(steps: int, num_timesteps: int) -> int:
 # ---------------------------------------------------------------------------------------------- first order
 
 
-@register("euler", "Euler steps of the probability-flow ODE (EDM Alg. 1 without its correction; = DDIM, eta 0)")
+def _ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, eta: float,
+               noise: Callable[[torch.Tensor], torch.Tensor], callback: Optional[Callback], disable: bool,
+               desc: str) -> torch.Tensor:
+    """Euler steps to σ_down along (x − D)/σ, then fresh noise of std σ_up (`ancestral_step`); a step to σ = 0
+    lands on D itself, without noise. The one loop of euler, euler_a, ddim and ddpm: in σ, DDIM eq. 12 is exactly
+    this step (Karras et al. 2022, sec. 4), with η-noise σ_up, and DDPM's ancestral step is it at η = 1 between
+    consecutive levels."""
+    for i in _steps(sigmas, desc, disable, repeats=True):
+        denoised = _evaluate(denoiser, x, sigmas, i, callback)
+        if sigmas[i + 1] == 0:
+            x = denoised  # x + (x − D)/σ·(0 − σ), without its rounding
+            continue
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + to_derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        if eta > 0:
+            x = x + noise(x) * sigma_up
+    return x
+
+
+@register("euler", "Euler steps of the probability-flow ODE (EDM Alg. 1 without its correction; ddim at eta 0)")
 @torch.no_grad()
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Optional[Callback] = None,
                  disable: bool = False, **_: object) -> torch.Tensor:
-    for i in _steps(sigmas, "Euler", disable):
-        denoised = _evaluate(denoiser, x, sigmas, i, callback)
-        x = x + to_derivative(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-    return x
+    return _ancestral(denoiser, x, sigmas, 0.0, lambda _: None, callback, disable, "Euler")
 
 
 @register("euler_a", "Euler ancestral: Euler to σ_down, then fresh noise of std σ_up (eta scales it)",
@@ -171,13 +258,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
                            callback: Optional[Callback] = None, disable: bool = False) -> torch.Tensor:
     """An Euler–Maruyama discretisation of the reverse SDE (k-diffusion's Euler ancestral). No noise is added
     on the step to σ = 0."""
-    for i in _steps(sigmas, "Euler ancestral", disable):
-        denoised = _evaluate(denoiser, x, sigmas, i, callback)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + to_derivative(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0 and eta > 0:
-            x = x + _noise(x, generator) * sigma_up
-    return x
+    return _ancestral(denoiser, x, sigmas, eta, lambda x: _noise(x, generator), callback, disable, "Euler ancestral")
 
 
 # ---------------------------------------------------------------------------------------------- second order
@@ -426,7 +507,10 @@ def _unipc_step(x: torch.Tensor, history: list[tuple[int, torch.Tensor]], lambda
     return x_next - b_h * (correction + rhos[-1] * (corrector - m0))
 
 
-# ---------------------------------------------------------------------------------------------- timestep samplers
+# ---------------------------------------------------------------------------------------------- the reference's samplers
+# They step over the trained timesteps (`levels`), through the same denoiser: on the discrete table it snaps σ to
+# the level whose σ it is, so each step sees exactly the network input and timestep the reference's loop does.
+
 
 def _ddim_evals(steps: int, num_timesteps: int) -> int:
     # The reference's uniform subsequence visits every T // steps timesteps: more than `steps` when steps
@@ -434,9 +518,68 @@ def _ddim_evals(steps: int, num_timesteps: int) -> int:
     return len(make_ddim_timesteps("uniform", steps, num_timesteps))
 
 
-SAMPLERS["ddim"] = SamplerInfo("ddim", None, "DDIM over the DDPM table (eta 0 = deterministic), the reference's "
-                               "DDIMSampler", _ddim_evals, timestep=True)
-SAMPLERS["plms"] = SamplerInfo("plms", None, "PLMS over the DDPM table, the reference's PLMSSampler (its first "
-                               "step takes 2 evaluations)", lambda steps, t: _ddim_evals(steps, t) + 1, timestep=True)
-SAMPLERS["ddpm"] = SamplerInfo("ddpm", None, "DDPM's ancestral sampler over all T steps of the table (steps is "
-                               "ignored)", lambda steps, t: t, stochastic=True, timestep=True)
+@register("ddim", "DDIM over the DDPM table (eta 0 = deterministic), the reference's DDIMSampler", _ddim_evals,
+          levels=ddim_levels)
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+                eta: float = 0.0, noise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                callback: Optional[Callback] = None, disable: bool = False) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_{t−1} = √ᾱ_{t−1}·x̂_0 + √(1 − ᾱ_{t−1} − s²)·ε̂ + s·z with s = η·(eq. 16).
+    Divided by √ᾱ_{t−1} this is x_σ' = x̂_0 + σ_down·ε̂ + σ_up·z, the Euler ancestral step in σ (`_ancestral`).
+    The reference's levels (`spacing.ddim_levels`) end on σ of ᾱ_0, not on 0. `noise(x)` replaces the standard
+    normal draw (the reference's temperature and noise dropout)."""
+    noise = noise or (lambda x: _noise(x, generator))
+    return _ancestral(denoiser, x, sigmas, eta, noise, callback, disable, "DDIM")
+
+
+# Adams–Bashforth coefficients of the newest slope and up to three earlier ones, by how many earlier ones are known
+# (PNDM eq. 12, fixed weights as for equal steps).
+ADAMS_BASHFORTH = {1: ((3, -1), 2), 2: ((23, -16, 5), 12), 3: ((55, -59, 37, -9), 24)}
+
+
+@register("plms", "PLMS over the DDPM table, the reference's PLMSSampler (its first step takes 2 evaluations)",
+          lambda steps, t: _ddim_evals(steps, t) + 1, levels=ddim_levels)
+@torch.no_grad()
+def sample_plms(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, callback: Optional[Callback] = None,
+                disable: bool = False, **_: object) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds", sec. 3-4) as the
+    reference runs it. Its DDIM step driven by a combined ε' is, in σ, x + (σ_{i+1} − σ_i)·d' with d' a combination
+    of the slopes d = (x − D)/σ (= ε̂): the newest and up to three earlier ones with the fixed Adams–Bashforth
+    weights; the first step, with no history, averages the slopes at both ends of a trial Euler step (PNDM's pseudo
+    improved Euler: Heun in σ, two evaluations). The x̂_0 reported is the one d' implies, x − σ·d' (the
+    reference's pred_x0).
+
+    A step from pure noise (zero terminal SNR, Lin et al. 2024) is a plain Euler step with the model's own x̂_0:
+    there x − σ·d' would multiply any difference between the slopes by σ's stand-in. Its slope starts the history.
+    """
+    ones = x.new_ones(x.shape[0])
+    at_pure_noise = getattr(denoiser, "at_pure_noise", lambda sigma: False)  # the `Denoiser`'s, for zero terminal SNR
+    slopes: list[torch.Tensor] = []  # the last slopes, newest first
+    for i in _steps(sigmas, "PLMS", disable, repeats=True):
+        d = to_derivative(x, sigmas[i], denoiser(x, sigmas[i] * ones))
+        if at_pure_noise(sigmas[i]) or sigmas[i + 1] == 0:
+            slope = d
+        elif not slopes:
+            x_trial = x + d * (sigmas[i + 1] - sigmas[i])
+            slope = (d + to_derivative(x_trial, sigmas[i + 1], denoiser(x_trial, sigmas[i + 1] * ones))) / 2
+        else:
+            weights, denominator = ADAMS_BASHFORTH[len(slopes)]
+            slope = sum(w * s for w, s in zip(weights, [d, *slopes])) / denominator
+        slopes.insert(0, d)
+        del slopes[3:]
+        if callback is not None:
+            callback(i, x, sigmas[i], x - sigmas[i] * slope)
+        x = x + slope * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@register("ddpm", "DDPM's ancestral sampler over all T steps of the table (steps is ignored)",
+          lambda steps, t: t, stochastic=True, levels=ddpm_levels)
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+                callback: Optional[Callback] = None, disable: bool = False, **_: object) -> torch.Tensor:
+    """DDPM's ancestral sampling (Ho et al. 2020, Algorithm 2: x_{t−1} = μ_θ(x_t, t) + σ_t z with eq. 11's mean and
+    σ_t² = β̃_t) over every trained level. Its step is the posterior q(x_{t−1} | x_t, x̂_0), which is DDIM's at η = 1
+    between consecutive timesteps (DDIM eq. 16), so it runs as `_ancestral` at η = 1; the last step, to σ = 0,
+    lands on x̂_0 without noise, as Algorithm 2 does."""
+    return _ancestral(denoiser, x, sigmas, 1.0, lambda x: _noise(x, generator), callback, disable, "DDPM")

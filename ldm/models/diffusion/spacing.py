@@ -1,5 +1,5 @@
-"""Which noise levels a sampling run visits: σ spacings for the σ-space samplers (`SIGMA_SPACINGS`), and the
-DDPM timesteps of a DDIM or PLMS run with the DDIM coefficients at them.
+"""Which noise levels a sampling run visits: σ spacings for the σ-space samplers (`SIGMA_SPACINGS`), the trained
+timesteps the reference's samplers visit (`ddim_levels`, `ddpm_levels`), and DDIM's coefficients at them.
 
 DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", sec. 4.2) samples along a subsequence
 τ_1 < ... < τ_S of the T training timesteps. The numbers here are the CompVis reference's exactly.
@@ -7,12 +7,13 @@ DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", sec. 4.2) samples
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ldm.modules.diffusionmodules.noise_process import NoiseProcess
+from ldm.modules.diffusionmodules.noise_process import DiscreteVP, NoiseProcess
 
 DISCRETIZATIONS = ("uniform", "quad", "trailing")
 
@@ -59,7 +60,8 @@ def make_ddim_timesteps(discr_method: str, num_ddim_timesteps: int, num_ddpm_tim
 
 
 def ddim_sigmas(alphas: torch.Tensor, alphas_prev: torch.Tensor, eta: float) -> torch.Tensor:
-    """σ = η · √((1 − ᾱ_prev)/(1 − ᾱ) · (1 − ᾱ/ᾱ_prev)) (DDIM eq. 16).
+    """The std of DDIM's η-noise, η · √((1 − ᾱ_prev)/(1 − ᾱ) · (1 − ᾱ/ᾱ_prev)) (DDIM eq. 16; the reference calls
+    it sigma, though it is not a noise level σ).
 
     η = 0 is the deterministic DDIM sampler; η = 1 is DDPM's ancestral noise, σ² = β̃ between consecutive
     steps. Above 1, 1 − ᾱ_prev − σ² in the update (eq. 12) can turn negative, so η is limited to [0, 1].
@@ -71,7 +73,7 @@ def ddim_sigmas(alphas: torch.Tensor, alphas_prev: torch.Tensor, eta: float) -> 
 
 def ddim_alphas(alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
                 eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(σ, ᾱ, ᾱ_prev) at each of the ascending `timesteps`, indexed by step position.
+    """(η-noise std, ᾱ, ᾱ_prev) at each of the ascending `timesteps`, indexed by step position.
 
     ᾱ_prev is the ᾱ of the next smaller step; at the first position (the last update of a run) it is
     ``alphas_cumprod[0]``, not 1, as in the reference: the run ends on x_0 of the training chain's first
@@ -84,6 +86,26 @@ def ddim_alphas(alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
     alphas = alphas_cumprod[index]
     alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[index[:-1]]])
     return ddim_sigmas(alphas, alphas_prev, eta), alphas, alphas_prev
+
+
+def timestep_sigmas(process: DiscreteVP, timesteps: Sequence[int], end: float) -> torch.Tensor:
+    """σ of the trained `timesteps` (in the order given, descending), then `end`: the levels of a run over them."""
+    levels = torch.as_tensor(np.asarray(timesteps, dtype=np.int64).copy())
+    return torch.cat([process.sigmas[levels], torch.tensor([float(end)], dtype=torch.float64)]).float()
+
+
+def ddim_levels(process: DiscreteVP, steps: int, discretize: Optional[str] = None) -> torch.Tensor:
+    """σ at the reference's DDIM timesteps from the highest (`make_ddim_timesteps`; ``trailing`` by default for a
+    zero-terminal-SNR table, Lin et al. 2024 sec. 3.3: start at its pure noise, else ``uniform``), then σ of ᾱ_0:
+    the reference's last step goes to ᾱ_prev = ᾱ_0, not to clean data."""
+    discretize = discretize or ("trailing" if process.schedule.zero_terminal_snr else "uniform")
+    timesteps = make_ddim_timesteps(discretize, steps, process.num_timesteps)[::-1]
+    return timestep_sigmas(process, timesteps, float(process.sigmas[0]))
+
+
+def ddpm_levels(process: DiscreteVP, steps: int) -> torch.Tensor:
+    """σ at every trained timestep from T − 1 down to 0, then 0 (DDPM's ancestral sampler; `steps` is ignored)."""
+    return timestep_sigmas(process, range(process.num_timesteps - 1, -1, -1), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- σ spacings

@@ -170,11 +170,13 @@ def as_prediction(prediction: Union[str, Prediction]) -> Prediction:
 
 
 class Denoiser:
-    """D(x_σ, σ) ≈ E[x_0 | x_σ] for the σ-space samplers (`samplers.py`), from a network `model_fn(x, time)`.
+    """D(x_σ, σ) ≈ E[x_0 | x_σ] for every sampler (`samplers.py`), from a network `model_fn(x, time)`.
 
     x_σ = x_0 + σ·ε is the variance-exploding view every process shares (EDM eq. 1 with s(t) = 1): the
-    process maps σ to its own noise level (a discrete process to the nearest trained timestep, whose σ is
-    then used) and to the network's input x = c_in·x_σ and time input c_noise; the prediction reads x̂_0.
+    process maps σ to its own noise level and to the network's input x = c_in·x_σ and time input c_noise; the
+    prediction reads x̂_0. On the discrete table the level is the nearest trained timestep t, whose σ is then used
+    (k-diffusion's `DiscreteEpsDDPMDenoiser`/`CompVisDenoiser`), and the network is told t itself: at a σ of the
+    table, D sees exactly the input and timestep of the reference's DDIM, PLMS and DDPM loops.
     """
 
     def __init__(self, model_fn: ModelFn, process: NoiseProcess, prediction: Prediction) -> None:
@@ -189,6 +191,14 @@ class Denoiser:
     @property
     def sigma_max(self) -> float:
         return self.process.sigma_max
+
+    def input_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_in(σ): the network's input is c_in·x_σ (√ᾱ_t on the discrete table, where x_σ = x_t/√ᾱ_t)."""
+        return self.process.c_in(sigma)
+
+    def at_pure_noise(self, sigma: torch.Tensor) -> bool:
+        """Whether σ is the process's finite stand-in for σ = ∞, where its input is ε (zero terminal SNR)."""
+        return self.process.alpha_min == 0 and float(sigma) >= self.sigma_max
 
     def ode_clock(self, sigma: torch.Tensor) -> ODEClock:
         """The time and state scale second-order samplers step along (`NoiseProcess.ode_clock`)."""

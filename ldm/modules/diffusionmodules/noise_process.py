@@ -182,7 +182,8 @@ class DiscreteVP(NoiseProcess):
         return t, self.sigmas[t.cpu()].to(sigma.device, sigma.dtype)
 
     def c_in(self, sigma):
-        return (1 + sigma ** 2).rsqrt()
+        # In float64, rounded once: the input scale then agrees with the schedule's √ᾱ_t buffer to float32's last bits.
+        return (1 + sigma.double() ** 2).rsqrt().to(sigma.dtype)
 
     def level_at_fraction(self, u):
         return (u * (self.num_timesteps - 1)).round().long()

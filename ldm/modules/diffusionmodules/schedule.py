@@ -208,33 +208,5 @@ class NoiseSchedule(nn.Module):
         log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
         return mean, variance, log_variance
 
-    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t: eq. 4 solved for x_0 (DDPM eq. 15); undefined where ᾱ_t = 0."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
-
-    def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t): eq. 4 solved for ε, the exact inverse of `predict_start_from_noise`.
-
-        Written without 1/√ᾱ_t so it stays finite at ᾱ_t = 0 (zero terminal SNR), where it gives ε = x_t.
-        """
-        return ((x_t - extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x0)
-                / extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape))
-
-    def get_v(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022, sec. 4 and appendix D)."""
-        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
-                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0)
-
-    def predict_start_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v (Salimans & Ho 2022, appendix D: a rotation of (x_0, ε))."""
-        return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
-
-    def predict_noise_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """ε = √ᾱ_t v + √(1 − ᾱ_t) x_t (Salimans & Ho 2022, appendix D)."""
-        return (extract(self.sqrt_alphas_cumprod, t, x_t.shape) * v
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
-
     def extra_repr(self) -> str:
         return f"num_timesteps={self.num_timesteps}, v_posterior={self.v_posterior}"
