@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -57,22 +58,48 @@ def run(cmd: list[str]) -> float:
     return run_measured(cmd)[0]
 
 
+def peak_rss_watcher(pid: int, every: float = 0.05) -> tuple[threading.Thread, list[int]]:
+    """A thread that keeps the high-water resident set of process `pid`'s own memory (VmHWM in /proc) in
+    ``found[0]`` until the process exits. Why not `wait4`'s ru_maxrss: Linux carries a process's peak across fork and
+    exec, so a child of this (large) process reports at least this process's resident set, whatever it used itself;
+    VmHWM belongs to the memory the child mapped after its exec."""
+    found = [0]
+    status = Path(f"/proc/{pid}/status")
+
+    def watch() -> None:
+        while True:
+            try:
+                text = status.read_text()
+            except OSError:
+                return
+            line = next((ln for ln in text.splitlines() if ln.startswith("VmHWM:")), None)
+            if line is None:  # exited (a zombie has no memory left)
+                return
+            found[0] = max(found[0], int(line.split()[1]) * 1024)
+            time.sleep(every)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, found
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Run a command from the repository root; its wall minutes and peak resident set in bytes (the largest of
-    the process and the children it waited for, as the kernel reports it to `wait4`)."""
+    """Run a command from the repository root; its wall minutes and the peak resident set of its process in bytes
+    (`peak_rss_watcher`; sampled every 50 ms, so a peak shorter than that may be missed)."""
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
     process = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env())
+    watcher, peak = peak_rss_watcher(process.pid)
     try:
-        _, status, usage = os.wait4(process.pid, 0)
+        process.wait()
     except BaseException:
         process.kill()  # Ctrl-C here: the child got it too; do not leave it behind
         process.wait()
         raise
-    process.returncode = os.waitstatus_to_exitcode(status)
+    watcher.join()
     if process.returncode != 0:
         raise subprocess.CalledProcessError(process.returncode, cmd)
-    return (time.time() - start) / 60, usage.ru_maxrss * 1024  # Linux reports KiB
+    return (time.time() - start) / 60, peak[0]
 
 
 def ensure_data(data: Path, limit: Optional[int]) -> None:
