@@ -11,7 +11,12 @@ What a user does, step by step, with the folder configs untouched except for the
    `first_stage_config.params.ckpt_path` overridden to the export), exported the same way;
 4. `--per-class` samples of each digit (DPM-Solver++(2M), 20 steps, guidance 3, EMA weights) are read by a
    judge trained on the real training images only (ldm/evaluation/digit_judge.py), as are the real
-   validation images and their first-stage reconstructions (what the first stage alone leaves readable).
+   validation images and their first-stage reconstructions (what the first stage alone leaves readable);
+5. diversity beside accuracy: at each guidance scale of --guidance-scales (1 to 5), the samples' accuracy and
+   their Fréchet distance to the real validation images in the judge's features (the 64 grey levels it reads),
+   beside the distance of as many real training images (`--per-class` of each digit) to the same validation
+   images: a model that draws each digit's most typical image scores 100 % on the judge and is still far from the
+   real distribution.
 
 Writes <results>/own_data_digits.md (per-class accuracy of real, reconstructed and generated digits, their
 ratio against the target of 80 %, steps and minutes), own_data_digits.png (one row of samples per class) and
@@ -42,7 +47,11 @@ FS_CONFIG = "configs/autoencoder/autoencoder_kl_f4_folder32.yaml"
 LDM_CONFIG = "configs/latent-diffusion/class2img_folder32.yaml"
 NO_IMAGE_LOG = "lightning.callbacks.image_logger.params.disabled=true"  # the bench draws its own grid
 SAMPLER, SAMPLER_STEPS, GUIDANCE = "dpmpp_2m", 20, 3.0
+GUIDANCE_SCALES = (1.0, 2.0, 3.0, 4.0, 5.0)
 TARGET_RATIO = 0.8  # the issue's target: samples' per-class accuracy >= 80 % of the real images'
+# The time-to-quality issue's target for this recipe: accuracy >= 95 % of the real images' and a Fréchet distance
+# within 2x the real-vs-real one, at the same guidance.
+SWEEP_ACCURACY_RATIO, SWEEP_DISTANCE_RATIO = 0.95, 2.0
 SIZE = 32
 QUICK = {"fs_steps": 4, "ldm_steps": 4, "per_class": 2, "limit": 20}  # seconds per stage; proves the plumbing only
 GRID_COLUMNS = 16
@@ -166,16 +175,30 @@ def stage(state: dict[str, Any], key: str, name: str, config: str, steps: int, w
     return True
 
 
-def evaluate(data: Path, model_dir: Path, per_class: int, seed: int) -> tuple[dict[str, dict], Any, float]:
-    """Per-class accuracies of real validation images, their reconstructions and samples; the samples
-    (class-major, `per_class` each) and the sampling minutes."""
+def real_per_class(images: Any, labels: Any, per_class: int) -> Any:
+    """The first `per_class` images of each class (all of a class that has fewer): real images at the count the
+    samples have, for the real-vs-real distance."""
+    import numpy as np
+
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
+    return images[keep]
+
+
+def evaluate(data: Path, model_dir: Path, per_class: int, seed: int,
+             scales: tuple[float, ...] = GUIDANCE_SCALES) -> tuple[dict[str, Any], Any, float]:
+    """Per-class accuracies of real validation images, their reconstructions and samples at guidance GUIDANCE;
+    the sweep over `scales` (accuracy and Fréchet distance to the validation images at each); the samples at
+    GUIDANCE (class-major, `per_class` each) and the sampling minutes of all scales."""
     import torch
 
-    from ldm.evaluation.digit_judge import load_folder, per_class_accuracy, train_digit_judge
+    from ldm.evaluation.digit_judge import digit_features, load_folder, per_class_accuracy, train_digit_judge
+    from ldm.evaluation.frechet import frechet_distance
     from ldm.inference import decode_latents, encode_images, generate, load_model
 
     judge = train_digit_judge(data / "train")
     images, labels, classes = load_folder(data / "validation")
+    train_images, train_labels, _ = load_folder(data / "train")
+    real_features = digit_features(images)
     model = load_model(model_dir)
     n_classes = model.cond_stage_model.n_classes
     if len(classes) != n_classes:
@@ -185,12 +208,22 @@ def evaluate(data: Path, model_dir: Path, per_class: int, seed: int) -> tuple[di
         recon = torch.cat([decode_latents(model, encode_images(model, batch)) for batch in images.split(128)])
     start = time.time()
     sample_labels = torch.arange(n_classes).repeat_interleave(per_class)
-    samples = generate(model, len(sample_labels), class_labels=sample_labels.tolist(), scale=GUIDANCE,
-                       sampler=SAMPLER, steps=SAMPLER_STEPS, seed=seed, batch_size=100, progress=False)
+    sweep, samples = [], None
+    for scale in sorted(set(scales) | {GUIDANCE}):
+        drawn = generate(model, len(sample_labels), class_labels=sample_labels.tolist(), scale=scale,
+                         sampler=SAMPLER, steps=SAMPLER_STEPS, seed=seed, batch_size=100, progress=False)
+        accuracy = per_class_accuracy(judge, drawn, sample_labels)
+        sweep.append({"scale": scale, "mean": accuracy["mean"], "n": accuracy["n"],
+                      "frechet": frechet_distance(digit_features(drawn), real_features)})
+        if scale == GUIDANCE:
+            samples, at_guidance = drawn, accuracy
     sampling_minutes = (time.time() - start) / 60
+    real_reference = real_per_class(train_images, train_labels, per_class)
     scores = {"real": per_class_accuracy(judge, images, labels),
               "reconstructed": per_class_accuracy(judge, recon, labels),
-              "samples": per_class_accuracy(judge, samples, sample_labels)}
+              "samples": at_guidance, "sweep": sweep,
+              "real_vs_real": {"n": len(real_reference),
+                               "frechet": frechet_distance(digit_features(real_reference), real_features)}}
     return scores, samples, sampling_minutes
 
 
@@ -201,6 +234,24 @@ def save_grid(samples: Any, per_class: int, path: Path) -> None:
     columns = min(per_class, GRID_COLUMNS)
     rows = samples.view(-1, per_class, *samples.shape[1:])[:, :columns]
     write_grid(rows.reshape(-1, *samples.shape[1:]), path, nrow=columns)
+
+
+def sweep_lines(scores: dict[str, Any]) -> list[str]:
+    """The guidance sweep: accuracy and Fréchet distance at each scale, against the real-vs-real distance."""
+    real, reference = scores["real"]["mean"], scores["real_vs_real"]
+    lines = ["Accuracy and diversity over guidance: the samples' Fréchet distance to the real validation images "
+             f"in the judge's features (its 64 grey levels), beside {reference['n']} real training images' "
+             f"distance to them (real vs real: **{reference['frechet']:.2f}**). Target at a scale: accuracy >= "
+             f"{100 * SWEEP_ACCURACY_RATIO:.0f} % of the real images' and distance <= {SWEEP_DISTANCE_RATIO:g}x "
+             "real vs real.", "",
+             "| guidance | per-class accuracy | of real | Fréchet distance | of real vs real | both targets |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for row in scores["sweep"]:
+        ratio, distance_ratio = row["mean"] / real, row["frechet"] / reference["frechet"]
+        met = ratio >= SWEEP_ACCURACY_RATIO and distance_ratio <= SWEEP_DISTANCE_RATIO
+        lines.append(f"| {row['scale']:g} | {100 * row['mean']:.1f} % | {100 * ratio:.1f} % | {row['frechet']:.2f} | "
+                     f"{distance_ratio:.2f}x | {'met' if met else 'not met'} |")
+    return lines
 
 
 def report(opt: argparse.Namespace, state: dict[str, Any], scores: dict[str, dict], sampling_minutes: float,
@@ -228,12 +279,14 @@ def report(opt: argparse.Namespace, state: dict[str, Any], scores: dict[str, dic
         "| class | real | reconstructed | samples |", "|---|---:|---:|---:|",
         *[f"| {c} | {100 * real['per_class'][c]:.1f} % | {100 * recon['per_class'][c]:.1f} % | "
           f"{100 * gen['per_class'][c]:.1f} % |" for c in real["per_class"]], "",
+        *sweep_lines(scores), "",
         f"![samples, one row per class]({grid.name})", "",
         f"Rows: digits 0 to 9 from the top, the first {min(opt.per_class, GRID_COLUMNS)} samples of each.", "",
         "| stage | optimizer steps | train + export min |", "|---|---:|---:|",
         f"| first stage | {fs['trained_steps']} | {fs['minutes']:.1f} |",
         f"| class-conditional diffusion | {ldm['trained_steps']} | {ldm['minutes']:.1f} |",
-        f"| sampling {gen['n']} images | - | {sampling_minutes:.1f} |", "",
+        f"| sampling {gen['n']} images at {len(scores['sweep'])} guidance scales | - | {sampling_minutes:.1f} |",
+        "",
         f"Wall minutes of this invocation (stages skipped as done do not count): {wall_minutes:.1f}.",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}.",
@@ -258,6 +311,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--results", type=Path, default=None,
                         help="where the report and grid go (default bench/results, or the workdir with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    parser.add_argument("--guidance-scales", dest="guidance_scales", type=float, nargs="+", default=GUIDANCE_SCALES,
+                        help="the sweep's guidance scales (default: %(default)s)")
     opt = parser.parse_args(argv)
     opt.argv = sys.argv[1:] if argv is None else list(argv)  # for the report's command line
     if opt.quick:
@@ -289,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> None:
           [*roots, f"model.params.first_stage_config.params.ckpt_path={fs_dir / 'model.safetensors'}"],
           depends_on=fs_steps)
 
-    scores, samples, sampling_minutes = evaluate(data, ldm_dir, opt.per_class, opt.seed)
+    scores, samples, sampling_minutes = evaluate(data, ldm_dir, opt.per_class, opt.seed, tuple(opt.guidance_scales))
     grid = results / "own_data_digits.png"
     save_grid(samples, opt.per_class, grid)
     text = report(opt, state, scores, sampling_minutes, (time.time() - start) / 60, grid)

@@ -12,7 +12,9 @@ Times, in seconds per step:
     process); validation and image logging are off, as between two of their runs. The train split is a pool
     of --pool items; timing starts after --warmup steps, at least one pass over the pool, so every item is
     cached (a real run pays one encoder pass per pool item in its first epoch);
-(c) real, cache off: the same fit without the cache.
+(c) real, cache off: the same fit without the cache;
+(e) with --compile: (b) with the U-Net compiled (`speed_options: [channels_last, compile]`, full batches only:
+    `data.params.drop_last`), its first step (the compiling) reported apart; the warm-up steps must outlast it.
 A callback notes the time at every `on_train_batch_start`; a fit's figure is the time from the start of step
 `warmup` to the start of step `warmup + steps`, over `steps`. The bare step is timed before and after the
 fits, and their mean is the reference: other work on the machine changes absolute speed over minutes, and
@@ -63,12 +65,15 @@ class StepClock(pl.Callback):
         self.cpu.append(time.process_time())
 
 
-def load_config(pool: int, batch_size: Optional[int], cache: bool) -> Any:
+def load_config(pool: int, batch_size: Optional[int], cache: bool, compiled: bool = False) -> Any:
     config = OmegaConf.load(REPO / CONFIG)
     config.data.params.train.params.num_samples = pool
     if batch_size is not None:
         config.data.params.batch_size = batch_size
     config.model.params.cache_latents = cache
+    if compiled:
+        config.model.params.speed_options = ["channels_last", "compile"]
+        config.data.params.drop_last = True
     return config
 
 
@@ -143,7 +148,8 @@ def real_step_seconds(config: Any, steps: int, warmup: int, logdir: Path) -> dic
                          default_root_dir=str(logdir))
     trainer.fit(model, data)
     result = {"s_per_step": (clock.starts[warmup + steps] - clock.starts[warmup]) / steps,
-              "cpu_s_per_step": (clock.cpu[warmup + steps] - clock.cpu[warmup]) / steps}
+              "cpu_s_per_step": (clock.cpu[warmup + steps] - clock.cpu[warmup]) / steps,
+              "first_step_s": clock.starts[1] - clock.starts[0]}
     if counts:
         (h0, m0), (h1, m1) = counts[warmup], counts[warmup + steps]
         result["cache_hit_rate"] = (h1 - h0) / max(1, (h1 - h0) + (m1 - m0))
@@ -173,6 +179,11 @@ def write_report(result: dict, out_dir: Path) -> None:
             ("(c) real loop, cache off", result["uncached"], ""),
             (f"(d) text encoder alone (forward + backward, {a['batch_size']} captions)", result["text_encoder"],
              "part of every real step: BERT is trained jointly")]
+    if result.get("compiled"):
+        compiled = result["compiled"]
+        rows.append(("(e) real loop, cache on, U-Net compiled", compiled,
+                     f"{result['cached']['s_per_step'] / compiled['s_per_step']:.2f}x faster than (b); its first step "
+                     f"(compiling) {compiled['first_step_s']:.0f} s, against {result['cached']['first_step_s']:.1f} s"))
     floor = 1.0 + result["text_encoder"]["cpu_ratio"]
     lines = ["# txt2img training step: real Lightning loop against the bare U-Net step", "",
              f"`python bench/training_step.py`: {CONFIG}, batch {a['batch_size']}, {a['steps']} timed steps after "
@@ -209,6 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--pool", type=int, default=640, help="train items (the built-in data's num_samples)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's (32)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--compile", action="store_true", help="also time (e): the real loop with the U-Net compiled")
     args = parser.parse_args(argv)
     batch = args.batch_size or int(OmegaConf.load(REPO / CONFIG).data.params.batch_size)
     if args.warmup * batch < args.pool:
@@ -222,14 +234,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         text_encoder = text_encoder_step_seconds(uncached_config, args.steps, args.warmup)
         cached = real_step_seconds(cached_config, args.steps, args.warmup, Path(tmp) / "cached")
         uncached = real_step_seconds(uncached_config, args.steps, args.warmup, Path(tmp) / "uncached")
+        compiled = (real_step_seconds(load_config(args.pool, args.batch_size, cache=True, compiled=True), args.steps,
+                                      args.warmup, Path(tmp) / "compiled") if args.compile else None)
         bare_after = bare_step_seconds(uncached_config, args.steps, args.warmup)
     bare = {**mean_of([bare_before, bare_after]), "before": bare_before, "after": bare_after}
-    for run in (cached, uncached, text_encoder):
+    for run in (cached, uncached, text_encoder, *([compiled] if compiled else [])):
         run["ratio"] = run["s_per_step"] / bare["s_per_step"]
         run["cpu_ratio"] = run["cpu_s_per_step"] / bare["cpu_s_per_step"]
     result = {"args": {"steps": args.steps, "warmup": args.warmup, "pool": args.pool, "batch_size": batch},
               "machine": info, "bare": bare, "cached": cached, "uncached": uncached, "text_encoder": text_encoder,
-              "target_ratio": TARGET_RATIO}
+              "compiled": compiled, "target_ratio": TARGET_RATIO}
     write_report(result, args.out_dir)
     print(f"bare U-Net step {bare['s_per_step']:.4f} s ({bare['cpu_s_per_step']:.4f} s CPU); real loop / bare: "
           f"cached {cached['ratio']:.2f} ({cached['cpu_ratio']:.2f} CPU), uncached {uncached['ratio']:.2f} "

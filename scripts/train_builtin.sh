@@ -15,11 +15,12 @@
 # and running the same command again resumes each unfinished stage exactly (`main.py -r`) and skips the
 # finished ones. Step counts: BUILTIN_{FIRST_STAGE,TXT2IMG,INPAINTING,SUPERRES,SEMANTIC2IMG,LAYOUT2IMG}_STEPS, and
 # BUILTIN_TXT2IMG_TYPED_RUNS the text model's runs on typed captions ("STEPS:RATE[:HOLD] ...": the rate held HOLD
-# steps, then decaying to 1e-5; default "3000:3e-4 3000:1e-4 8000:5e-4:4000");
+# steps, then decaying to 1e-5; default "3000:3e-4 3000:1e-4 8000:5e-4:4000 10000:5e-4:5000");
 # BUILTIN_TXT2IMG_OVERRIDES adds config overrides (key=value, space-separated) to the txt2img stage's first run, e.g. a
-# learning-rate schedule fitted to fewer steps. BUILTIN_FIRST_STAGE_DIR is the first stage's model directory the
-# other stages train on (and stage first_stage exports to): default $BUILTIN_MODELS_DIR/first_stage_models/kl-f4-shapes;
-# models/first_stage_models/kl-f4-shapes trains the later stages on the shipped one.
+# learning-rate schedule fitted to fewer steps, and BUILTIN_TXT2IMG_TYPED_OVERRIDES to each typed run.
+# BUILTIN_FIRST_STAGE_DIR is the first stage's model directory the other stages train on (and stage first_stage exports
+# to): default $BUILTIN_MODELS_DIR/first_stage_models/kl-f4-shapes; models/first_stage_models/kl-f4-shapes trains the
+# later stages on the shipped one.
 # On a GPU add BUILTIN_TRAINER_ARGS="--accelerator gpu --devices 1".
 # scripts/demo.sh runs this recipe shortened.
 set -euo pipefail
@@ -38,6 +39,7 @@ SEMANTIC2IMG_STEPS="${BUILTIN_SEMANTIC2IMG_STEPS:-46000}"
 LAYOUT2IMG_STEPS="${BUILTIN_LAYOUT2IMG_STEPS:-8000}"
 TRAINER_ARGS="${BUILTIN_TRAINER_ARGS:-}"
 read -r -a TXT2IMG_OVERRIDES <<< "${BUILTIN_TXT2IMG_OVERRIDES:-}"
+read -r -a TXT2IMG_TYPED_OVERRIDES <<< "${BUILTIN_TXT2IMG_TYPED_OVERRIDES:-}"
 declare -A TASK_CONFIGS=([superres]=sr_shapes [semantic2img]=semantic2img_shapes [layout2img]=layout2img_shapes)
 FIRST_STAGE="${BUILTIN_FIRST_STAGE_DIR:-$MODELS/first_stage_models/kl-f4-shapes}"
 # The quality probes and sampling scripts judge the models; the runs' own image grids are skipped.
@@ -99,7 +101,7 @@ for stage in $STAGES; do
         read -r -a cycle_overrides <<< "$cycles"
         train "builtin_txt2img_typed$typed" configs/latent-diffusion/txt2img.yaml "$steps" \
           "model.params.first_stage_config.params.ckpt_path=$FIRST_STAGE/model.safetensors" \
-          "model.params.ckpt_path=$LAST_RUN/checkpoints/last.ckpt" "${cycle_overrides[@]}"
+          "model.params.ckpt_path=$LAST_RUN/checkpoints/last.ckpt" "${cycle_overrides[@]}" "${TXT2IMG_TYPED_OVERRIDES[@]}"
       done
       # --share-first-stage: the built-in models share one first stage file (the wheel carries it once).
       python scripts/export_weights.py --overwrite "$LAST_RUN/checkpoints/last.ckpt" --model-dir "$MODELS/ldm/txt2img-shapes" \

@@ -11,7 +11,7 @@ def test_prompt_following_bench_writes_every_set(tmp_path, tiny_txt2img_model):
     spec.loader.exec_module(bench)
     assert bench.plain_caption("a small red circle above a large blue square") == "A red circle above a blue square."
     results = bench.main(["--quick", "--model", f"tiny={tiny_txt2img_model}", "--steps", "4", "--outdir",
-                          str(tmp_path)])
+                          str(tmp_path), "--guidance-sweep", "1", "5"])
     assert list(results) == ["real images", "tiny"]
     assert list(results["tiny"]) == list(bench.SET_TITLES)
     for name, row in results["real images"].items():
@@ -19,4 +19,9 @@ def test_prompt_following_bench_writes_every_set(tmp_path, tiny_txt2img_model):
     for row in results["tiny"].values():
         assert 0.0 <= row["match_all"] <= row["match_colour"] <= 1.0 and row["fid"] > 0
     saved = json.loads((tmp_path / "prompt_following.json").read_text())
-    assert saved["settings"]["n"] == 16 and "typed, held-out pairs" in (tmp_path / "prompt_following.md").read_text()
+    report = (tmp_path / "prompt_following.md").read_text()
+    assert saved["settings"]["n"] == 16 and "typed, held-out pairs" in report
+    # The guidance sweep: the canonical sets at each scale, in the JSON and as a table.
+    assert list(saved["guidance_sweep"]["tiny"]) == ["1.0", "5.0"]
+    assert set(saved["guidance_sweep"]["tiny"]["5.0"]) == {"seen", "held_out"}
+    assert "| tiny | 1 |" in report and "| tiny | 5 |" in report

@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
@@ -41,6 +42,24 @@ def test_builds_loaders_from_config():
     assert isinstance(validation.sampler, SequentialSampler)
     first = next(iter(validation))
     np.testing.assert_array_equal(first["image"][0].numpy(), data.datasets["validation"][0]["image"])
+
+
+def test_drop_last_keeps_every_training_batch_full_and_refuses_a_train_split_under_one_batch():
+    config = OmegaConf.create(CONFIG)
+    config.params.batch_size = 12  # 32 train items: two full batches and a short one of 8
+    data = instantiate_from_config(config)
+    data.setup("fit")
+    assert [len(b["caption"]) for b in data.train_dataloader()] == [12, 12, 8]
+    config.params.drop_last = True
+    data = instantiate_from_config(config)
+    data.setup("fit")
+    assert [len(b["caption"]) for b in data.train_dataloader()] == [12, 12]
+    assert [len(b["caption"]) for b in data.val_dataloader()] == [12, 4]  # validation keeps every item
+    config.params.batch_size = 64
+    data = instantiate_from_config(config)
+    data.setup("fit")
+    with pytest.raises(ValueError, match="drop_last is on and the train split has 32 items, fewer than one batch"):
+        data.train_dataloader()
 
 
 def test_num_workers_default_and_persistent_workers(monkeypatch):

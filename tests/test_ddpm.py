@@ -546,6 +546,23 @@ def test_missing_first_stage_checkpoint_names_the_commands(tmp_path):
         load_tiny_txt2img([f"model.params.first_stage_config.params.ckpt_path={ckpt}"])
 
 
+def test_ignoring_a_checkpoints_ema_restarts_it_from_the_loaded_weights(tmp_path):
+    source = load_tiny_txt2img()
+    with torch.no_grad():
+        for param in source.model.parameters():
+            param.add_(1.0)  # the trained weights now differ from their average
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    continued = load_tiny_txt2img([f"model.params.ckpt_path={path}"])
+    assert int(continued.model_ema.num_updates) == int(source.model_ema.num_updates)
+    restarted = load_tiny_txt2img([f"model.params.ckpt_path={path}", "model.params.ignore_keys=[model_ema.]"])
+    assert int(restarted.model_ema.num_updates) == 0
+    for model, average_is_raw in ((continued, False), (restarted, True)):
+        with model.ema_scope():
+            same = [torch.equal(p, source.model.get_parameter(n)) for n, p in model.model.named_parameters()]
+        assert all(same) if average_is_raw else not any(same)
+
+
 def test_starting_from_an_export_starts_the_ema_from_its_weights(tmp_path):
     # An export (a model directory's weights) has the EMA folded into model.* and no model_ema.* keys.
     source = load_tiny_txt2img()

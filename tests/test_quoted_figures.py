@@ -18,9 +18,18 @@ QUOTES = [
     ("models/ldm/txt2img-shapes/README.md", "bench/results/prompt_following.json",
      '("A red circle above a blue square.") {after.seen_plain} % / {after.held_out_plain} % (before: '
      "{before.seen_plain} % / {before.held_out_plain} %)"),
-    ("docs/benchmarks.md", "bench/results/demo/prompt_following.json",
-     "canonical captions {demo.seen} % / {demo.held_out} %, typed prompts {demo.seen_typed} % / "
-     "{demo.held_out_typed} %, plain prompts {demo.seen_plain} % / {demo.held_out_plain} %"),
+    ("docs/benchmarks.md", "bench/results/demo/c6000-t500/prompt_following.json",
+     "canonical {demo.seen} % / {demo.held_out} %, typed {demo.seen_typed} % / {demo.held_out_typed} %, plain "
+     "{demo.seen_plain} % / {demo.held_out_plain} % (`bench/results/demo/c6000-t500/`)"),
+    ("docs/benchmarks.md", "bench/results/demo/whole-run-ema-restart/prompt_following.json",
+     "canonical {raw.seen} % / {raw.held_out} %, typed {raw.seen_typed} % / {raw.held_out_typed} % (70.9 % / 70.9 % "
+     "unrounded), plain {raw.seen_plain} % / {raw.held_out_plain} %"),
+    ("docs/benchmarks.md", "bench/results/demo/whole-run-ema-restart/prompt_following.json",
+     "canonical {ema-restart.seen} % / {ema-restart.held_out} %, typed {ema-restart.seen_typed} % / "
+     "{ema-restart.held_out_typed} % (69.7 % seen unrounded), plain {ema-restart.seen_plain} % / "
+     "{ema-restart.held_out_plain} %"),
+    ("docs/benchmarks.md", "bench/results/demo/ema-vs-raw/prompt_following.json",
+     "typed {raw.seen_typed} % / {raw.held_out_typed} % against {ema.seen_typed} % / {ema.held_out_typed} %"),
     ("docs/benchmarks.md", "bench/results/demo/split-5000-1500/prompt_following.json",
      "canonical {c5000-t1500.seen} % / {c5000-t1500.held_out} %, typed {c5000-t1500.seen_typed} % / "
      "{c5000-t1500.held_out_typed} %, plain {c5000-t1500.seen_plain} % / {c5000-t1500.held_out_plain} %"),

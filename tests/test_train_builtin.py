@@ -41,7 +41,7 @@ def test_stage_exports_then_resumes_its_run(tmp_path):
 
 def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh sets its learning-rate schedule with) reaches the
-    run, and BUILTIN_FIRST_STAGE_DIR (the demo's: the shipped first stage) is the first stage it trains on."""
+    first run, BUILTIN_TXT2IMG_TYPED_OVERRIDES each typed run, and BUILTIN_FIRST_STAGE_DIR (the demo's: the shipped first stage) is the first stage it trains on."""
     schedule = "model.params.scheduler_config.params"
     shipped = "models/first_stage_models/kl-f4-shapes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "txt2img", "BUILTIN_FIRST_STAGE_DIR": shipped,
@@ -50,6 +50,7 @@ def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
                                         f"{schedule}.f_start=[0.1,0.3] {schedule}.f_max=[1.0,0.3] "
                                         f"{schedule}.f_min=[1.0,0.01] data.params.validation.params.num_samples=4 "
                                         "data.params.batch_size=8",
+           "BUILTIN_TXT2IMG_TYPED_OVERRIDES": "model.params.use_ema=false",  # what scripts/demo.sh sets
            "BUILTIN_MODELS_DIR": str(tmp_path / "models"), "BUILTIN_LOGDIR": str(tmp_path / "logs")}
     env.pop("LDM_RUN_NOW", None)
     proc = subprocess.run(["bash", "scripts/train_builtin.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -69,6 +70,7 @@ def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     assert typed.model.params.ckpt_path == f"{run}/checkpoints/last.ckpt"
     assert list(typed.model.params.scheduler_config.params.cycle_lengths) == [1]
     assert typed.model.params.scheduler_config.params.f_max[0] == pytest.approx(0.3)
+    assert project.model.params.use_ema and not typed.model.params.use_ema  # the typed runs' overrides alone
     # The third: a rate held (STEPS:RATE:HOLD), then decaying, from the second run's weights.
     held_run = next((tmp_path / "logs").glob("*_builtin_txt2img_typed2"))
     held = OmegaConf.load(sorted((held_run / "configs").glob("*-project.yaml"))[-1]).model.params

@@ -85,6 +85,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         shuffle_test_loader: bool = False,
         use_worker_init_fn: bool = False,
         shuffle_val_dataloader: bool = False,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -94,6 +95,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers(batch_size) if num_workers is None else num_workers
         self.use_worker_init_fn = use_worker_init_fn
+        # Training batches only: every step then has the same shape, so a compiled U-Net (speed_options: [compile])
+        # does not compile again for an epoch's short last batch.
+        self.drop_last = drop_last
         self.wrap = wrap
         self.shuffle = {"train": True, "validation": shuffle_val_dataloader, "test": shuffle_test_loader, "predict": False}
         self.dataset_configs = {
@@ -145,6 +149,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
             # A resumed run reads its epoch's shard order, not the first epoch's again (the loader is made after the
             # checkpoint's loop state is restored).
             dataset.set_epoch(self.trainer.current_epoch)
+        drop_last = self.drop_last and split == "train"
+        if drop_last and not iterable and len(dataset) < self.batch_size:
+            raise ValueError(f"drop_last is on and the train split has {len(dataset)} items, fewer than one batch of "
+                             f"{self.batch_size}: no step would run; lower data.params.batch_size or set "
+                             "data.params.drop_last=false")
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -153,4 +162,5 @@ class DataModuleFromConfig(pl.LightningDataModule):
             shuffle=self.shuffle[split] and not iterable,
             worker_init_fn=worker_init_fn if self.use_worker_init_fn else None,
             persistent_workers=self.num_workers > 0,
+            drop_last=drop_last,
         )

@@ -211,9 +211,13 @@ class DDPM(pl.LightningModule):
         """
         state_dict = load_state_dict(path)
         ignore = tuple(ignore_keys) + ("loss.", "first_stage_model.loss.")
-        # An export (a model directory's weights) holds the EMA folded into `model.*` and no `model_ema.*`: the
-        # EMA then starts from the loaded weights rather than from the random ones it was made with.
-        ema_from_model = self.use_ema and not only_model and not any(k.startswith("model_ema.") for k in state_dict)
+        # An export (a model directory's weights) holds the EMA folded into `model.*` and no `model_ema.*`, and
+        # `ignore_keys: [model_ema.]` leaves a checkpoint's average out: the EMA then starts from the loaded weights
+        # rather than from the random ones it was made with (for a run that continues another on new data: an average
+        # carried over lags behind what a short new run learns, bench/results/demo/ema-vs-raw).
+        ema_ignored = any("model_ema.".startswith(k) for k in ignore_keys)
+        ema_from_model = self.use_ema and not only_model and (
+            ema_ignored or not any(k.startswith("model_ema.") for k in state_dict))
         if not self.use_ema or ema_from_model:
             ignore += ("model_ema.",)
         target = self.model if only_model else self
