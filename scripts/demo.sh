@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the built-in data, from a fresh clone: install, then train text-to-image and inpainting models
-# from scratch and sample from them in under 30 minutes on 2 CPU cores (steps sized from measured step times; see README):
+# from scratch and sample from them in under an hour on 2 CPU cores (measured times: docs/benchmarks.md):
 #   1. text-to-image latent diffusion (configs/latent-diffusion/txt2img.yaml) on the shipped KL-f4 first stage
 #      (models/first_stage_models/kl-f4-shapes; DEMO_FIRST_STAGE_STEPS=8000 trains the demo's own first stage, about 8 min more);
 #   2. text-conditioned latent inpainting, started from the txt2img model (configs/latent-diffusion/inpainting_txt.yaml);

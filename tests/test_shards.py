@@ -201,6 +201,13 @@ def test_user_errors_name_the_problem(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["ldm-prepare-data", "--input", str(tmp_path / "nothing"), "--output",
                                           str(tmp_path / "out")])
         prepare_data.cli()
+    images = tmp_path / "images"
+    images.mkdir()
+    for output in (images, images / "shards"):
+        with pytest.raises(SystemExit, match="--output .* is inside --input .*; write the shards to a folder outside"):
+            monkeypatch.setattr(sys, "argv", ["ldm-prepare-data", "--input", str(images), "--output", str(output)])
+            prepare_data.cli()
+    assert sorted(images.iterdir()) == []  # nothing written
     monkeypatch.setitem(sys.modules, "webdataset", None)  # not installed
     with pytest.raises(ConfigError, match=r'pip install "ldm\[shards\]"'):
         ShardDataset(urls)

@@ -61,6 +61,11 @@ def make_source(opt: argparse.Namespace) -> Source:
     if opt.input is not None:
         if not opt.input.is_dir():
             raise FileNotFoundError(f"--input {opt.input}: no such folder; give the folder of your images")
+        output, images = opt.output.resolve(), opt.input.resolve()
+        if output == images or images in output.parents:
+            # The shards would sit among the images, and a folder dataset reading them later would walk into them.
+            raise ValueError(f"--output {opt.output} is inside --input {opt.input}; write the shards to a folder "
+                             "outside the images (e.g. shards/train)")
         return FolderSource(str(opt.input), opt.caption_source, opt.class_from_subfolders, opt.caption_column)
     return BuiltinSource(opt.builtin, opt.split, opt.n or DEFAULT_NUM_SAMPLES[opt.split], opt.size, opt.seed)
 
@@ -76,8 +81,8 @@ def url_pattern(output: Path, index: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     opt = get_parser().parse_args(argv)
-    check_writable(opt.output, "--output")
     source = make_source(opt)
+    check_writable(opt.output, "--output")
     prefix = opt.prefix or (opt.input.resolve().name if opt.input is not None else opt.split)
     with tqdm(total=len(source), desc=f"writing {prefix} shards", unit="item") as bar:
         index = prepare_shards(source, opt.output, opt.shard_size, prefix, opt.workers, progress=bar.update)
