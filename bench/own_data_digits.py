@@ -50,7 +50,7 @@ NO_IMAGE_LOG = "lightning.callbacks.image_logger.params.disabled=true"  # the be
 # real digits do (the same few strokes per digit); 1.25-1.5 kept >= 99 % of the real images' accuracy within 1.8x
 # (bench/results/own_data_digits.md, the sweep).
 SAMPLER, SAMPLER_STEPS, GUIDANCE = "dpmpp_2m", 20, 1.5
-GUIDANCE_SCALES = (1.0, 2.0, 3.0, 4.0, 5.0)
+GUIDANCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0)  # finer where accuracy meets diversity
 TARGET_RATIO = 0.8  # the issue's target: samples' per-class accuracy >= 80 % of the real images'
 # The time-to-quality issue's target for this recipe: accuracy >= 95 % of the real images' and a Fréchet distance
 # within 2x the real-vs-real one, at the same guidance.
