@@ -194,13 +194,13 @@ def evaluate(data: Path, model_dir: Path, per_class: int, seed: int,
     GUIDANCE (class-major, `per_class` each) and the sampling minutes of all scales."""
     import torch
 
-    from ldm.evaluation.digit_judge import digit_features, load_folder, per_class_accuracy, train_digit_judge
+    from ldm.evaluation.digit_judge import digit_features, fit_digit_judge, load_folder, per_class_accuracy
     from ldm.evaluation.frechet import frechet_distance
     from ldm.inference import decode_latents, encode_images, generate, load_model
 
-    judge = train_digit_judge(data / "train")
+    train_images, train_labels, train_classes = load_folder(data / "train")
+    judge = fit_digit_judge(train_images, train_labels, train_classes, source=data / "train")
     images, labels, classes = load_folder(data / "validation")
-    train_images, train_labels, _ = load_folder(data / "train")
     real_features = digit_features(images)
     model = load_model(model_dir)
     n_classes = model.cond_stage_model.n_classes

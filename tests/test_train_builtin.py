@@ -41,7 +41,8 @@ def test_stage_exports_then_resumes_its_run(tmp_path):
 
 def test_txt2img_stage_takes_its_overrides_and_first_stage_dir(tmp_path):
     """BUILTIN_TXT2IMG_OVERRIDES (what scripts/demo.sh sets its learning-rate schedule with) reaches the
-    first run, BUILTIN_TXT2IMG_TYPED_OVERRIDES each typed run, and BUILTIN_FIRST_STAGE_DIR (the demo's: the shipped first stage) is the first stage it trains on."""
+    first run, BUILTIN_TXT2IMG_TYPED_OVERRIDES each typed run, and BUILTIN_FIRST_STAGE_DIR (the demo's: the shipped
+    first stage) is the first stage it trains on."""
     schedule = "model.params.scheduler_config.params"
     shipped = "models/first_stage_models/kl-f4-shapes"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BUILTIN_STAGES": "txt2img", "BUILTIN_FIRST_STAGE_DIR": shipped,

@@ -57,14 +57,19 @@ class DigitJudge:
 
 def train_digit_judge(train_root: Union[str, Path]) -> DigitJudge:
     """Fit the judge on the real images of a class folder (e.g. data/digits/train)."""
+    return fit_digit_judge(*load_folder(train_root), source=train_root)
+
+
+def fit_digit_judge(images: torch.Tensor, labels: np.ndarray, classes: list[str],
+                    source: Union[str, Path] = "the training images") -> DigitJudge:
+    """Fit the judge on a class folder already read with `load_folder` (`source` names it in errors)."""
     try:
         from sklearn.svm import SVC
     except ImportError:
         raise ImportError("the digit judge needs scikit-learn: pip install scikit-learn "
                           "(or pip install -e .[digits])") from None
-    images, labels, classes = load_folder(train_root)
     if len(classes) < 2:
-        raise ValueError(f"{train_root} has {len(classes)} class sub-folder(s); the judge needs at least two")
+        raise ValueError(f"{source} has {len(classes)} class sub-folder(s); the judge needs at least two")
     return DigitJudge(SVC().fit(digit_features(images), labels), classes)
 
 

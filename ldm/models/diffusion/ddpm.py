@@ -215,9 +215,8 @@ class DDPM(pl.LightningModule):
         # `ignore_keys: [model_ema.]` leaves a checkpoint's average out: the EMA then starts from the loaded weights
         # rather than from the random ones it was made with (for a run that continues another on new data: an average
         # carried over lags behind what a short new run learns, bench/results/demo/ema-vs-raw).
-        ema_ignored = any("model_ema.".startswith(k) for k in ignore_keys)
-        ema_from_model = self.use_ema and not only_model and (
-            ema_ignored or not any(k.startswith("model_ema.") for k in state_dict))
+        ema_in_checkpoint = any(k.startswith("model_ema.") and not k.startswith(ignore) for k in state_dict)
+        ema_from_model = self.use_ema and not only_model and not ema_in_checkpoint
         if not self.use_ema or ema_from_model:
             ignore += ("model_ema.",)
         target = self.model if only_model else self
